@@ -1,0 +1,14 @@
+"""medrecon: reconstruct CT and MRI images from incomplete measurements.
+
+Physics forward operators (:mod:`medrecon.operators`), classical and diffusion solvers
+(:mod:`medrecon.solvers`), trained score priors (:mod:`medrecon.priors`) and readers/writers
+(:mod:`medrecon.datasets`).
+"""
+
+from __future__ import annotations
+
+__version__ = "0.1.0"
+
+from medrecon.errors import InputError, MedreconError, SettingsError, ShapeError
+
+__all__ = ["__version__", "MedreconError", "InputError", "ShapeError", "SettingsError"]

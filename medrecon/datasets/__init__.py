@@ -1,0 +1,1 @@
+"""Readers, writers, simulation and training datasets (see docs/data.md)."""

@@ -1,0 +1,386 @@
+"""``ScorePrior`` = score network + SDE + normaliser + model card; safetensors save/load.
+
+A shipped prior is two files side by side: ``NAME.safetensors`` (the weights, usually fp16) and
+``NAME.json`` (the model card: architecture, SDE, normaliser, resolution, modality, training data
+and licences, steps, wall time, hardware, validation numbers, solver defaults and the sha256 of
+the weights file).  Loading checks the hash before it parses the weights and never unpickles.
+
+Complex images (MRI): the shipped MRI prior is a *magnitude* prior on real images.  A complex
+image is scored as two real images — its real and its imaginary part, stacked on the batch axis,
+each scored by the same network — and recombined as ``score(Re x) + i score(Im x)`` (Chung & Ye,
+score-MRI, Alg. 3).  :meth:`ScorePrior.score` and :meth:`ScorePrior.denoise` do this for any
+complex input.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from medrecon.errors import InputError, SettingsError, ShapeError
+from medrecon.priors.networks import NetworkSpec, ScoreNet
+from medrecon.priors.normalise import Normaliser
+from medrecon.priors.sde import SDE, VESDE, VPSDE, sde_from_dict
+
+__all__ = [
+    "CARD_FORMAT",
+    "ScorePrior",
+    "sigma_to_t",
+    "tweedie_denoise",
+    "sample_unconditional",
+    "sha256_file",
+]
+
+CARD_FORMAT = "medrecon-prior-1"
+ScoreFn = Callable[[Tensor, Tensor], Tensor]
+
+
+def sha256_file(path: str | Path) -> str:
+    """Hex sha256 of a file's bytes."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def sigma_to_t(sde: SDE, sigma: float | Tensor) -> Tensor:
+    """Diffusion time at which ``x_t / a(t)`` carries Gaussian noise of std ``sigma``.
+
+    VE: ``sigma(t) = sigma``.  VP: ``std(t) / a(t) = sigma``, i.e.
+    ``a(t)^2 = 1 / (1 + sigma^2)``, solved in closed form for the linear ``beta(t)``.
+    Values outside the SDE's range are clamped to ``[eps, 1]``.
+    """
+    s = torch.as_tensor(sigma, dtype=torch.float64)
+    if isinstance(sde, VESDE):
+        t = torch.log(s / sde.sigma_min) / math.log(sde.sigma_max / sde.sigma_min)
+    elif isinstance(sde, VPSDE):
+        c = 0.5 * torch.log1p(s**2)  # = t^2 (bmax - bmin)/4 + t bmin/2
+        a, b = 0.25 * (sde.beta_max - sde.beta_min), 0.5 * sde.beta_min
+        t = (-b + torch.sqrt(b * b + 4 * a * c)) / (2 * a)
+    else:  # pragma: no cover
+        raise SettingsError(f"sigma_to_t: unsupported SDE {type(sde).__name__}")
+    return t.clamp(sde.eps, 1.0)
+
+
+def tweedie_denoise(score_fn: ScoreFn, sde: SDE, y: Tensor, sigma: float) -> Tensor:
+    """Denoise ``y = x + sigma n`` (n ~ N(0, I)) with Tweedie's formula, in normalised space.
+
+    VE: ``x̂ = y + sigma^2 s(y, t(sigma))``.  VP: the image is first scaled to ``a y`` so it
+    matches ``p_t``, then ``x̂ = (a y + std^2 s(a y, t)) / a``.
+
+    Parameters
+    ----------
+    score_fn : callable ``(x, t) -> score``
+    sde : SDE
+    y : Tensor, shape (B, C, H, W)
+    sigma : float
+        Noise standard deviation in normalised units.
+
+    Returns
+    -------
+    Tensor, shape of ``y``
+    """
+    t = sigma_to_t(sde, sigma).to(device=y.device, dtype=y.dtype).expand(y.shape[0])
+    a = float(sde.mean_coeff(t[:1].double())[0])
+    std = float(sde.std(t[:1].double())[0])
+    xt = a * y
+    return (xt + std**2 * score_fn(xt, t)) / a
+
+
+@torch.no_grad()
+def sample_unconditional(score_fn: ScoreFn, sde: SDE, shape: tuple[int, ...], *,
+                         n_steps: int = 200, snr: float = 0.16, corrector_steps: int = 1,
+                         generator: torch.Generator | None = None,
+                         device: torch.device | str | None = None,
+                         dtype: torch.dtype = torch.float32) -> Tensor:
+    """Unconditional predictor–corrector samples (reverse diffusion + Langevin, ALGORITHMS.md §2).
+
+    A small self-contained sampler for previews and benchmarks; reconstruction uses
+    :mod:`medrecon.solvers`.  The last step returns the Tweedie-denoised mean.
+
+    Parameters
+    ----------
+    score_fn : callable ``(x, t) -> score``
+    sde : SDE
+    shape : tuple
+        ``(B, C, H, W)``.
+    n_steps : int
+        Number of predictor steps (the SDE is re-discretised on this grid).
+    snr : float
+        Langevin signal-to-noise ratio.
+    corrector_steps : int
+        Langevin steps per predictor step (0 disables the corrector).
+    generator : torch.Generator, optional
+        Source of randomness.
+
+    Returns
+    -------
+    Tensor, shape ``shape``, normalised space
+    """
+    if isinstance(sde, VESDE):
+        sde_n: SDE = VESDE(sde.sigma_min, sde.sigma_max, n_steps, sde.eps)
+    else:
+        assert isinstance(sde, VPSDE)
+        sde_n = VPSDE(sde.beta_min, sde.beta_max, n_steps, sde.eps)
+    x = sde_n.prior_sample(shape, generator, device, dtype)
+    ts = sde_n.timesteps(n_steps, device=device, dtype=dtype)
+
+    def randn() -> Tensor:
+        return torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+
+    for t_scalar in ts:
+        t = t_scalar.expand(shape[0])
+        for _ in range(corrector_steps):
+            g = score_fn(x, t)
+            z = randn()
+            if isinstance(sde_n, VPSDE):
+                alpha = 1.0 - float(sde_n.beta(t_scalar.double())) / n_steps
+            else:
+                alpha = 1.0
+            g_norm = g.flatten(1).norm(dim=1).mean()
+            z_norm = z.flatten(1).norm(dim=1).mean()
+            eps = 2.0 * alpha * (snr * z_norm / g_norm.clamp_min(1e-12)) ** 2
+            x = x + eps * g + torch.sqrt(2.0 * eps) * z
+        f, big_g = sde_n.discretize(x, t)
+        g2 = (big_g**2).reshape(-1, 1, 1, 1)
+        x_mean = x - f + g2 * score_fn(x, t)
+        x = x_mean + big_g.reshape(-1, 1, 1, 1) * randn()
+    t_last = ts[-1].expand(shape[0])
+    a = sde_n.mean_coeff(t_last).reshape(-1, 1, 1, 1)
+    s = sde_n.std(t_last).reshape(-1, 1, 1, 1)
+    return (x_mean + s**2 * score_fn(x_mean, t_last)) / a
+
+
+def _check_card(card: dict[str, Any], path: Path) -> None:
+    missing = [k for k in ("format", "architecture", "sde", "normaliser", "sha256") if k not in card]
+    if missing:
+        raise InputError(path, f"model card lacks {', '.join(missing)}")
+    if card["format"] != CARD_FORMAT:
+        raise InputError(path, f"model card format {card['format']!r}; expected {CARD_FORMAT!r}")
+
+
+class ScorePrior(nn.Module):
+    """A trained score prior: network + SDE + normaliser + model card.
+
+    Parameters
+    ----------
+    net : ScoreNet
+        Preconditioned network (it holds the SDE).
+    normaliser : Normaliser
+        Physical units → the prior's [0, 1] space.
+    card : dict, optional
+        Model card (kept as loaded; :meth:`save` writes it back with a fresh sha256).
+
+    Notes
+    -----
+    ``score`` and ``denoise`` work in normalised space.  Complex inputs are split into real and
+    imaginary parts (see the module docstring).  A float input of another dtype than the
+    weights is computed in the weights' dtype and returned in its own dtype; the device must
+    match (move the prior with ``prior.to(device)``).
+    """
+
+    def __init__(self, net: ScoreNet, normaliser: Normaliser, card: dict[str, Any] | None = None):
+        super().__init__()
+        self.net = net
+        self.normaliser = normaliser
+        self.card: dict[str, Any] = dict(card or {})
+
+    @property
+    def sde(self) -> SDE:
+        """The forward SDE."""
+        return self.net.sde
+
+    @property
+    def name(self) -> str:
+        """Name from the card (``""`` when unnamed)."""
+        return str(self.card.get("name", ""))
+
+    # --- evaluation ---------------------------------------------------------------------
+    def _real_score(self, x: Tensor, t: Tensor) -> Tensor:
+        p = next(self.net.parameters())
+        if x.device != p.device:
+            raise ShapeError(f"ScorePrior.score: x is on {x.device} but the prior is on {p.device}; "
+                             "move it with prior.to(x.device)")
+        if x.ndim != 4:
+            raise ShapeError(f"ScorePrior.score: x must be (B, C, H, W); got shape {tuple(x.shape)}")
+        t = torch.as_tensor(t, device=x.device)
+        if t.ndim == 0:
+            t = t.expand(x.shape[0])
+        out = self.net.score(x.to(p.dtype), t.to(p.dtype))
+        return out.to(x.dtype)
+
+    def score(self, x: Tensor, t: Tensor | float) -> Tensor:
+        """Score ``∇ log p_t(x)`` in normalised space.
+
+        Parameters
+        ----------
+        x : Tensor, shape (B, C, H, W), real or complex
+            Complex images are scored as real and imaginary parts.
+        t : Tensor, shape (B,) or scalar
+            Diffusion time in ``[eps, 1]``.
+
+        Returns
+        -------
+        Tensor, shape and dtype of ``x``
+        """
+        t = torch.as_tensor(t, device=x.device)
+        if x.is_complex():
+            b = x.shape[0]
+            tt = t.expand(b) if t.ndim == 0 else t
+            s = self._real_score(torch.cat([x.real, x.imag]), torch.cat([tt, tt]))
+            return torch.complex(s[:b], s[b:])
+        return self._real_score(x, t)
+
+    def denoise(self, x: Tensor, t: Tensor | float) -> Tensor:
+        """Tweedie estimate ``E[x_0 | x_t] = (x_t + std(t)^2 score) / a(t)``.
+
+        Parameters
+        ----------
+        x : Tensor, shape (B, C, H, W), real or complex
+        t : Tensor, shape (B,) or scalar
+
+        Returns
+        -------
+        Tensor, shape and dtype of ``x``
+        """
+        t = torch.as_tensor(t, device=x.device, dtype=torch.float64)
+        tt = t.expand(x.shape[0]) if t.ndim == 0 else t
+        std = self.sde.std(tt).reshape(-1, 1, 1, 1)
+        a = self.sde.mean_coeff(tt).reshape(-1, 1, 1, 1)
+        rdt = x.real.dtype
+        return (x + std.to(rdt) ** 2 * self.score(x, tt.to(rdt))) / a.to(rdt)
+
+    def denoise_sigma(self, y: Tensor, sigma: float) -> Tensor:
+        """Denoise ``y = x + sigma n`` (normalised space) with Tweedie's formula."""
+        return tweedie_denoise(self.score, self.sde, y, sigma)
+
+    def sample(self, n: int, size: tuple[int, int] | None = None, *, n_steps: int = 200,
+               snr: float = 0.16, generator: torch.Generator | None = None) -> Tensor:
+        """Unconditional samples, shape ``(n, 1, H, W)``, normalised space."""
+        p = next(self.net.parameters())
+        hw = size or tuple(self.card.get("resolution", (256, 256)))
+        return sample_unconditional(self.score, self.sde, (n, 1, *hw), n_steps=n_steps, snr=snr,
+                                    generator=generator, device=p.device, dtype=torch.float32)
+
+    # --- files --------------------------------------------------------------------------
+    def save(self, directory: str | Path, name: str, *, dtype: torch.dtype = torch.float16,
+             card: dict[str, Any] | None = None, overwrite: bool = False) -> Path:
+        """Write ``NAME.safetensors`` and ``NAME.json`` into ``directory``; return the card path.
+
+        Parameters
+        ----------
+        directory : path
+        name : str
+        dtype : torch.dtype
+            Storage dtype of floating tensors (fp16 halves the file).
+        card : dict, optional
+            Extra card entries (training, validation, solver defaults, ...), merged over
+            ``self.card``.
+        overwrite : bool
+            Replace existing files.
+        """
+        from safetensors.torch import save_file
+
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        wpath, cpath = directory / f"{name}.safetensors", directory / f"{name}.json"
+        if not overwrite and (wpath.exists() or cpath.exists()):
+            raise InputError(wpath, "exists; pass overwrite=True to replace it")
+        tensors = {k: (v.detach().to("cpu", dtype) if v.is_floating_point() else v.detach().cpu())
+                   .contiguous() for k, v in self.net.unet.state_dict().items()}
+        tmp = wpath.with_suffix(".safetensors.tmp")
+        save_file(tensors, str(tmp), metadata={"format": CARD_FORMAT, "name": name})
+        os.replace(tmp, wpath)
+        full = {**self.card, **(card or {})}
+        full.update({
+            "format": CARD_FORMAT,
+            "name": name,
+            "weights": wpath.name,
+            "dtype": str(dtype).replace("torch.", ""),
+            "architecture": {**self.net.spec.to_dict(), "sigma_data": self.net.sigma_data,
+                             "network": "monai.networks.nets.DiffusionModelUNet",
+                             "parameters": sum(v.numel() for v in tensors.values())},
+            "sde": self.sde.to_dict(),
+            "normaliser": self.normaliser.to_dict(),
+            "sha256": sha256_file(wpath),
+        })
+        tmpc = cpath.with_suffix(".json.tmp")
+        tmpc.write_text(json.dumps(full, indent=2) + "\n")
+        os.replace(tmpc, cpath)
+        self.card = full
+        return cpath
+
+    @classmethod
+    def load(cls, name_or_path: str | Path, *, device: torch.device | str = "cpu",
+             dtype: torch.dtype = torch.float32) -> ScorePrior:
+        """Load a prior by registry name (``"ct-256"``) or by the path of its card or weights.
+
+        The weights file's sha256 must match the card; the file is parsed with safetensors
+        (no pickle).
+
+        Raises
+        ------
+        InputError
+            Missing, corrupt, truncated or mismatched files (the message names the file).
+        SettingsError
+            Unknown registry name (with the nearest known names).
+        """
+        from safetensors import SafetensorError
+        from safetensors.torch import load as st_load
+
+        p = Path(name_or_path)
+        if p.suffix in (".json", ".safetensors") or p.exists():
+            cpath = p.with_suffix(".json")
+        else:
+            from medrecon.priors.registry import shipped_registry
+
+            cpath = shipped_registry().card_path(str(name_or_path))
+        if not cpath.is_file():
+            raise InputError(cpath, "model card not found")
+        try:
+            card = json.loads(cpath.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as err:
+            raise InputError(cpath, f"model card is not valid JSON ({err})") from err
+        if not isinstance(card, dict):
+            raise InputError(cpath, "model card is not a JSON object")
+        _check_card(card, cpath)
+        wpath = cpath.parent / card.get("weights", cpath.with_suffix(".safetensors").name)
+        if not wpath.is_file():
+            raise InputError(wpath, "weights file not found")
+        data = wpath.read_bytes()
+        digest = hashlib.sha256(data).hexdigest()
+        if digest != card["sha256"]:
+            raise InputError(wpath, f"sha256 {digest[:16]}… does not match the model card "
+                             f"({str(card['sha256'])[:16]}…): the file is corrupt, truncated or "
+                             "belongs to another card")
+        try:
+            tensors = st_load(data)
+        except (SafetensorError, ValueError, RuntimeError) as err:
+            raise InputError(wpath, f"not a readable safetensors file ({err})") from err
+        try:
+            spec = NetworkSpec.from_dict({k: v for k, v in card["architecture"].items()
+                                          if k not in ("sigma_data", "network", "parameters")})
+            sde = sde_from_dict(card["sde"])
+            norm = Normaliser.from_dict(card["normaliser"])
+        except SettingsError as err:
+            raise InputError(cpath, f"model card settings are invalid ({err})") from err
+        net = ScoreNet(spec, sde, sigma_data=float(card["architecture"].get("sigma_data", 0.2)))
+        try:
+            net.unet.load_state_dict({k: v.to(dtype) if v.is_floating_point() else v
+                                      for k, v in tensors.items()}, strict=True)
+        except RuntimeError as err:
+            first = str(err).splitlines()[0]
+            raise InputError(wpath, f"weights do not match the architecture in {cpath.name}: "
+                             f"{first}") from err
+        prior = cls(net.to(device=device, dtype=dtype), norm, card)
+        prior.eval()
+        return prior

@@ -1,0 +1,675 @@
+"""Train a score prior by denoising score matching (``medrecon train``, or :func:`train`).
+
+What a run does
+---------------
+* Data: 2-D slices from ``.npz`` files (key ``images``, shape ``(N, H, W)``), normalised with
+  the modality's normaliser (CT: HU window → [0, 1]; MRI: uint16 already scaled to
+  ``[0, 1]·65535``), held in memory as float16.
+* Batches: an epoch is a seeded permutation of the slices; each slice gives one random
+  ``patch_size`` crop (or the whole image when ``patch_size`` is ``None``), flipped and rotated
+  by a multiple of 90° at random.  Crops that are almost constant (air) are re-drawn up to
+  three times.  The U-Net is fully convolutional with attention only at its lowest level, so a
+  net trained on patches applies to whole images.
+* Loss: ``E_t E_z || F(x0 + std(t) z, t) + z ||^2`` — DSM with weighting ``std(t)^2``
+  (Song et al. 2021), ``t ~ U(eps, 1)``.
+* Optimiser AdamW with linear warm-up, gradient clipping, EMA of the weights.
+* Checkpoints (``torch.save`` dicts, our own files, outside git) every
+  ``checkpoint_every_s`` seconds and on SIGTERM/SIGINT into ``out_dir``: ``last.pt`` plus kept
+  snapshots.  Resuming restores model, optimiser, EMA, both RNGs and the data position, so a
+  resumed run takes exactly the step an uninterrupted one would.
+* Logs: ``loss.csv`` (step, wall time, loss, lr, grad norm), ``val.csv`` (Tweedie denoising
+  PSNR on validation slices), ``samples_<step>.png`` (EMA preview samples), a tqdm bar.
+* ``init_from`` starts from shipped weights (model and EMA); the optimiser is re-initialised
+  because shipped priors do not carry it.
+* Multi-GPU: launched by ``torchrun`` (``WORLD_SIZE > 1``) it wraps the net in DDP; each rank
+  draws its own batches, rank 0 writes files.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import copy
+import csv
+import json
+import math
+import os
+import signal
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from medrecon.errors import InputError, SettingsError
+from medrecon.priors.networks import ScoreNet, network_spec
+from medrecon.priors.normalise import Normaliser, ct_normaliser, mri_normaliser
+from medrecon.priors.prior import ScorePrior, sample_unconditional, tweedie_denoise
+from medrecon.priors.sde import SDE, VESDE, VPSDE
+
+__all__ = ["TrainConfig", "train", "load_slices", "PatchSampler", "PRESETS", "data_root", "main"]
+
+CKPT_FORMAT = "medrecon-train-ckpt-1"
+RESERVED = ("val.npz", "totalseg_example_ct")  # never train on these (benchmarks / validation)
+
+
+def data_root() -> Path:
+    """``$MEDRECON_DATA``, default ``../shared/data``."""
+    return Path(os.environ.get("MEDRECON_DATA", "../shared/data"))
+
+
+def default_out_dir(run: str) -> Path:
+    """``~/.cache/medrecon/train/<run>`` (outside the repository)."""
+    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "medrecon" / "train" / run
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Settings of a training run (flat, typed, with defaults).
+
+    Parameters
+    ----------
+    run : str
+        Run name; the default ``out_dir`` is ``~/.cache/medrecon/train/<run>``.
+    data : tuple of str
+        ``.npz`` files with ``images`` (N, H, W); relative paths are under :func:`data_root`.
+    modality : {"ct", "mri"}
+        Chooses the normaliser.
+    size : str
+        Network size ("tiny", "S", "M").
+    sde : {"ve", "vp"}
+    sigma_min, sigma_max : float
+        VE noise range (normalised units).
+    beta_min, beta_max : float
+        VP schedule.
+    sigma_data : float
+        Typical std of normalised images (VE input scaling).
+    patch_size : int or None
+        Random square crops of this size; ``None`` trains on whole images.
+    batch_size : int
+    lr, weight_decay, warmup_steps, grad_clip, ema_decay : float / int
+        AdamW, linear warm-up, global-norm clipping, EMA decay.
+    max_steps : int
+        Stop after this many optimiser steps in total.
+    max_time_s : float or None
+        Stop after this much wall time in this invocation.
+    checkpoint_every_s : float
+        Seconds between checkpoints (also written on SIGTERM/SIGINT and at the end).
+    snapshot_every_steps : int
+        Keep ``step_<n>.pt`` copies this often (0: never).
+    log_every : int
+        Steps between loss-log lines.
+    val_data : str or None
+        Validation ``.npz`` for denoising PSNR (not trained on).
+    val_slices : int
+        Number of validation slices used during training.
+    validate_every_s : float
+        Seconds between validations (0: never).
+    sample_every_s : float
+        Seconds between preview sample grids (0: never).
+    sample_size : int
+        Preview sample size (pixels).
+    sample_steps : int
+        Predictor steps for previews.
+    seed : int
+    threads : int or None
+        ``torch.set_num_threads``.
+    out_dir : str or None
+    init_from : str or None
+        Shipped prior (name or card path) to start from; optimiser re-initialised.
+    resume : bool
+        Continue from ``out_dir/last.pt`` when present.
+    progress : bool
+        Show a tqdm progress bar.
+    """
+
+    run: str = "run"
+    data: tuple[str, ...] = ()
+    modality: str = "ct"
+    size: str = "S"
+    sde: str = "ve"
+    sigma_min: float = 0.01
+    sigma_max: float = 60.0
+    beta_min: float = 0.1
+    beta_max: float = 20.0
+    sigma_data: float = 0.2
+    patch_size: int | None = 64
+    batch_size: int = 16
+    lr: float = 2e-4
+    weight_decay: float = 0.0
+    warmup_steps: int = 200
+    grad_clip: float = 1.0
+    ema_decay: float = 0.999
+    max_steps: int = 1_000_000
+    max_time_s: float | None = None
+    checkpoint_every_s: float = 600.0
+    snapshot_every_steps: int = 0
+    log_every: int = 25
+    val_data: str | None = None
+    val_slices: int = 8
+    validate_every_s: float = 1800.0
+    sample_every_s: float = 1800.0
+    sample_size: int = 64
+    sample_steps: int = 100
+    seed: int = 0
+    threads: int | None = None
+    out_dir: str | None = None
+    init_from: str | None = None
+    resume: bool = True
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        if self.modality not in ("ct", "mri"):
+            raise SettingsError(f"TrainConfig: modality must be 'ct' or 'mri'; got {self.modality!r}")
+        if self.sde not in ("ve", "vp"):
+            raise SettingsError(f"TrainConfig: sde must be 've' or 'vp'; got {self.sde!r}")
+        if self.patch_size is not None and (self.patch_size < 8 or self.patch_size % 8):
+            raise SettingsError(f"TrainConfig: patch_size must be a multiple of 8 (>= 8); got {self.patch_size}")
+        if self.batch_size < 1 or self.max_steps < 0:
+            raise SettingsError("TrainConfig: batch_size must be >= 1 and max_steps >= 0")
+        network_spec(self.size)
+        for d in self.data:
+            if any(r in Path(d).name for r in RESERVED):
+                raise SettingsError(f"TrainConfig: {d} is reserved for validation/benchmarks; do not train on it")
+
+    # architecture-defining fields: must match when resuming
+    ARCH_FIELDS = ("modality", "size", "sde", "sigma_min", "sigma_max", "beta_min", "beta_max",
+                   "sigma_data", "patch_size", "batch_size", "data", "seed")
+
+    def build_sde(self) -> SDE:
+        """The forward SDE of this run."""
+        if self.sde == "ve":
+            return VESDE(self.sigma_min, self.sigma_max)
+        return VPSDE(self.beta_min, self.beta_max)
+
+    def normaliser(self) -> Normaliser:
+        """Normaliser of the modality (MRI: the fixed ``/65535`` of the shipped data)."""
+        return ct_normaliser() if self.modality == "ct" else mri_normaliser()
+
+    def output_dir(self) -> Path:
+        """Where checkpoints and logs go."""
+        return Path(self.out_dir) if self.out_dir else default_out_dir(self.run)
+
+
+def _resolve(path: str) -> Path:
+    p = Path(path)
+    return p if p.is_absolute() or p.exists() else data_root() / p
+
+
+def load_slices(paths: Sequence[str], modality: str) -> Tensor:
+    """Read ``images`` from ``.npz`` files and normalise them; returns float16 ``(N, H, W)``.
+
+    CT files are HU (int16) → ``(HU + 1024) / 4096`` clipped; MRI files are uint16 scaled
+    ``[0, 1]·65535`` → ``/ 65535``.
+
+    Raises
+    ------
+    InputError
+        A file is missing, unreadable or has no 3-D ``images`` array.
+    """
+    out = []
+    for p in paths:
+        f = _resolve(p)
+        try:
+            with np.load(f) as z:
+                if "images" not in z.files:
+                    raise InputError(f, f"no 'images' array (has {', '.join(z.files)})")
+                a = z["images"]
+        except (OSError, ValueError) as err:
+            raise InputError(f, f"cannot read training data ({err})") from err
+        if a.ndim != 3:
+            raise InputError(f, f"'images' must be (N, H, W); got shape {a.shape}")
+        x = torch.from_numpy(a.astype(np.float32))
+        if modality == "ct":
+            x = ct_normaliser().normalise(x)
+        else:
+            x = (x / 65535.0).clamp(0, 1) if a.dtype == np.uint16 else x.clamp(0, 1)
+        out.append(x.to(torch.float16))
+    shapes = {tuple(x.shape[1:]) for x in out}
+    if len(shapes) > 1:
+        raise SettingsError(f"load_slices: all slices must share one size; got {sorted(shapes)}")
+    return torch.cat(out)
+
+
+class PatchSampler:
+    """Seeded, resumable batches of augmented crops.
+
+    Parameters
+    ----------
+    images : Tensor, shape (N, H, W)
+    batch_size : int
+    patch_size : int or None
+    seed : int
+    """
+
+    def __init__(self, images: Tensor, batch_size: int, patch_size: int | None, seed: int):
+        self.images = images
+        self.batch_size = batch_size
+        self.patch_size = patch_size
+        self.gen = torch.Generator().manual_seed(seed)
+        self.epoch = 0
+        self.pos = 0
+        self.perm = torch.randperm(len(images), generator=self.gen)
+        h, w = images.shape[1:]
+        if patch_size is not None and (patch_size > h or patch_size > w):
+            raise SettingsError(f"PatchSampler: patch_size {patch_size} exceeds image size {h}x{w}")
+
+    def state_dict(self) -> dict[str, Any]:
+        """Data position and RNG state."""
+        return {"gen": self.gen.get_state(), "epoch": self.epoch, "pos": self.pos, "perm": self.perm.clone()}
+
+    def load_state_dict(self, s: dict[str, Any]) -> None:
+        """Restore :meth:`state_dict`."""
+        self.gen.set_state(s["gen"])
+        self.epoch, self.pos, self.perm = int(s["epoch"]), int(s["pos"]), s["perm"].clone()
+
+    def _next_index(self) -> int:
+        if self.pos >= len(self.perm):
+            self.epoch += 1
+            self.pos = 0
+            self.perm = torch.randperm(len(self.images), generator=self.gen)
+        i = int(self.perm[self.pos])
+        self.pos += 1
+        return i
+
+    def next_batch(self) -> Tensor:
+        """A float32 batch ``(B, 1, P, P)``."""
+        out = []
+        h, w = self.images.shape[1:]
+        p = self.patch_size
+        for _ in range(self.batch_size):
+            img = self.images[self._next_index()]
+            r = torch.randint(0, 2**31 - 1, (10,), generator=self.gen).tolist()
+            crop = img
+            if p is not None:
+                for k in range(4):  # up to 4 candidates; keep the first that is not flat air
+                    y0, x0 = r[2 * k] % (h - p + 1), r[2 * k + 1] % (w - p + 1)
+                    crop = img[y0:y0 + p, x0:x0 + p]
+                    if float(crop.float().std()) > 0.01:
+                        break
+            crop = torch.rot90(crop, k=r[8] % 4, dims=(0, 1))
+            if r[9] % 2:
+                crop = torch.flip(crop, dims=(1,))
+            out.append(crop)
+        return torch.stack(out).unsqueeze(1).float()
+
+
+def dsm_loss(net: torch.nn.Module, sde: SDE, x0: Tensor, gen: torch.Generator) -> Tensor:
+    """Denoising score-matching loss ``mean || F(x_t, t) + z ||^2`` (weighting ``std^2``)."""
+    t = sde.eps + (1.0 - sde.eps) * torch.rand(x0.shape[0], generator=gen, device=x0.device, dtype=x0.dtype)
+    xt, z, _ = sde.perturb(x0, t, generator=gen)
+    return ((net(xt, t) + z) ** 2).mean()
+
+
+def _psnr(x: Tensor, ref: Tensor) -> float:
+    mse = float(((x - ref) ** 2).mean())
+    return 10 * math.log10(1.0 / max(mse, 1e-20))
+
+
+@torch.no_grad()
+def validate(net: ScoreNet, images: Tensor, sigmas: Sequence[float] = (0.02, 0.05, 0.1, 0.2),
+             seed: int = 1234, batch: int = 4) -> dict[str, float]:
+    """Mean PSNR (peak 1, normalised space) of the Tweedie denoiser at each ``sigma``."""
+    net.eval()
+    gen = torch.Generator().manual_seed(seed)
+    res: dict[str, float] = {}
+    for s in sigmas:
+        vals = []
+        for i in range(0, len(images), batch):
+            x = images[i:i + batch].unsqueeze(1).float()
+            y = x + s * torch.randn(x.shape, generator=gen)
+            xh = tweedie_denoise(net.score, net.sde, y, s).clamp(0, 1)
+            vals += [_psnr(xh[j], x[j]) for j in range(len(x))]
+        res[f"psnr_sigma{s}"] = float(np.mean(vals))
+    return res
+
+
+def save_grid_png(images: Tensor, path: Path, ncol: int = 4) -> None:
+    """Tile ``(B, 1, H, W)`` images in [0, 1] into one grey PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from matplotlib import image as mpimg
+
+    x = images[:, 0].detach().float().clamp(0, 1).cpu().numpy()
+    b, h, w = x.shape
+    nrow = math.ceil(b / ncol)
+    grid = np.ones((nrow * (h + 2), ncol * (w + 2)), np.float32)
+    for k in range(b):
+        r, c = divmod(k, ncol)
+        grid[r * (h + 2):r * (h + 2) + h, c * (w + 2):c * (w + 2) + w] = x[k]
+    tmp = path.with_suffix(".tmp.png")
+    mpimg.imsave(tmp, grid, cmap="gray", vmin=0, vmax=1)
+    os.replace(tmp, path)
+
+
+class _Stop:
+    """SIGTERM/SIGINT → finish the step, checkpoint, exit."""
+
+    def __init__(self) -> None:
+        self.flag = False
+        self.old: dict[int, Any] = {}
+
+    def __enter__(self) -> _Stop:
+        import threading
+
+        if threading.current_thread() is threading.main_thread():
+            for s in (signal.SIGTERM, signal.SIGINT):
+                self.old[s] = signal.signal(s, self._handle)
+        return self
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        self.flag = True
+
+    def __exit__(self, *exc: Any) -> None:
+        for s, h in self.old.items():
+            signal.signal(s, h)
+
+
+def _atomic_save(obj: Any, path: Path) -> None:
+    tmp = path.with_suffix(".tmp")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def load_checkpoint(path: str | Path) -> dict[str, Any]:
+    """Read a training checkpoint (``weights_only`` loading: no arbitrary unpickling)."""
+    path = Path(path)
+    try:
+        ck = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # noqa: BLE001 - torch raises many types for bad files
+        raise InputError(path, f"not a readable training checkpoint ({err})") from err
+    if not isinstance(ck, dict) or ck.get("format") != CKPT_FORMAT:
+        raise InputError(path, f"not a medrecon training checkpoint (expected format {CKPT_FORMAT})")
+    return ck
+
+
+def export_prior(checkpoint: str | Path, directory: str | Path, name: str, *,
+                 card: dict[str, Any] | None = None, dtype: torch.dtype = torch.float16,
+                 overwrite: bool = False) -> Path:
+    """Write the EMA weights of a checkpoint as a shipped prior (safetensors + card)."""
+    ck = load_checkpoint(checkpoint)
+    cfg = TrainConfig(**_cfg_from_dict(ck["config"]))
+    net = ScoreNet(network_spec(cfg.size), cfg.build_sde(), cfg.sigma_data)
+    net.load_state_dict(ck["ema"])
+    prior = ScorePrior(net, cfg.normaliser())
+    extra = {"training": {"steps": ck["step"], "wall_time_s": round(ck["wall_s"], 1),
+                          "config": ck["config"]}}
+    if card:
+        extra = {**extra, **card, "training": {**extra["training"], **card.get("training", {})}}
+    return prior.save(directory, name, dtype=dtype, card=extra, overwrite=overwrite)
+
+
+def _cfg_from_dict(d: dict[str, Any]) -> dict[str, Any]:
+    names = {f.name for f in fields(TrainConfig)}
+    d = {k: v for k, v in d.items() if k in names}
+    if "data" in d:
+        d["data"] = tuple(d["data"])
+    return d
+
+
+def _ddp() -> tuple[int, int]:
+    ws = int(os.environ.get("WORLD_SIZE", "1"))
+    if ws > 1 and not torch.distributed.is_initialized():
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        torch.distributed.init_process_group(backend)
+    return (torch.distributed.get_rank() if ws > 1 else 0), ws
+
+
+def train(config: TrainConfig) -> dict[str, Any]:
+    """Run (or resume) a training run; returns a summary dict.
+
+    Parameters
+    ----------
+    config : TrainConfig
+
+    Returns
+    -------
+    dict
+        ``step``, ``wall_s``, ``last_loss``, ``out_dir``, ``checkpoint``, ``stopped_by``.
+
+    Raises
+    ------
+    SettingsError
+        Resuming with settings that differ from the checkpoint's.
+    InputError
+        Unreadable data or checkpoint.
+    """
+    if config.threads:
+        torch.set_num_threads(config.threads)
+    rank, world = _ddp()
+    device = torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if torch.cuda.is_available() else "cpu")
+    out = config.output_dir()
+    if rank == 0:
+        out.mkdir(parents=True, exist_ok=True)
+    sde = config.build_sde()
+    net = ScoreNet(network_spec(config.size), sde, config.sigma_data).to(device)
+    ema = copy.deepcopy(net).requires_grad_(False)
+    opt = torch.optim.AdamW(net.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+    images = load_slices(config.data, config.modality)
+    sampler = PatchSampler(images, config.batch_size, config.patch_size, config.seed * 1000 + rank)
+    noise_gen = torch.Generator(device=device).manual_seed(config.seed * 1000 + 500 + rank)
+    step, wall = 0, 0.0
+    ckpath = out / "last.pt"
+    if config.resume and ckpath.exists():
+        ck = load_checkpoint(ckpath)
+        old = ck["config"]
+        diff = [k for k in TrainConfig.ARCH_FIELDS
+                if _cfg_from_dict(old).get(k) != _cfg_from_dict(asdict(config)).get(k)]
+        if diff:
+            raise SettingsError(f"train: {ckpath} was made with other settings ({', '.join(diff)}); "
+                                "use another run name/out_dir or resume=False")
+        net.load_state_dict(ck["model"])
+        ema.load_state_dict(ck["ema"])
+        opt.load_state_dict(ck["optimizer"])
+        sampler.load_state_dict(ck["sampler"])
+        noise_gen.set_state(ck["noise_rng"])
+        step, wall = int(ck["step"]), float(ck["wall_s"])
+        _truncate_log(out / "loss.csv", step)
+    elif config.init_from:
+        init = ScorePrior.load(config.init_from)
+        if init.net.spec != net.spec or init.sde.to_dict() != sde.to_dict():
+            raise SettingsError(f"train: init_from {config.init_from} has another architecture/SDE")
+        net.unet.load_state_dict(init.net.unet.state_dict())
+        ema.load_state_dict(net.state_dict())
+        # shipped weights carry no optimiser state: AdamW starts fresh (warm-up again)
+    model: torch.nn.Module = net
+    if world > 1:
+        model = torch.nn.parallel.DistributedDataParallel(net)
+    val_images = load_slices([config.val_data], config.modality)[: config.val_slices] if config.val_data else None
+
+    def checkpoint(keep: bool = False) -> Path:
+        state = {"format": CKPT_FORMAT, "config": {**asdict(config), "data": list(config.data)},
+                 "step": step, "wall_s": wall, "model": net.state_dict(), "ema": ema.state_dict(),
+                 "optimizer": opt.state_dict(), "sampler": sampler.state_dict(),
+                 "noise_rng": noise_gen.get_state(), "torch_version": torch.__version__}
+        if rank == 0:
+            _atomic_save(state, ckpath)
+            if keep:
+                _atomic_save(state, out / f"step_{step:07d}.pt")
+        return ckpath
+
+    bar = None
+    if config.progress and rank == 0:
+        from tqdm import tqdm
+
+        bar = tqdm(total=config.max_steps, initial=step, mininterval=30, desc=config.run,
+                   file=sys.stderr, dynamic_ncols=False)
+    log_f = open(out / "loss.csv", "a", newline="") if rank == 0 else None
+    writer = csv.writer(log_f) if log_f else None
+    if log_f and log_f.tell() == 0 and writer:
+        writer.writerow(["step", "wall_s", "loss", "lr", "grad_norm"])
+    t_start = time.monotonic()
+    t_last_ck = t_last_val = t_last_sample = t_start
+    acc_loss, acc_n, gnorm = 0.0, 0, 0.0
+    stopped_by, last_loss = "max_steps", float("nan")
+    try:
+        with _Stop() as stop:
+            while step < config.max_steps:
+                t0 = time.monotonic()
+                net.train()
+                x0 = sampler.next_batch().to(device)
+                lr = config.lr * min(1.0, (step + 1) / max(1, config.warmup_steps))
+                for g in opt.param_groups:
+                    g["lr"] = lr
+                loss = dsm_loss(model, sde, x0, noise_gen)
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                gnorm = float(torch.nn.utils.clip_grad_norm_(net.parameters(), config.grad_clip))
+                opt.step()
+                decay = min(config.ema_decay, (1 + step) / (10 + step))
+                with torch.no_grad():
+                    for pe, pn in zip(ema.parameters(), net.parameters(), strict=True):
+                        pe.lerp_(pn, 1.0 - decay)
+                    for be, bn in zip(ema.buffers(), net.buffers(), strict=True):
+                        be.copy_(bn)
+                step += 1
+                now = time.monotonic()
+                wall += now - t0
+                last_loss = float(loss)
+                acc_loss += last_loss
+                acc_n += 1
+                if bar:
+                    bar.update(1)
+                if writer and (step % config.log_every == 0 or step == config.max_steps):
+                    writer.writerow([step, f"{wall:.1f}", f"{acc_loss / acc_n:.5f}", f"{lr:.3g}", f"{gnorm:.3f}"])
+                    assert log_f is not None
+                    log_f.flush()
+                    if bar:
+                        bar.set_postfix(loss=f"{acc_loss / acc_n:.4f}")
+                    acc_loss, acc_n = 0.0, 0
+                keep = bool(config.snapshot_every_steps) and step % config.snapshot_every_steps == 0
+                if keep or now - t_last_ck >= config.checkpoint_every_s:
+                    checkpoint(keep)
+                    t_last_ck = now
+                if rank == 0 and val_images is not None and config.validate_every_s and \
+                        now - t_last_val >= config.validate_every_s:
+                    _log_val(out / "val.csv", step, wall, validate(ema, val_images))
+                    t_last_val = time.monotonic()
+                if rank == 0 and config.sample_every_s and now - t_last_sample >= config.sample_every_s:
+                    _preview(ema, config, out / f"samples_{step:07d}.png")
+                    t_last_sample = time.monotonic()
+                if stop.flag:
+                    stopped_by = "signal"
+                    break
+                if config.max_time_s is not None and now - t_start >= config.max_time_s:
+                    stopped_by = "max_time"
+                    break
+            checkpoint(keep=False)
+    finally:
+        if bar:
+            bar.close()
+        if log_f:
+            log_f.close()
+    return {"step": step, "wall_s": wall, "last_loss": last_loss, "out_dir": str(out),
+            "checkpoint": str(ckpath), "stopped_by": stopped_by}
+
+
+def _truncate_log(path: Path, step: int) -> None:
+    """Drop loss-log lines written after the checkpoint we resume from."""
+    if not path.exists():
+        return
+    lines = path.read_text().splitlines()
+    keep = [ln for ln in lines if not ln[:1].isdigit() or int(ln.split(",")[0]) <= step]
+    path.write_text("\n".join(keep) + ("\n" if keep else ""))
+
+
+def _log_val(path: Path, step: int, wall: float, res: dict[str, float]) -> None:
+    new = not path.exists()
+    with open(path, "a", newline="") as f:
+        w = csv.writer(f)
+        if new:
+            w.writerow(["step", "wall_s", *res.keys()])
+        w.writerow([step, f"{wall:.1f}", *(f"{v:.3f}" for v in res.values())])
+
+
+def _preview(ema: ScoreNet, config: TrainConfig, path: Path) -> None:
+    ema.eval()
+    gen = torch.Generator().manual_seed(config.seed + 7)
+    s = config.sample_size
+    with torch.no_grad():
+        x = sample_unconditional(ema.score, ema.sde, (8, 1, s, s), n_steps=config.sample_steps,
+                                 snr=0.16, generator=gen)
+    save_grid_png(x, path)
+
+
+# ------------------------------------------------------------------------------------------
+# presets for the shipped priors and the command line
+
+PRESETS: dict[str, dict[str, Any]] = {
+    "ct-256": dict(run="ct-256", modality="ct",
+                   data=("ct/train.npz", "ct/volumes/promed_ct0051_head.npz"),
+                   size="S", sde="ve", sigma_min=0.01, sigma_max=60.0, sigma_data=0.2,
+                   patch_size=64, batch_size=16, lr=2e-4, ema_decay=0.999,
+                   val_data="ct/val.npz", val_slices=8),
+    "mri-256": dict(run="mri-256", modality="mri", data=("mri/train.npz",),
+                    size="S", sde="ve", sigma_min=0.01, sigma_max=110.0, sigma_data=0.25,
+                    patch_size=64, batch_size=16, lr=2e-4, ema_decay=0.999,
+                    val_data="mri/val.npz", val_slices=8),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """Arguments of ``medrecon train``: ``--preset`` plus any :class:`TrainConfig` field."""
+    p = argparse.ArgumentParser(prog="medrecon train", description="Train a score prior (DSM).")
+    p.add_argument("--preset", choices=sorted(PRESETS), help="settings of a shipped prior")
+    for f in fields(TrainConfig):
+        flag = "--" + f.name.replace("_", "-")
+        if f.name == "data":
+            p.add_argument(flag, nargs="+", help="training .npz files")
+        elif f.type in ("bool",):
+            p.add_argument(flag, type=lambda s: s.lower() in ("1", "true", "yes"), metavar="BOOL")
+        else:
+            p.add_argument(flag, type=str, metavar=f.name.upper())
+    p.add_argument("--export", metavar="DIR", help="write the EMA weights of the run's last.pt to DIR and exit")
+    p.add_argument("--name", help="prior name for --export (default: the run name)")
+    return p
+
+
+def config_from_args(ns: argparse.Namespace) -> TrainConfig:
+    """Merge preset and flags into a :class:`TrainConfig`."""
+    base: dict[str, Any] = dict(PRESETS[ns.preset]) if ns.preset else {}
+    types = {f.name: f.type for f in fields(TrainConfig)}
+    for name, typ in types.items():
+        v = getattr(ns, name, None)
+        if v is None:
+            continue
+        if name == "data":
+            base[name] = tuple(v)
+        elif typ == "bool":
+            base[name] = bool(v)
+        elif v.lower() == "none":
+            base[name] = None
+        elif "int" in str(typ):
+            base[name] = int(v)
+        elif "float" in str(typ):
+            base[name] = float(v)
+        else:
+            base[name] = v
+    try:
+        return TrainConfig(**base)
+    except TypeError as err:
+        raise SettingsError(f"train: bad settings ({err})") from err
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of ``medrecon train`` / ``python -m medrecon.priors.train``."""
+    ns = build_parser().parse_args(argv)
+    cfg = config_from_args(ns)
+    if ns.export:
+        path = export_prior(cfg.output_dir() / "last.pt", ns.export, ns.name or cfg.run, overwrite=True)
+        print(path)
+        return 0
+    summary = train(cfg)
+    print(json.dumps(summary))
+    return 0
+
+
+if __name__ == "__main__":
+    with contextlib.suppress(KeyboardInterrupt):
+        sys.exit(main())
