@@ -1,1 +1,57 @@
-"""Readers, writers, simulation and training datasets (see docs/data.md)."""
+"""Readers, writers, simulation and training datasets (see docs/data.md).
+
+Everything that crosses the I/O boundary is a :class:`Volume`, :class:`KSpace` or
+:class:`Sinogram` (:mod:`medrecon.datasets.types`).  Readers raise
+:class:`medrecon.errors.InputError` naming the file and the problem; writers write to a temporary
+name and rename, and refuse to overwrite unless ``overwrite=True``.
+"""
+
+from __future__ import annotations
+
+from medrecon.datasets.bart import load_bart_kspace, read_cfl, save_bart_kspace, write_cfl
+from medrecon.datasets.dicom import DicomGeometryWarning, SeriesInfo, list_dicom_series, load_dicom_series
+from medrecon.datasets.dicom_write import save_dicom_series
+from medrecon.datasets.fastmri import load_fastmri, load_fastmri_reference, save_fastmri
+from medrecon.datasets.images import list_image_files, load_image, load_image_folder
+from medrecon.datasets.nifti import load_nifti, save_nifti, std_path
+from medrecon.datasets.sinogram import load_sinogram, save_sinogram, validate_geometry
+from medrecon.datasets.types import KSpace, Sinogram, Volume
+
+__all__ = [
+    "Volume", "KSpace", "Sinogram",
+    "load_dicom_series", "list_dicom_series", "save_dicom_series", "SeriesInfo", "DicomGeometryWarning",
+    "load_nifti", "save_nifti", "std_path",
+    "load_fastmri", "load_fastmri_reference", "save_fastmri",
+    "read_cfl", "write_cfl", "load_bart_kspace", "save_bart_kspace",
+    "load_sinogram", "save_sinogram", "validate_geometry",
+    "load_image", "load_image_folder", "list_image_files",
+    "load_volume",
+]
+
+
+def load_volume(path: str, **kwargs: object) -> Volume:
+    """Load a Volume from a DICOM folder/file, a NIfTI file or an image folder, by looking at it.
+
+    Raises
+    ------
+    InputError
+        Path missing or of no known kind.
+    """
+    from pathlib import Path
+
+    from medrecon.errors import InputError
+
+    p = Path(path)
+    name = p.name.lower()
+    if name.endswith((".nii", ".nii.gz")):
+        return load_nifti(p, **kwargs)  # type: ignore[arg-type]
+    if p.is_dir():
+        try:
+            return load_dicom_series(p, **kwargs)  # type: ignore[arg-type]
+        except InputError as err:
+            if "no DICOM image objects" not in err.problem:
+                raise
+            return load_image_folder(p, **kwargs)  # type: ignore[arg-type]
+    if p.is_file():
+        return load_dicom_series(p, **kwargs)  # type: ignore[arg-type]
+    raise InputError(p, "no such file or folder")

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import os
 import warnings
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -86,16 +87,47 @@ def _read_header(path: Path) -> Any | None:
     from pydicom.errors import InvalidDicomError
 
     try:
-        return pydicom.dcmread(path, stop_before_pixels=True)
-    except InvalidDicomError:
-        return None
+        try:
+            return pydicom.dcmread(path, stop_before_pixels=True)
+        except InvalidDicomError:
+            if path.suffix.lower() not in (".dcm", ".dicom"):
+                return None
+        # a .dcm file without the preamble: accept it if it parses to something DICOM-like
+        ds = pydicom.dcmread(path, stop_before_pixels=True, force=True)
+        if not any(t in ds for t in ("SOPClassUID", "Modality", "Rows")):
+            raise InputError(path, "not a DICOM file (no DICM preamble, no DICOM elements)")
+        return ds
+    except InputError:
+        raise
     except Exception as err:  # noqa: BLE001 - any parser failure is a bad input file
         raise InputError(path, f"unreadable DICOM file ({_problem(err)})") from err
 
 
-def _is_image(ds: Any) -> bool:
+def _sop_class(ds: Any) -> str:
+    uid = ds.get("SOPClassUID") or getattr(getattr(ds, "file_meta", None), "MediaStorageSOPClassUID", "")
+    return str(uid or "")
+
+
+def _is_image(path: Path, ds: Any) -> bool:
+    """Image objects are read; RT / SR / presentation objects are skipped.
+
+    An object of an image storage class without Rows / Columns is an error, not a skip: that is
+    what a file truncated inside its header looks like.
+    """
+    from pydicom.uid import UID
+
+    if str(getattr(getattr(ds, "file_meta", None), "MediaStorageSOPClassUID", "")) == "1.2.840.10008.1.3.10":
+        return False  # DICOMDIR
     modality = str(ds.get("Modality", "")).upper()
-    return modality not in NON_IMAGE_MODALITIES and "Rows" in ds and "Columns" in ds
+    if modality in NON_IMAGE_MODALITIES:
+        return False
+    if "SOPInstanceUID" not in ds:
+        raise InputError(path, "incomplete DICOM object: no SOPInstanceUID (truncated file?)")
+    has_size = "Rows" in ds and "Columns" in ds
+    cls = _sop_class(ds)
+    if not has_size and cls and "Image Storage" in UID(cls).name:
+        raise InputError(path, f"{UID(cls).name} object without Rows/Columns (truncated or incomplete header)")
+    return has_size
 
 
 def _files(path: Path, recursive: bool) -> list[Path]:
@@ -118,7 +150,7 @@ def _scan(path: Path, recursive: bool) -> dict[str, list[tuple[Path, Any]]]:
             if path.is_file():
                 raise InputError(f, "not a DICOM file (no DICM preamble)")
             continue
-        if not _is_image(ds):
+        if not _is_image(f, ds):
             continue
         series.setdefault(str(ds.get("SeriesInstanceUID", "")), []).append((f, ds))
     if not series:
@@ -152,6 +184,10 @@ def list_dicom_series(path: str | Path, *, recursive: bool = True) -> list[Serie
         infos.append(SeriesInfo(uid, str(ds.get("Modality", "OT")), len(items),
                                 str(ds.get("SeriesNumber", "")), str(ds.get("SeriesDescription", ""))))
     return sorted(infos, key=lambda s: -s.n_images)
+
+
+def _pixel_format(ds: Any) -> tuple[Any, ...]:
+    return tuple(ds.get(t) for t in ("Rows", "Columns", "BitsAllocated", "PixelRepresentation", "SamplesPerPixel"))
 
 
 def _float(ds: Any, name: str, default: float | None, path: Path) -> float | None:
@@ -235,15 +271,25 @@ def _decode(path: Path, frames: list[int | None], shape: tuple[int, int]) -> lis
         ds = pydicom.dcmread(path)
     except Exception as err:  # noqa: BLE001
         raise InputError(path, f"unreadable DICOM file ({_problem(err)})") from err
-    if "PixelData" not in ds and "FloatPixelData" not in ds:
-        raise InputError(path, "image object has no PixelData")
+    if not ds.get("PixelData"):
+        raise InputError(path, "image object has no (or empty) PixelData")
     if int(ds.get("SamplesPerPixel", 1) or 1) != 1:
         raise InputError(path, f"colour image (SamplesPerPixel={ds.SamplesPerPixel}); expected greyscale")
+    ts = getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", None)
+    if "PixelData" in ds and ts is not None and not ts.is_compressed:
+        bits = int(ds.get("BitsAllocated") or 0)
+        if bits not in (1, 8, 16, 32, 64):
+            raise InputError(path, f"BitsAllocated is {bits}; expected 8, 16 or 32")
+        n = int(ds.get("NumberOfFrames", 1) or 1) * shape[0] * shape[1] * int(ds.get("SamplesPerPixel", 1) or 1)
+        expected = (n * bits + 7) // 8
+        got = len(ds.PixelData)
+        if got not in (expected, expected + 1):
+            raise InputError(path, f"PixelData holds {got} bytes; Rows x Columns x frames at "
+                             f"{bits} bits needs {expected}")
     try:
         arr = ds.pixel_array
     except Exception as err:  # noqa: BLE001 - decoder errors of every plugin
-        ts = getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", "unknown")
-        raise InputError(path, f"cannot decode pixel data (transfer syntax {ts}; {_problem(err)})") from err
+        raise InputError(path, f"cannot decode pixel data (transfer syntax {ts or 'unknown'}; {_problem(err)})") from err
     arr = np.asarray(arr)
     if arr.ndim == 2:
         arr = arr[None]
@@ -332,11 +378,13 @@ def load_dicom_series(
         raise InputError(folder, f"no series with SeriesInstanceUID {series_uid}; found {sorted(series)}")
     items = series[series_uid if series_uid is not None else next(iter(series))]
     first = items[0][1]
-    shape = (int(first.Rows), int(first.Columns))
+    fmt = Counter(_pixel_format(ds) for _, ds in items).most_common(1)[0][0]
+    shape = (fmt[0], fmt[1])
     slices: list[_Slice] = []
     for f, ds in items:
-        if (int(ds.Rows), int(ds.Columns)) != shape:
-            raise InputError(f, f"image size {ds.Rows}x{ds.Columns} differs from the series' {shape[0]}x{shape[1]}")
+        if _pixel_format(ds) != fmt:
+            raise InputError(f, "pixel format (Rows, Columns, BitsAllocated, PixelRepresentation, SamplesPerPixel) "
+                             f"{_pixel_format(ds)} differs from the series' {fmt}")
         slices.extend(_slices_of(f, ds))
     return _assemble(folder, first, slices, shape, min_slices, on_tilt, on_uneven, spacing_rtol)
 

@@ -73,6 +73,7 @@ def load_nifti(path: str | Path, *, modality: str | None = None) -> Volume:
         shape = tuple(int(s) for s in img.shape)
         if not 2 <= len(shape) <= 4 or any(s <= 0 for s in shape) or (len(shape) == 4 and shape[3] != 1):
             raise InputError(p, f"expected a 2-D or 3-D image; got dimensions {shape}")
+        _check_header(p, _raw_header(p), len(shape))
         data = np.asarray(img.get_fdata(dtype=np.float32))
         affine = np.asarray(img.affine, dtype=np.float64)
         descrip = img.header.get("descrip")
@@ -92,6 +93,35 @@ def load_nifti(path: str | Path, *, modality: str | None = None) -> Volume:
         text = bytes(np.asarray(descrip).tobytes()).split(b"\0")[0].decode("latin-1") if descrip is not None else ""
         modality = text.split("modality=")[1].split()[0] if "modality=" in text else "OT"
     return Volume(np.ascontiguousarray(data.transpose(2, 1, 0)), affine, modality, {"source": str(p)})
+
+
+def _raw_header(p: Path) -> object:
+    """The header as stored (nibabel's loaded header has already been repaired)."""
+    import gzip
+
+    import nibabel as nib
+
+    opener = gzip.open if p.name.endswith(".gz") else open
+    with opener(p, "rb") as fh:
+        head = fh.read(4)
+        fh.seek(0)
+        sizes = {int(np.frombuffer(head, "<i4")[0]), int(np.frombuffer(head, ">i4")[0])} if len(head) == 4 else set()
+        cls = nib.Nifti2Header if 540 in sizes else nib.Nifti1Header
+        return cls.from_fileobj(fh, check=False)
+
+
+def _check_header(p: Path, hdr: object, ndim: int) -> None:
+    """Reject what nibabel would silently repair: wrong header size, ±Inf scaling, zero voxels."""
+    size = int(hdr["sizeof_hdr"])  # type: ignore[index]
+    if size not in (348, 540):
+        raise InputError(p, f"sizeof_hdr is {size}; a NIfTI header has 348 (NIfTI-1) or 540 (NIfTI-2)")
+    for key in ("scl_slope", "scl_inter"):
+        v = float(hdr[key])  # type: ignore[index]
+        if np.isinf(v):
+            raise InputError(p, f"{key} is {v}")
+    pixdim = np.asarray(hdr["pixdim"], dtype=np.float64)[1: min(ndim, 3) + 1]  # type: ignore[index]
+    if int(hdr["sform_code"]) == 0 and (np.any(pixdim == 0) or not np.all(np.isfinite(pixdim))):  # type: ignore[index]
+        raise InputError(p, f"voxel sizes (pixdim) {pixdim.tolist()} include zero or non-finite values")
 
 
 def _image(volume: Volume) -> object:

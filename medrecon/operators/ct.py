@@ -306,26 +306,6 @@ class _Projector(SamplingOperator):
         w = torch.as_tensor(self.full_weights[self.view_mask_np])
         return self._fbp(r, "ramp", w)
 
-    def data_consistency(
-        self, x: Tensor, y_hat: Tensor, lam: float | Tensor = 1.0, *, exact: bool = False,
-        cg_iters: int = 30,
-    ) -> Tensor:
-        """Blend ``y_hat`` into ``x`` (see :class:`SamplingOperator`).
-
-        With ``exact=False`` T⁻¹ is FBP over the full angle set (only measured views are
-        filtered and back-projected).  With ``exact=True`` the update is
-        ``x + λ·Aᵀ(AAᵀ)⁻¹(ŷ − Ax)``, solved with ``cg_iters`` conjugate-gradient steps, so that
-        λ = 1 reproduces the measured data to the CG tolerance.
-        """
-        if not exact:
-            return super().data_consistency(x, y_hat, lam)
-        y_hat = self._check(y_hat, self.out_shape, False, "data_consistency")
-        r = y_hat - self.forward(x)
-        from medrecon.solvers.cg import conjugate_gradient  # solvers depend on operators, not back
-
-        u = conjugate_gradient(lambda v: self._forward(self._adjoint(v)), r, iters=cg_iters)
-        return x + lam * self._adjoint(u)
-
     # filtered back-projection
     def fbp(self, y: Tensor, filter_name: str = "ramp") -> Tensor:
         """Filtered back-projection of a measured sinogram.

@@ -58,6 +58,7 @@ class FiniteDifference(LinearOperator):
             raise SettingsError(f"FiniteDifference: axes must be drawn from z, y, x; got {tuple(axes)}")
         self.dims = [AXES[a] for a in axes]
         super().__init__((None, *shape), (None, *shape, len(self.dims)), in_complex=False, out_complex=False)
+        self.complex_ok = True
 
     def _forward(self, x: Tensor) -> Tensor:
         return torch.stack([diff_forward(x, d) for d in self.dims], dim=-1)

@@ -510,8 +510,8 @@ def train(config: TrainConfig) -> dict[str, Any]:
     stopped_by, last_loss = "max_steps", float("nan")
     try:
         with _Stop() as stop:
+            t_prev = time.monotonic()
             while step < config.max_steps:
-                t0 = time.monotonic()
                 net.train()
                 x0 = sampler.next_batch().to(device)
                 lr = config.lr * min(1.0, (step + 1) / max(1, config.warmup_steps))
@@ -530,8 +530,9 @@ def train(config: TrainConfig) -> dict[str, Any]:
                         be.copy_(bn)
                 step += 1
                 now = time.monotonic()
-                wall += now - t0
-                last_loss = float(loss)
+                wall += now - t_prev  # whole-loop wall time (validation and previews included)
+                t_prev = now
+                last_loss = float(loss.detach())
                 acc_loss += last_loss
                 acc_n += 1
                 if bar:

@@ -22,6 +22,7 @@ def conjugate_gradient(
     x0: Tensor | None = None,
     iters: int = 20,
     tol: float = 1e-6,
+    precond: Callable[[Tensor], Tensor] | None = None,
 ) -> Tensor:
     """Solve ``normal(x) = rhs`` for every batch item.
 
@@ -36,6 +37,9 @@ def conjugate_gradient(
         Maximum iterations.
     tol : float
         Stop when every item's residual norm falls below ``tol`` times its right-hand side's.
+    precond : callable, optional
+        An approximate inverse of ``normal`` (Hermitian positive definite), e.g. a Jacobi
+        diagonal: preconditioned CG.
 
     Returns
     -------
@@ -43,19 +47,21 @@ def conjugate_gradient(
     """
     x = torch.zeros_like(rhs) if x0 is None else x0.clone()
     r = rhs - normal(x) if x0 is not None else rhs.clone()
-    p = r.clone()
-    rr = _dot(r, r)
+    z = precond(r) if precond is not None else r
+    p = z.clone()
+    rz = _dot(r, z)
     stop = (tol**2) * _dot(rhs, rhs)
-    tiny = torch.finfo(rr.dtype).tiny
+    tiny = torch.finfo(rz.dtype).tiny
     for _ in range(iters):
-        if bool((rr <= stop).all()):
+        done = _dot(r, r) <= stop
+        if bool(done.all()):
             break
         ap = normal(p)
-        alpha = rr / _dot(p, ap).clamp_min(tiny)
-        alpha = torch.where(rr <= stop, torch.zeros_like(alpha), alpha)
+        alpha = torch.where(done, torch.zeros_like(rz), rz / _dot(p, ap).clamp_min(tiny))
         x = x + alpha * p
         r = r - alpha * ap
-        rr_new = _dot(r, r)
-        p = r + (rr_new / rr.clamp_min(tiny)) * p
-        rr = rr_new
+        z = precond(r) if precond is not None else r
+        rz_new = _dot(r, z)
+        p = z + (rz_new / rz.clamp_min(tiny)) * p
+        rz = rz_new
     return x

@@ -1,0 +1,188 @@
+"""Raw sinograms: an array file plus a JSON geometry, so real scanner data can come in.
+
+Format (``name.npy`` + ``name.json``; the ``.npy`` may also be ``.npz`` with key ``sinogram``)::
+
+    name.npy   float32/float64, shape (Z, views, bins) or (views, bins)
+    name.json  {
+      "format": "medrecon-sinogram", "version": 1,
+      "type": "parallel" | "fan",
+      "angles_rad": [...],              # one per view, radians (parallel: usually [0, pi))
+      "n_detectors": 363,               # = bins
+      "detector_spacing_mm": 1.0,       # parallel, and fan with "detector": "flat"
+      "detector_spacing_rad": 0.001,    # fan with "detector": "equiangular" (angle per bin)
+      "detector": "flat" | "equiangular",            # fan only
+      "source_to_isocenter_mm": 541.0,                # fan only
+      "source_to_detector_mm": 949.0,                 # fan only
+      "detector_offset_bins": 0.0,      # optional: rotation centre offset from the middle bin
+      "units": "image_pixel" | "attenuation",
+      "pixel_size_mm": 1.0,             # optional: reconstruction pixel (needed for "attenuation")
+      "mu_water_per_mm": 0.0192,        # optional: for HU <-> mu conversion of "attenuation" data
+      "I0": 1e5                          # optional: incident photons (simulations, low dose)
+    }
+
+Units.  ``"image_pixel"``: line integrals of the image in its own units (HU for CT) with path
+length counted in pixels -- what medrecon's Radon operators produce.  ``"attenuation"``:
+dimensionless line integrals of μ, ``-log(I / I0)``, as a scanner measures.  With
+μ = μ_water (1 + HU / 1000) the two are related by
+``attenuation = pixel_size_mm * mu_water_per_mm * (A·1 + A·HU / 1000)``, where ``A·1`` is the
+projection of a ones image on the reconstruction grid.  Unknown keys are kept (forward
+compatible); detector spacing is in mm except for the equiangular fan, where it is an angle.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from medrecon.datasets._atomic import atomic_files
+from medrecon.datasets.types import Sinogram
+from medrecon.errors import InputError, SettingsError
+
+__all__ = ["validate_geometry", "load_sinogram", "save_sinogram", "parallel_geometry"]
+
+FORMAT = "medrecon-sinogram"
+
+
+def _positive(g: dict[str, Any], key: str) -> float:
+    v = g.get(key)
+    if not isinstance(v, int | float) or isinstance(v, bool) or not math.isfinite(v) or v <= 0:
+        raise SettingsError(f"geometry[{key!r}] must be a positive number; got {v!r}")
+    return float(v)
+
+
+def validate_geometry(geometry: dict[str, Any], *, n_views: int | None = None,
+                      n_bins: int | None = None) -> dict[str, Any]:
+    """Check a sinogram geometry dict and return a normalised copy.
+
+    Parameters
+    ----------
+    geometry : dict
+        See the module docstring.
+    n_views, n_bins : int, optional
+        The data's shape, checked against ``angles_rad`` and ``n_detectors``.
+
+    Raises
+    ------
+    SettingsError
+        Unknown type / detector / units, missing or non-positive distances or spacings,
+        non-finite angles, counts that disagree with the data, fan source outside the detector.
+    """
+    if not isinstance(geometry, dict):
+        raise SettingsError(f"geometry must be a dict; got {type(geometry).__name__}")
+    g = dict(geometry)
+    g.setdefault("format", FORMAT)
+    g.setdefault("version", 1)
+    g.setdefault("units", "image_pixel")
+    g.setdefault("detector_offset_bins", 0.0)
+    kind = g.get("type")
+    if kind not in ("parallel", "fan"):
+        raise SettingsError(f"geometry['type'] must be 'parallel' or 'fan'; got {kind!r}")
+    if g["units"] not in ("image_pixel", "attenuation"):
+        raise SettingsError(f"geometry['units'] must be 'image_pixel' or 'attenuation'; got {g['units']!r}")
+    try:
+        angles = np.asarray(g.get("angles_rad"), dtype=np.float64).reshape(-1)
+    except (TypeError, ValueError) as err:
+        raise SettingsError("geometry['angles_rad'] must be a list of numbers") from err
+    if angles.size == 0 or not np.all(np.isfinite(angles)):
+        raise SettingsError(f"geometry['angles_rad'] must be non-empty and finite; got {angles.size} values")
+    if n_views is not None and angles.size != n_views:
+        raise SettingsError(f"geometry has {angles.size} angles but the data has {n_views} views")
+    g["angles_rad"] = angles.tolist()
+    n_det = g.get("n_detectors", n_bins)
+    if not isinstance(n_det, int) or isinstance(n_det, bool) or n_det < 1:
+        raise SettingsError(f"geometry['n_detectors'] must be a positive integer; got {n_det!r}")
+    if n_bins is not None and n_det != n_bins:
+        raise SettingsError(f"geometry['n_detectors'] = {n_det} but the data has {n_bins} bins")
+    g["n_detectors"] = n_det
+    if kind == "parallel":
+        g.setdefault("detector_spacing_mm", 1.0)
+        _positive(g, "detector_spacing_mm")
+    else:
+        g.setdefault("detector", "equiangular")
+        if g["detector"] not in ("flat", "equiangular"):
+            raise SettingsError(f"geometry['detector'] must be 'flat' or 'equiangular'; got {g['detector']!r}")
+        _positive(g, "detector_spacing_mm" if g["detector"] == "flat" else "detector_spacing_rad")
+        sio, sdd = _positive(g, "source_to_isocenter_mm"), _positive(g, "source_to_detector_mm")
+        if sdd <= sio:
+            raise SettingsError(f"geometry: source_to_detector_mm ({sdd}) must exceed source_to_isocenter_mm ({sio})")
+    for key in ("pixel_size_mm", "mu_water_per_mm", "I0"):
+        if key in g and g[key] is not None:
+            _positive(g, key)
+    return g
+
+
+def parallel_geometry(angles_rad: Any, n_detectors: int, **extra: Any) -> dict[str, Any]:
+    """Parallel-beam geometry dict (unit detector spacing, image-pixel units by default)."""
+    return validate_geometry({"type": "parallel", "angles_rad": np.asarray(angles_rad).tolist(),
+                              "n_detectors": int(n_detectors), **extra})
+
+
+def _paths(path: str | Path) -> tuple[Path, Path]:
+    p = Path(path)
+    if p.suffix in (".npy", ".npz", ".json"):
+        p = p.with_suffix("")
+    data = p.with_suffix(".npz") if p.with_suffix(".npz").exists() else p.with_suffix(".npy")
+    return data, p.with_suffix(".json")
+
+
+def load_sinogram(path: str | Path) -> Sinogram:
+    """Read ``name.npy`` (or ``.npz``) + ``name.json``.
+
+    Parameters
+    ----------
+    path : str or Path
+        ``name``, ``name.npy`` or ``name.json``.
+
+    Returns
+    -------
+    Sinogram
+        ``data`` (Z, views, bins) float32 and the validated geometry.
+
+    Raises
+    ------
+    InputError
+        Missing or unreadable files, wrong shape, NaN / Inf, invalid geometry (names the JSON).
+    """
+    data_path, json_path = _paths(path)
+    for f in (data_path, json_path):
+        if not f.is_file():
+            raise InputError(f, "no such file (a raw sinogram is an .npy/.npz array plus a .json geometry)")
+    try:
+        geometry = json.loads(json_path.read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError) as err:
+        raise InputError(json_path, f"not valid JSON ({err})") from err
+    try:
+        loaded = np.load(data_path, allow_pickle=False)
+        arr = loaded["sinogram"] if data_path.suffix == ".npz" else loaded
+        arr = np.asarray(arr)
+    except Exception as err:  # noqa: BLE001 - numpy raises several types on broken files
+        raise InputError(data_path, f"unreadable array ({type(err).__name__}: {str(err)[:200]})") from err
+    if arr.ndim == 2:
+        arr = arr[None]
+    if arr.ndim != 3 or 0 in arr.shape or arr.dtype.kind not in "fiu":
+        raise InputError(data_path, f"expected a real (Z, views, bins) array; got shape {arr.shape} {arr.dtype}")
+    if not np.all(np.isfinite(arr)):
+        raise InputError(data_path, "contains NaN or Inf values")
+    try:
+        geometry = validate_geometry(geometry, n_views=arr.shape[1], n_bins=arr.shape[2])
+    except SettingsError as err:
+        raise InputError(json_path, str(err)) from err
+    return Sinogram(arr.astype(np.float32, copy=False), geometry)
+
+
+def save_sinogram(sinogram: Sinogram, path: str | Path, *, overwrite: bool = False) -> list[Path]:
+    """Write ``name.npy`` (float32, (Z, views, bins)) and ``name.json`` atomically."""
+    data_path, json_path = _paths(path)
+    data_path = data_path.with_suffix(".npy")
+    if not np.all(np.isfinite(sinogram.data)):
+        raise SettingsError("save_sinogram(): data holds NaN or Inf values")
+    geometry = validate_geometry(sinogram.geometry, n_views=sinogram.data.shape[1], n_bins=sinogram.data.shape[2])
+    with atomic_files([data_path, json_path], overwrite=overwrite) as (tmp_data, tmp_json):
+        with open(tmp_data, "wb") as fh:
+            np.save(fh, np.asarray(sinogram.data, dtype=np.float32))
+        tmp_json.write_text(json.dumps(geometry, indent=1), encoding="utf-8")
+    return [data_path, json_path]
