@@ -9,7 +9,12 @@ name and rename, and refuse to overwrite unless ``overwrite=True``.
 from __future__ import annotations
 
 from medrecon.datasets.bart import load_bart_kspace, read_cfl, save_bart_kspace, write_cfl
-from medrecon.datasets.dicom import DicomGeometryWarning, SeriesInfo, list_dicom_series, load_dicom_series
+from medrecon.datasets.dicom import (
+    DicomGeometryWarning,
+    SeriesInfo,
+    list_dicom_series,
+    load_dicom_series,
+)
 from medrecon.datasets.dicom_write import save_dicom_series
 from medrecon.datasets.fastmri import load_fastmri, load_fastmri_reference, save_fastmri
 from medrecon.datasets.images import list_image_files, load_image, load_image_folder
@@ -18,13 +23,30 @@ from medrecon.datasets.sinogram import load_sinogram, save_sinogram, validate_ge
 from medrecon.datasets.types import KSpace, Sinogram, Volume
 
 __all__ = [
-    "Volume", "KSpace", "Sinogram",
-    "load_dicom_series", "list_dicom_series", "save_dicom_series", "SeriesInfo", "DicomGeometryWarning",
-    "load_nifti", "save_nifti", "std_path",
-    "load_fastmri", "load_fastmri_reference", "save_fastmri",
-    "read_cfl", "write_cfl", "load_bart_kspace", "save_bart_kspace",
-    "load_sinogram", "save_sinogram", "validate_geometry",
-    "load_image", "load_image_folder", "list_image_files",
+    "Volume",
+    "KSpace",
+    "Sinogram",
+    "load_dicom_series",
+    "list_dicom_series",
+    "save_dicom_series",
+    "SeriesInfo",
+    "DicomGeometryWarning",
+    "load_nifti",
+    "save_nifti",
+    "std_path",
+    "load_fastmri",
+    "load_fastmri_reference",
+    "save_fastmri",
+    "read_cfl",
+    "write_cfl",
+    "load_bart_kspace",
+    "save_bart_kspace",
+    "load_sinogram",
+    "save_sinogram",
+    "validate_geometry",
+    "load_image",
+    "load_image_folder",
+    "list_image_files",
     "load_volume",
 ]
 

@@ -118,15 +118,19 @@ def load_bart_kspace(path: str | Path) -> KSpace:
     data = data.reshape(dims, order="F")
     extra = [d for d in range(16) if d not in (0, 1, 2, COIL_DIM, SLICE_DIM) and dims[d] > 1]
     if extra:
-        raise InputError(_base(path).with_suffix(".hdr"),
-                         f"k-space uses BART dimensions {extra} (sizes {[dims[d] for d in extra]}); "
-                         "only space (0-2), coils (3) and slices (13) are supported")
+        raise InputError(
+            _base(path).with_suffix(".hdr"),
+            f"k-space uses BART dimensions {extra} (sizes {[dims[d] for d in extra]}); "
+            "only space (0-2), coils (3) and slices (13) are supported",
+        )
     arr = data.reshape(dims[:4] + [dims[SLICE_DIM]], order="F")  # (d0, d1, d2, coils, slices)
     header = {"bart_dims": dims, "kz_transformed": False}
     spatial = [d for d in range(3) if dims[d] > 1]
     if len(spatial) == 3:
         if dims[SLICE_DIM] > 1:
-            raise InputError(_base(path).with_suffix(".hdr"), "3-D k-space with several slices is not supported")
+            raise InputError(
+                _base(path).with_suffix(".hdr"), "3-D k-space with several slices is not supported"
+            )
         arr = _ifftc(arr, axis=2)
         header["kz_transformed"] = True
         kx, ky, z = 0, 1, 2
@@ -139,7 +143,9 @@ def load_bart_kspace(path: str | Path) -> KSpace:
     arr = np.moveaxis(arr, (3, z, 4, ky, kx), (0, 1, 2, 3, 4))
     c, nz, ns, nky, nkx = arr.shape
     arr = arr.reshape(c, nz * ns, nky, nkx)
-    return KSpace(np.ascontiguousarray(arr, dtype=np.complex64), mask=np.any(arr != 0, axis=0), header=header)
+    return KSpace(
+        np.ascontiguousarray(arr, dtype=np.complex64), mask=np.any(arr != 0, axis=0), header=header
+    )
 
 
 def save_bart_kspace(kspace: KSpace, path: str | Path, *, overwrite: bool = False) -> list[Path]:

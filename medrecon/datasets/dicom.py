@@ -36,13 +36,46 @@ from medrecon.errors import InputError, SettingsError
 
 __all__ = ["DicomGeometryWarning", "SeriesInfo", "list_dicom_series", "load_dicom_series"]
 
-NON_IMAGE_MODALITIES = {"RTSTRUCT", "RTPLAN", "RTDOSE", "RTRECORD", "RTIMAGE", "SR", "PR", "KO",
-                        "REG", "SEG", "DOC", "PLAN", "RWV", "FID", "RAW"}
-COPY_TAGS = ("PatientName", "PatientID", "PatientBirthDate", "PatientSex", "PatientAge",
-             "StudyInstanceUID", "StudyID", "StudyDate", "StudyTime", "AccessionNumber",
-             "ReferringPhysicianName", "StudyDescription", "FrameOfReferenceUID",
-             "PositionReferenceIndicator", "PatientPosition", "Manufacturer", "KVP",
-             "SeriesInstanceUID", "SeriesNumber", "SeriesDescription", "BodyPartExamined")
+NON_IMAGE_MODALITIES = {
+    "RTSTRUCT",
+    "RTPLAN",
+    "RTDOSE",
+    "RTRECORD",
+    "RTIMAGE",
+    "SR",
+    "PR",
+    "KO",
+    "REG",
+    "SEG",
+    "DOC",
+    "PLAN",
+    "RWV",
+    "FID",
+    "RAW",
+}
+COPY_TAGS = (
+    "PatientName",
+    "PatientID",
+    "PatientBirthDate",
+    "PatientSex",
+    "PatientAge",
+    "StudyInstanceUID",
+    "StudyID",
+    "StudyDate",
+    "StudyTime",
+    "AccessionNumber",
+    "ReferringPhysicianName",
+    "StudyDescription",
+    "FrameOfReferenceUID",
+    "PositionReferenceIndicator",
+    "PatientPosition",
+    "Manufacturer",
+    "KVP",
+    "SeriesInstanceUID",
+    "SeriesNumber",
+    "SeriesDescription",
+    "BodyPartExamined",
+)
 
 
 class DicomGeometryWarning(UserWarning):
@@ -60,8 +93,10 @@ class SeriesInfo:
     description: str
 
     def __str__(self) -> str:
-        return (f"{self.series_uid} ({self.modality}, {self.n_images} images, "
-                f"series {self.series_number or '?'} {self.description!r})")
+        return (
+            f"{self.series_uid} ({self.modality}, {self.n_images} images, "
+            f"series {self.series_number or '?'} {self.description!r})"
+        )
 
 
 @dataclass
@@ -104,7 +139,9 @@ def _read_header(path: Path) -> Any | None:
 
 
 def _sop_class(ds: Any) -> str:
-    uid = ds.get("SOPClassUID") or getattr(getattr(ds, "file_meta", None), "MediaStorageSOPClassUID", "")
+    uid = ds.get("SOPClassUID") or getattr(
+        getattr(ds, "file_meta", None), "MediaStorageSOPClassUID", ""
+    )
     return str(uid or "")
 
 
@@ -116,7 +153,10 @@ def _is_image(path: Path, ds: Any) -> bool:
     """
     from pydicom.uid import UID
 
-    if str(getattr(getattr(ds, "file_meta", None), "MediaStorageSOPClassUID", "")) == "1.2.840.10008.1.3.10":
+    if (
+        str(getattr(getattr(ds, "file_meta", None), "MediaStorageSOPClassUID", ""))
+        == "1.2.840.10008.1.3.10"
+    ):
         return False  # DICOMDIR
     modality = str(ds.get("Modality", "")).upper()
     if modality in NON_IMAGE_MODALITIES:
@@ -126,7 +166,9 @@ def _is_image(path: Path, ds: Any) -> bool:
     has_size = "Rows" in ds and "Columns" in ds
     cls = _sop_class(ds)
     if not has_size and cls and "Image Storage" in UID(cls).name:
-        raise InputError(path, f"{UID(cls).name} object without Rows/Columns (truncated or incomplete header)")
+        raise InputError(
+            path, f"{UID(cls).name} object without Rows/Columns (truncated or incomplete header)"
+        )
     return has_size
 
 
@@ -181,13 +223,23 @@ def list_dicom_series(path: str | Path, *, recursive: bool = True) -> list[Serie
     infos = []
     for uid, items in _scan(Path(path), recursive).items():
         ds = items[0][1]
-        infos.append(SeriesInfo(uid, str(ds.get("Modality", "OT")), len(items),
-                                str(ds.get("SeriesNumber", "")), str(ds.get("SeriesDescription", ""))))
+        infos.append(
+            SeriesInfo(
+                uid,
+                str(ds.get("Modality", "OT")),
+                len(items),
+                str(ds.get("SeriesNumber", "")),
+                str(ds.get("SeriesDescription", "")),
+            )
+        )
     return sorted(infos, key=lambda s: -s.n_images)
 
 
 def _pixel_format(ds: Any) -> tuple[Any, ...]:
-    return tuple(ds.get(t) for t in ("Rows", "Columns", "BitsAllocated", "PixelRepresentation", "SamplesPerPixel"))
+    return tuple(
+        ds.get(t)
+        for t in ("Rows", "Columns", "BitsAllocated", "PixelRepresentation", "SamplesPerPixel")
+    )
 
 
 def _float(ds: Any, name: str, default: float | None, path: Path) -> float | None:
@@ -216,7 +268,10 @@ def _vector(ds: Any, name: str, n: int, path: Path) -> np.ndarray | None:
 
 def _group(ds: Any, seq: str, i: int | None) -> Any | None:
     """Item of a functional-group sequence from the per-frame group i, else the shared group."""
-    for top, idx in (("PerFrameFunctionalGroupsSequence", i), ("SharedFunctionalGroupsSequence", 0)):
+    for top, idx in (
+        ("PerFrameFunctionalGroupsSequence", i),
+        ("SharedFunctionalGroupsSequence", 0),
+    ):
         if idx is None or top not in ds or len(ds[top].value) <= idx:
             continue
         item = ds[top].value[idx]
@@ -231,9 +286,19 @@ def _slices_of(path: Path, ds: Any) -> list[_Slice]:
     enhanced = "PerFrameFunctionalGroupsSequence" in ds or "SharedFunctionalGroupsSequence" in ds
     out = []
     for i in range(n_frames) if enhanced else [None]:
-        src = {name: _group(ds, name, i) for name in
-               ("PlanePositionSequence", "PlaneOrientationSequence", "PixelMeasuresSequence",
-                "PixelValueTransformationSequence")} if enhanced else {}
+        src = (
+            {
+                name: _group(ds, name, i)
+                for name in (
+                    "PlanePositionSequence",
+                    "PlaneOrientationSequence",
+                    "PixelMeasuresSequence",
+                    "PixelValueTransformationSequence",
+                )
+            }
+            if enhanced
+            else {}
+        )
         pos_ds = src.get("PlanePositionSequence") or ds
         ori_ds = src.get("PlaneOrientationSequence") or ds
         meas = src.get("PixelMeasuresSequence") or ds
@@ -245,22 +310,33 @@ def _slices_of(path: Path, ds: Any) -> list[_Slice]:
             spacing = _vector(ds, "ImagerPixelSpacing", 2, path)
         if spacing is not None and np.any(spacing <= 0):
             raise InputError(path, f"PixelSpacing must be positive; got {spacing.tolist()}")
-        if ori is not None and (abs(np.linalg.norm(ori[:3]) - 1) > 1e-2
-                                or abs(np.linalg.norm(ori[3:]) - 1) > 1e-2
-                                or abs(ori[:3] @ ori[3:]) > 1e-2):
-            raise InputError(path, f"ImageOrientationPatient is not two orthonormal vectors: {ori.tolist()}")
+        if ori is not None and (
+            abs(np.linalg.norm(ori[:3]) - 1) > 1e-2
+            or abs(np.linalg.norm(ori[3:]) - 1) > 1e-2
+            or abs(ori[:3] @ ori[3:]) > 1e-2
+        ):
+            raise InputError(
+                path, f"ImageOrientationPatient is not two orthonormal vectors: {ori.tolist()}"
+            )
         if n_frames > 1 and not enhanced:
-            raise InputError(path, f"{n_frames} frames without functional groups (not a volume slice)")
-        out.append(_Slice(
-            path=path, frame=i,
-            position=pos if pos is not None else np.full(3, np.nan),
-            orientation=ori if ori is not None else np.full(6, np.nan),
-            spacing=(float(spacing[0]), float(spacing[1])) if spacing is not None else (1.0, 1.0),
-            thickness=_float(meas, "SliceThickness", None, path),
-            slope=_float(trans, "RescaleSlope", 1.0, path) or 1.0,
-            intercept=_float(trans, "RescaleIntercept", 0.0, path) or 0.0,
-            sop_uid=sop if i is None else f"{sop}#{i}",
-        ))
+            raise InputError(
+                path, f"{n_frames} frames without functional groups (not a volume slice)"
+            )
+        out.append(
+            _Slice(
+                path=path,
+                frame=i,
+                position=pos if pos is not None else np.full(3, np.nan),
+                orientation=ori if ori is not None else np.full(6, np.nan),
+                spacing=(float(spacing[0]), float(spacing[1]))
+                if spacing is not None
+                else (1.0, 1.0),
+                thickness=_float(meas, "SliceThickness", None, path),
+                slope=_float(trans, "RescaleSlope", 1.0, path) or 1.0,
+                intercept=_float(trans, "RescaleIntercept", 0.0, path) or 0.0,
+                sop_uid=sop if i is None else f"{sop}#{i}",
+            )
+        )
     return out
 
 
@@ -274,22 +350,34 @@ def _decode(path: Path, frames: list[int | None], shape: tuple[int, int]) -> lis
     if not ds.get("PixelData"):
         raise InputError(path, "image object has no (or empty) PixelData")
     if int(ds.get("SamplesPerPixel", 1) or 1) != 1:
-        raise InputError(path, f"colour image (SamplesPerPixel={ds.SamplesPerPixel}); expected greyscale")
+        raise InputError(
+            path, f"colour image (SamplesPerPixel={ds.SamplesPerPixel}); expected greyscale"
+        )
     ts = getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", None)
     if "PixelData" in ds and ts is not None and not ts.is_compressed:
         bits = int(ds.get("BitsAllocated") or 0)
         if bits not in (1, 8, 16, 32, 64):
             raise InputError(path, f"BitsAllocated is {bits}; expected 8, 16 or 32")
-        n = int(ds.get("NumberOfFrames", 1) or 1) * shape[0] * shape[1] * int(ds.get("SamplesPerPixel", 1) or 1)
+        n = (
+            int(ds.get("NumberOfFrames", 1) or 1)
+            * shape[0]
+            * shape[1]
+            * int(ds.get("SamplesPerPixel", 1) or 1)
+        )
         expected = (n * bits + 7) // 8
         got = len(ds.PixelData)
         if got not in (expected, expected + 1):
-            raise InputError(path, f"PixelData holds {got} bytes; Rows x Columns x frames at "
-                             f"{bits} bits needs {expected}")
+            raise InputError(
+                path,
+                f"PixelData holds {got} bytes; Rows x Columns x frames at "
+                f"{bits} bits needs {expected}",
+            )
     try:
         arr = ds.pixel_array
     except Exception as err:  # noqa: BLE001 - decoder errors of every plugin
-        raise InputError(path, f"cannot decode pixel data (transfer syntax {ts or 'unknown'}; {_problem(err)})") from err
+        raise InputError(
+            path, f"cannot decode pixel data (transfer syntax {ts or 'unknown'}; {_problem(err)})"
+        ) from err
     arr = np.asarray(arr)
     if arr.ndim == 2:
         arr = arr[None]
@@ -309,7 +397,9 @@ def _decode(path: Path, frames: list[int | None], shape: tuple[int, int]) -> lis
 
 def _check_policy(name: str, value: str) -> None:
     if value not in ("warn", "error", "ignore"):
-        raise SettingsError(f"load_dicom_series(): {name} must be 'warn', 'error' or 'ignore'; got {value!r}")
+        raise SettingsError(
+            f"load_dicom_series(): {name} must be 'warn', 'error' or 'ignore'; got {value!r}"
+        )
 
 
 def _report(folder: Path, policy: str, message: str) -> None:
@@ -373,9 +463,13 @@ def load_dicom_series(
     series = _scan(folder, recursive)
     if series_uid is None and len(series) > 1:
         listing = "; ".join(str(s) for s in list_dicom_series(folder, recursive=recursive))
-        raise InputError(folder, f"holds {len(series)} series; pick one with series_uid=: {listing}")
+        raise InputError(
+            folder, f"holds {len(series)} series; pick one with series_uid=: {listing}"
+        )
     if series_uid is not None and series_uid not in series:
-        raise InputError(folder, f"no series with SeriesInstanceUID {series_uid}; found {sorted(series)}")
+        raise InputError(
+            folder, f"no series with SeriesInstanceUID {series_uid}; found {sorted(series)}"
+        )
     items = series[series_uid if series_uid is not None else next(iter(series))]
     first = items[0][1]
     fmt = Counter(_pixel_format(ds) for _, ds in items).most_common(1)[0][0]
@@ -383,25 +477,44 @@ def load_dicom_series(
     slices: list[_Slice] = []
     for f, ds in items:
         if _pixel_format(ds) != fmt:
-            raise InputError(f, "pixel format (Rows, Columns, BitsAllocated, PixelRepresentation, SamplesPerPixel) "
-                             f"{_pixel_format(ds)} differs from the series' {fmt}")
+            raise InputError(
+                f,
+                "pixel format (Rows, Columns, BitsAllocated, PixelRepresentation, SamplesPerPixel) "
+                f"{_pixel_format(ds)} differs from the series' {fmt}",
+            )
         slices.extend(_slices_of(f, ds))
     return _assemble(folder, first, slices, shape, min_slices, on_tilt, on_uneven, spacing_rtol)
 
 
-def _assemble(folder: Path, first: Any, slices: list[_Slice], shape: tuple[int, int], min_slices: int,
-              on_tilt: str, on_uneven: str, spacing_rtol: float) -> Volume:
+def _assemble(
+    folder: Path,
+    first: Any,
+    slices: list[_Slice],
+    shape: tuple[int, int],
+    min_slices: int,
+    on_tilt: str,
+    on_uneven: str,
+    spacing_rtol: float,
+) -> Volume:
     from medrecon.datasets._dicom_geometry import sort_slices
 
     slices, geometry = sort_slices(folder, slices, shape, min_slices, spacing_rtol)
     if geometry["tilt_deg"] > 0.01:
-        _report(folder, on_tilt, f"gantry tilt: slice positions sheared {geometry['tilt_deg']:.2f} deg off the "
-                f"slice normal (GantryDetectorTilt {first.get('GantryDetectorTilt', 'absent')}); "
-                "the affine keeps the shear")
+        _report(
+            folder,
+            on_tilt,
+            f"gantry tilt: slice positions sheared {geometry['tilt_deg']:.2f} deg off the "
+            f"slice normal (GantryDetectorTilt {first.get('GantryDetectorTilt', 'absent')}); "
+            "the affine keeps the shear",
+        )
     if geometry["uneven"]:
         g = geometry["gaps_mm"]
-        _report(folder, on_uneven, f"uneven slice spacing: gaps {min(g):.3f}-{max(g):.3f} mm; the affine uses "
-                f"the mean step {geometry['step_mm']:.3f} mm, exact positions are in meta")
+        _report(
+            folder,
+            on_uneven,
+            f"uneven slice spacing: gaps {min(g):.3f}-{max(g):.3f} mm; the affine uses "
+            f"the mean step {geometry['step_mm']:.3f} mm, exact positions are in meta",
+        )
     by_file: dict[Path, list[int]] = {}
     for k, s in enumerate(slices):
         by_file.setdefault(s.path, []).append(k)
@@ -410,8 +523,12 @@ def _assemble(folder: Path, first: Any, slices: list[_Slice], shape: tuple[int, 
         for k, a in zip(ks, _decode(f, [slices[k].frame for k in ks], shape), strict=True):
             raw[k] = a
     slices, raw = _drop_duplicates(folder, slices, raw, geometry)
-    array = np.stack([a.astype(np.float32) * np.float32(s.slope) + np.float32(s.intercept)
-                      for a, s in zip(raw, slices, strict=True)])
+    array = np.stack(
+        [
+            a.astype(np.float32) * np.float32(s.slope) + np.float32(s.intercept)
+            for a, s in zip(raw, slices, strict=True)
+        ]
+    )
     if not np.all(np.isfinite(array)):
         raise InputError(folder, "pixel values are not finite after rescaling")
     affine_lps = geometry["affine_lps"]
@@ -422,31 +539,45 @@ def _assemble(folder: Path, first: Any, slices: list[_Slice], shape: tuple[int, 
         pixel_spacing_mm=list(slices[0].spacing),
         slice_thickness_mm=slices[0].thickness,
         sop_instance_uids=[s.sop_uid for s in slices],
-        sop_class_uid=str(first.get("SOPClassUID", "") or getattr(first.file_meta, "MediaStorageSOPClassUID", "")),
+        sop_class_uid=str(
+            first.get("SOPClassUID", "") or getattr(first.file_meta, "MediaStorageSOPClassUID", "")
+        ),
     )
     geometry.pop("affine_lps")
     geometry["slice_positions_lps"] = meta["dicom"]["slice_positions_lps"]
     meta["geometry"] = geometry
     modality = str(first.get("Modality", "OT")).upper() or "OT"
-    return Volume(array, LPS_TO_RAS @ affine_lps, modality if modality in ("CT", "MR") else "OT", meta)
+    return Volume(
+        array, LPS_TO_RAS @ affine_lps, modality if modality in ("CT", "MR") else "OT", meta
+    )
 
 
-def _drop_duplicates(folder: Path, slices: list[_Slice], raw: list[Any],
-                     geometry: dict[str, Any]) -> tuple[list[_Slice], list[np.ndarray]]:
+def _drop_duplicates(
+    folder: Path, slices: list[_Slice], raw: list[Any], geometry: dict[str, Any]
+) -> tuple[list[_Slice], list[np.ndarray]]:
     keep_s, keep_r, dropped = [slices[0]], [raw[0]], 0
     for s, r in zip(slices[1:], raw[1:], strict=True):
         if np.linalg.norm(s.position - keep_s[-1].position) < 1e-3:
             same = s.sop_uid == keep_s[-1].sop_uid or (
-                np.array_equal(r, keep_r[-1]) and s.slope == keep_s[-1].slope and s.intercept == keep_s[-1].intercept)
+                np.array_equal(r, keep_r[-1])
+                and s.slope == keep_s[-1].slope
+                and s.intercept == keep_s[-1].intercept
+            )
             if not same:
-                raise InputError(s.path, f"different image at the same position as {keep_s[-1].path.name} "
-                                 f"({s.position.round(3).tolist()} mm); not one volume")
+                raise InputError(
+                    s.path,
+                    f"different image at the same position as {keep_s[-1].path.name} "
+                    f"({s.position.round(3).tolist()} mm); not one volume",
+                )
             dropped += 1
             continue
         keep_s.append(s)
         keep_r.append(r)
     if dropped:
         geometry["dropped_duplicates"] = dropped
-        warnings.warn(f"{folder}: dropped {dropped} duplicate slice(s) at repeated positions",
-                      DicomGeometryWarning, stacklevel=4)
+        warnings.warn(
+            f"{folder}: dropped {dropped} duplicate slice(s) at repeated positions",
+            DicomGeometryWarning,
+            stacklevel=4,
+        )
     return keep_s, keep_r

@@ -1,4 +1,4 @@
-"""Write a Volume as a derived DICOM series (CT, MR or Secondary Capture image storage).
+r"""Write a Volume as a derived DICOM series (CT, MR or Secondary Capture image storage).
 
 The series is new (fresh Series and SOP Instance UIDs, ImageType ``DERIVED\\SECONDARY``, a
 SeriesDescription naming the method) but belongs to the input's patient, study and frame of
@@ -24,15 +24,28 @@ from medrecon.errors import SettingsError, ShapeError
 
 __all__ = ["save_dicom_series"]
 
-_SOP_CLASS = {"CT": "1.2.840.10008.5.1.4.1.1.2", "MR": "1.2.840.10008.5.1.4.1.1.4",
-              "OT": "1.2.840.10008.5.1.4.1.1.7"}
-_PATIENT_STUDY = ("PatientName", "PatientID", "PatientBirthDate", "PatientSex", "StudyInstanceUID",
-                  "StudyID", "StudyDate", "StudyTime", "AccessionNumber", "ReferringPhysicianName",
-                  "StudyDescription")
+_SOP_CLASS = {
+    "CT": "1.2.840.10008.5.1.4.1.1.2",
+    "MR": "1.2.840.10008.5.1.4.1.1.4",
+    "OT": "1.2.840.10008.5.1.4.1.1.7",
+}
+_PATIENT_STUDY = (
+    "PatientName",
+    "PatientID",
+    "PatientBirthDate",
+    "PatientSex",
+    "StudyInstanceUID",
+    "StudyID",
+    "StudyDate",
+    "StudyTime",
+    "AccessionNumber",
+    "ReferringPhysicianName",
+    "StudyDescription",
+)
 
 
 def _encode(array: np.ndarray) -> tuple[np.ndarray, float, float]:
-    """Stored int16 values, slope, intercept with ``value = stored * slope + intercept``."""
+    """Encode as int16 stored values with ``value = stored * slope + intercept``."""
     lo, hi = float(array.min()), float(array.max())
     rounded = np.round(array)
     if np.allclose(array, rounded, atol=1e-3) and lo >= -32768 and hi <= 32767:
@@ -56,7 +69,9 @@ def _positions(volume: Volume) -> tuple[np.ndarray, np.ndarray, tuple[float, flo
     dx, dy = np.linalg.norm(cols[:, 0]), np.linalg.norm(cols[:, 1])
     orientation = np.concatenate([cols[:, 0] / dx, cols[:, 1] / dy])
     if abs(orientation[:3] @ orientation[3:]) > 1e-3:
-        raise ShapeError("save_dicom_series(): affine's in-plane axes are not orthogonal; DICOM cannot store it")
+        raise ShapeError(
+            "save_dicom_series(): affine's in-plane axes are not orthogonal; DICOM cannot store it"
+        )
     nz = volume.shape[0]
     pos = aff[:3, 3] + np.outer(np.arange(nz), cols[:, 2])
     recorded = volume.meta.get("dicom", {}).get("slice_positions_lps")
@@ -64,7 +79,9 @@ def _positions(volume: Volume) -> tuple[np.ndarray, np.ndarray, tuple[float, flo
         rec = np.asarray(recorded, dtype=np.float64)
         if np.allclose(rec[[0, -1]], pos[[0, -1]], atol=1e-2):
             pos = rec
-    thickness = volume.meta.get("dicom", {}).get("slice_thickness_mm") or float(np.linalg.norm(cols[:, 2]))
+    thickness = volume.meta.get("dicom", {}).get("slice_thickness_mm") or float(
+        np.linalg.norm(cols[:, 2])
+    )
     return pos, orientation, (float(dy), float(dx)), float(thickness)
 
 
@@ -112,7 +129,9 @@ def save_dicom_series(
     from pydicom.uid import ExplicitVRLittleEndian, PYDICOM_IMPLEMENTATION_UID, generate_uid
 
     if kind not in ("reconstruction", "uncertainty"):
-        raise SettingsError(f"save_dicom_series(): kind must be 'reconstruction' or 'uncertainty'; got {kind!r}")
+        raise SettingsError(
+            f"save_dicom_series(): kind must be 'reconstruction' or 'uncertainty'; got {kind!r}"
+        )
     if not str(method).strip():
         raise SettingsError("save_dicom_series(): method must name the reconstruction method")
     arr = np.asarray(volume.array, dtype=np.float64)
@@ -129,7 +148,9 @@ def save_dicom_series(
         base_number = int(src.get("SeriesNumber") or 0)
     except ValueError:
         base_number = 0
-    number = series_number if series_number is not None else base_number + 1000 + (kind == "uncertainty")
+    number = (
+        series_number if series_number is not None else base_number + 1000 + (kind == "uncertainty")
+    )
     description = f"medrecon {method} {'uncertainty (posterior std)' if kind == 'uncertainty' else 'reconstruction'}"
     series_uid, frame_uid = generate_uid(), src.get("FrameOfReferenceUID") or generate_uid()
     study_uid = src.get("StudyInstanceUID") or generate_uid()
@@ -157,13 +178,20 @@ def save_dicom_series(
             ds.Manufacturer = "medrecon"
             ds.ManufacturerModelName = "medrecon"
             ds.SoftwareVersions = _software_version()
-            ds.SeriesInstanceUID, ds.SeriesNumber, ds.SeriesDescription = series_uid, number, description
+            ds.SeriesInstanceUID, ds.SeriesNumber, ds.SeriesDescription = (
+                series_uid,
+                number,
+                description,
+            )
             ds.DerivationDescription = f"{description} from measured data"[:1024]
             ds.InstanceNumber = k + 1
             ds.PatientPosition = src.get("PatientPosition", "") if modality != "OT" else None
             if ds.PatientPosition is None:
                 del ds.PatientPosition
-            ds.FrameOfReferenceUID, ds.PositionReferenceIndicator = frame_uid, src.get("PositionReferenceIndicator", "")
+            ds.FrameOfReferenceUID, ds.PositionReferenceIndicator = (
+                frame_uid,
+                src.get("PositionReferenceIndicator", ""),
+            )
             ds.ImagePositionPatient = [_ds_str(v) for v in pos[k]]
             ds.ImageOrientationPatient = [_ds_str(v) for v in orientation]
             ds.PixelSpacing = [_ds_str(v) for v in spacing]

@@ -41,7 +41,9 @@ def _open(path: str | Path) -> Any:
     try:
         return h5py.File(p, "r")
     except Exception as err:  # noqa: BLE001 - h5py raises OSError / ValueError on broken files
-        raise InputError(p, f"not a readable HDF5 file ({type(err).__name__}: {str(err)[:200]})") from err
+        raise InputError(
+            p, f"not a readable HDF5 file ({type(err).__name__}: {str(err)[:200]})"
+        ) from err
 
 
 def _attr(v: Any) -> Any:
@@ -82,7 +84,9 @@ def load_fastmri(path: str | Path, *, slices: slice | None = None) -> KSpace:
             raise InputError(p, f"no 'kspace' dataset (found {sorted(hf.keys())})")
         ds = hf["kspace"]
         if ds.ndim not in (3, 4) or 0 in ds.shape:
-            raise InputError(p, f"'kspace' must be (slices, [coils,] height, width); got shape {ds.shape}")
+            raise InputError(
+                p, f"'kspace' must be (slices, [coils,] height, width); got shape {ds.shape}"
+            )
         if ds.dtype.kind != "c":
             raise InputError(p, f"'kspace' must be complex; got {ds.dtype}")
         try:
@@ -91,7 +95,9 @@ def load_fastmri(path: str | Path, *, slices: slice | None = None) -> KSpace:
             xml = hf["ismrmrd_header"][()] if "ismrmrd_header" in hf else None
             attrs = {key: _attr(v) for key, v in hf.attrs.items()}
         except Exception as err:  # noqa: BLE001
-            raise InputError(p, f"cannot read datasets ({type(err).__name__}: {str(err)[:200]})") from err
+            raise InputError(
+                p, f"cannot read datasets ({type(err).__name__}: {str(err)[:200]})"
+            ) from err
     if not np.all(np.isfinite(k.view(np.float32))):
         raise InputError(p, "'kspace' contains NaN or Inf values")
     layout = "multicoil" if k.ndim == 4 else "singlecoil"
@@ -103,7 +109,9 @@ def load_fastmri(path: str | Path, *, slices: slice | None = None) -> KSpace:
             raise InputError(p, f"'mask' must have {width} entries (one per phase-encode column)")
         mask2d = np.broadcast_to(mask[None, None, :], (1, data.shape[2], width))
     else:
-        mask2d = np.broadcast_to(np.any(data != 0, axis=(0, 1, 2))[None, None, :], (1, data.shape[2], width))
+        mask2d = np.broadcast_to(
+            np.any(data != 0, axis=(0, 1, 2))[None, None, :], (1, data.shape[2], width)
+        )
     if isinstance(xml, bytes | np.bytes_):
         xml = xml.decode("utf-8", "replace")
     header = {"attrs": attrs, "ismrmrd_header": xml, "layout": layout, "source": str(p)}
@@ -129,8 +137,13 @@ def load_fastmri_reference(path: str | Path, *, slices: slice | None = None) -> 
     return Volume(arr, np.eye(4), "MR", {"source": str(p), "fastmri_key": key})
 
 
-def ismrmrd_header(height: int, width: int, *, fov_mm: tuple[float, float] = (220.0, 220.0),
-                   recon_size: tuple[int, int] | None = None) -> str:
+def ismrmrd_header(
+    height: int,
+    width: int,
+    *,
+    fov_mm: tuple[float, float] = (220.0, 220.0),
+    recon_size: tuple[int, int] | None = None,
+) -> str:
     """Minimal ISMRMRD XML header that fastMRI's ``SliceDataset`` can parse.
 
     ``encodedSpace`` is (x = height readout, y = width phase encoding); the phase-encode
@@ -199,7 +212,9 @@ def save_fastmri(
     c, nz, h, w = data.shape
     col_mask = kspace.mask.any(axis=(0, 1))
     if write_mask and not np.array_equal(kspace.mask, np.broadcast_to(col_mask, kspace.mask.shape)):
-        raise ShapeError("save_fastmri(): fastMRI masks select whole columns; this mask varies along rows")
+        raise ShapeError(
+            "save_fastmri(): fastMRI masks select whole columns; this mask varies along rows"
+        )
     ref = reference.array if isinstance(reference, Volume) else reference
     if ref is not None:
         ref = np.asarray(ref, dtype=np.float32)
@@ -210,11 +225,15 @@ def save_fastmri(
     with atomic_files([path], overwrite=overwrite) as (tmp,):
         with h5py.File(tmp, "w") as hf:
             hf.create_dataset("kspace", data=np.ascontiguousarray(k, dtype=np.complex64))
-            hf.create_dataset("ismrmrd_header", data=np.bytes_(ismrmrd_header(h, w, recon_size=recon_size)))
+            hf.create_dataset(
+                "ismrmrd_header", data=np.bytes_(ismrmrd_header(h, w, recon_size=recon_size))
+            )
             if write_mask:
                 hf.create_dataset("mask", data=col_mask.astype(np.float32))
             if ref is not None:
-                hf.create_dataset("reconstruction_esc" if c == 1 else "reconstruction_rss", data=ref)
+                hf.create_dataset(
+                    "reconstruction_esc" if c == 1 else "reconstruction_rss", data=ref
+                )
                 hf.attrs["max"] = float(ref.max())
                 hf.attrs["norm"] = float(np.linalg.norm(ref))
             hf.attrs["acquisition"] = acquisition

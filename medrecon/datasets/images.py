@@ -37,8 +37,14 @@ def list_image_files(folder: str | Path, *, recursive: bool = True) -> list[Path
     if not root.is_dir():
         raise InputError(root, "no such folder")
     it = root.rglob("*") if recursive else root.iterdir()
-    files = sorted((p for p in it if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES
-                    and not p.name.startswith(".")), key=_natural_key)
+    files = sorted(
+        (
+            p
+            for p in it
+            if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES and not p.name.startswith(".")
+        ),
+        key=_natural_key,
+    )
     if not files:
         raise InputError(root, f"no image files ({', '.join(IMAGE_SUFFIXES)})")
     return files
@@ -78,7 +84,12 @@ def load_image(path: str | Path) -> np.ndarray:
             with tifffile.TiffFile(p) as tif:
                 if len(tif.pages) != 1:
                     raise InputError(p, f"TIFF with {len(tif.pages)} pages; expected one 2-D image")
-                arr = np.asarray(tif.pages[0].asarray())
+                page = tif.pages[0]
+                arr = np.asarray(page.asarray())
+                if arr.ndim == 3 and int(page.photometric) != 2:  # 2 = RGB
+                    raise InputError(
+                        p, f"TIFF holds a stack of shape {arr.shape}; expected one 2-D image"
+                    )
         else:
             from PIL import Image
 
@@ -94,7 +105,9 @@ def load_image(path: str | Path) -> np.ndarray:
     if arr.ndim == 3 and arr.shape[-1] in (3, 4):
         arr = arr[..., :3].astype(np.float32) @ _LUMA
     if arr.ndim != 2 or 0 in arr.shape:
-        raise InputError(p, f"expected one 2-D greyscale or colour image; got array shape {arr.shape}")
+        raise InputError(
+            p, f"expected one 2-D greyscale or colour image; got array shape {arr.shape}"
+        )
     if arr.dtype.kind == "c":
         raise InputError(p, "complex-valued image")
     out = arr.astype(np.float32)
@@ -103,7 +116,9 @@ def load_image(path: str | Path) -> np.ndarray:
     return out
 
 
-def load_image_folder(folder: str | Path, *, modality: str = "OT", recursive: bool = True) -> Volume:
+def load_image_folder(
+    folder: str | Path, *, modality: str = "OT", recursive: bool = True
+) -> Volume:
     """Stack every image in a folder (natural order) into a Volume (Z = number of files).
 
     Raises
@@ -117,6 +132,13 @@ def load_image_folder(folder: str | Path, *, modality: str = "OT", recursive: bo
     for f in files[1:]:
         a = load_image(f)
         if a.shape != first.shape:
-            raise InputError(f, f"image size {a.shape} differs from {files[0].name}'s {first.shape}")
+            raise InputError(
+                f, f"image size {a.shape} differs from {files[0].name}'s {first.shape}"
+            )
         stack.append(a)
-    return Volume(np.stack(stack), np.eye(4), modality, {"source": str(folder), "files": [str(f) for f in files]})
+    return Volume(
+        np.stack(stack),
+        np.eye(4),
+        modality,
+        {"source": str(folder), "files": [str(f) for f in files]},
+    )

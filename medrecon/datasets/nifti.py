@@ -71,7 +71,11 @@ def load_nifti(path: str | Path, *, modality: str | None = None) -> Volume:
         if not isinstance(img, nib.Nifti1Image | nib.Nifti2Image):
             raise InputError(p, f"not a NIfTI image ({type(img).__name__})")
         shape = tuple(int(s) for s in img.shape)
-        if not 2 <= len(shape) <= 4 or any(s <= 0 for s in shape) or (len(shape) == 4 and shape[3] != 1):
+        if (
+            not 2 <= len(shape) <= 4
+            or any(s <= 0 for s in shape)
+            or (len(shape) == 4 and shape[3] != 1)
+        ):
             raise InputError(p, f"expected a 2-D or 3-D image; got dimensions {shape}")
         _check_header(p, _raw_header(p), len(shape))
         data = np.asarray(img.get_fdata(dtype=np.float32))
@@ -80,7 +84,9 @@ def load_nifti(path: str | Path, *, modality: str | None = None) -> Volume:
     except InputError:
         raise
     except Exception as err:  # noqa: BLE001 - nibabel / gzip / numpy errors on broken files
-        raise InputError(p, f"unreadable NIfTI file ({type(err).__name__}: {str(err)[:200]})") from err
+        raise InputError(
+            p, f"unreadable NIfTI file ({type(err).__name__}: {str(err)[:200]})"
+        ) from err
     if data.ndim == 4:
         data = data[..., 0]
     if data.ndim == 2:
@@ -90,13 +96,19 @@ def load_nifti(path: str | Path, *, modality: str | None = None) -> Volume:
     if not np.all(np.isfinite(affine)) or abs(np.linalg.det(affine[:3, :3])) < 1e-12:
         raise InputError(p, "affine is singular or not finite")
     if modality is None:
-        text = bytes(np.asarray(descrip).tobytes()).split(b"\0")[0].decode("latin-1") if descrip is not None else ""
+        text = (
+            bytes(np.asarray(descrip).tobytes()).split(b"\0")[0].decode("latin-1")
+            if descrip is not None
+            else ""
+        )
         modality = text.split("modality=")[1].split()[0] if "modality=" in text else "OT"
-    return Volume(np.ascontiguousarray(data.transpose(2, 1, 0)), affine, modality, {"source": str(p)})
+    return Volume(
+        np.ascontiguousarray(data.transpose(2, 1, 0)), affine, modality, {"source": str(p)}
+    )
 
 
 def _raw_header(p: Path) -> object:
-    """The header as stored (nibabel's loaded header has already been repaired)."""
+    """Read the header as stored (nibabel's loaded header has already been repaired)."""
     import gzip
 
     import nibabel as nib
@@ -105,7 +117,11 @@ def _raw_header(p: Path) -> object:
     with opener(p, "rb") as fh:
         head = fh.read(4)
         fh.seek(0)
-        sizes = {int(np.frombuffer(head, "<i4")[0]), int(np.frombuffer(head, ">i4")[0])} if len(head) == 4 else set()
+        sizes = (
+            {int(np.frombuffer(head, "<i4")[0]), int(np.frombuffer(head, ">i4")[0])}
+            if len(head) == 4
+            else set()
+        )
         cls = nib.Nifti2Header if 540 in sizes else nib.Nifti1Header
         return cls.from_fileobj(fh, check=False)
 
@@ -114,14 +130,18 @@ def _check_header(p: Path, hdr: object, ndim: int) -> None:
     """Reject what nibabel would silently repair: wrong header size, ±Inf scaling, zero voxels."""
     size = int(hdr["sizeof_hdr"])  # type: ignore[index]
     if size not in (348, 540):
-        raise InputError(p, f"sizeof_hdr is {size}; a NIfTI header has 348 (NIfTI-1) or 540 (NIfTI-2)")
+        raise InputError(
+            p, f"sizeof_hdr is {size}; a NIfTI header has 348 (NIfTI-1) or 540 (NIfTI-2)"
+        )
     for key in ("scl_slope", "scl_inter"):
         v = float(hdr[key])  # type: ignore[index]
         if np.isinf(v):
             raise InputError(p, f"{key} is {v}")
-    pixdim = np.asarray(hdr["pixdim"], dtype=np.float64)[1: min(ndim, 3) + 1]  # type: ignore[index]
+    pixdim = np.asarray(hdr["pixdim"], dtype=np.float64)[1 : min(ndim, 3) + 1]  # type: ignore[index]
     if int(hdr["sform_code"]) == 0 and (np.any(pixdim == 0) or not np.all(np.isfinite(pixdim))):  # type: ignore[index]
-        raise InputError(p, f"voxel sizes (pixdim) {pixdim.tolist()} include zero or non-finite values")
+        raise InputError(
+            p, f"voxel sizes (pixdim) {pixdim.tolist()} include zero or non-finite values"
+        )
 
 
 def _image(volume: Volume) -> object:
@@ -143,8 +163,13 @@ def _image(volume: Volume) -> object:
     return img
 
 
-def save_nifti(volume: Volume, path: str | Path, *, std: Volume | np.ndarray | None = None,
-               overwrite: bool = False) -> list[Path]:
+def save_nifti(
+    volume: Volume,
+    path: str | Path,
+    *,
+    std: Volume | np.ndarray | None = None,
+    overwrite: bool = False,
+) -> list[Path]:
     """Write ``volume`` (and optionally its uncertainty map) as float32 NIfTI-1.
 
     Parameters
@@ -173,7 +198,9 @@ def save_nifti(volume: Volume, path: str | Path, *, std: Volume | np.ndarray | N
     if std is not None:
         s = std.array if isinstance(std, Volume) else np.asarray(std)
         if s.shape != volume.shape:
-            raise ShapeError(f"save_nifti(): std must have the volume's shape {volume.shape}; got {s.shape}")
+            raise ShapeError(
+                f"save_nifti(): std must have the volume's shape {volume.shape}; got {s.shape}"
+            )
         images.append(_image(Volume(s, volume.affine, volume.modality)))
     with atomic_files(targets, overwrite=overwrite) as temps:
         for img, tmp in zip(images, temps, strict=True):

@@ -54,8 +54,9 @@ def _positive(g: dict[str, Any], key: str) -> float:
     return float(v)
 
 
-def validate_geometry(geometry: dict[str, Any], *, n_views: int | None = None,
-                      n_bins: int | None = None) -> dict[str, Any]:
+def validate_geometry(
+    geometry: dict[str, Any], *, n_views: int | None = None, n_bins: int | None = None
+) -> dict[str, Any]:
     """Check a sinogram geometry dict and return a normalised copy.
 
     Parameters
@@ -82,13 +83,17 @@ def validate_geometry(geometry: dict[str, Any], *, n_views: int | None = None,
     if kind not in ("parallel", "fan"):
         raise SettingsError(f"geometry['type'] must be 'parallel' or 'fan'; got {kind!r}")
     if g["units"] not in ("image_pixel", "attenuation"):
-        raise SettingsError(f"geometry['units'] must be 'image_pixel' or 'attenuation'; got {g['units']!r}")
+        raise SettingsError(
+            f"geometry['units'] must be 'image_pixel' or 'attenuation'; got {g['units']!r}"
+        )
     try:
         angles = np.asarray(g.get("angles_rad"), dtype=np.float64).reshape(-1)
     except (TypeError, ValueError) as err:
         raise SettingsError("geometry['angles_rad'] must be a list of numbers") from err
     if angles.size == 0 or not np.all(np.isfinite(angles)):
-        raise SettingsError(f"geometry['angles_rad'] must be non-empty and finite; got {angles.size} values")
+        raise SettingsError(
+            f"geometry['angles_rad'] must be non-empty and finite; got {angles.size} values"
+        )
     if n_views is not None and angles.size != n_views:
         raise SettingsError(f"geometry has {angles.size} angles but the data has {n_views} views")
     g["angles_rad"] = angles.tolist()
@@ -104,11 +109,15 @@ def validate_geometry(geometry: dict[str, Any], *, n_views: int | None = None,
     else:
         g.setdefault("detector", "equiangular")
         if g["detector"] not in ("flat", "equiangular"):
-            raise SettingsError(f"geometry['detector'] must be 'flat' or 'equiangular'; got {g['detector']!r}")
+            raise SettingsError(
+                f"geometry['detector'] must be 'flat' or 'equiangular'; got {g['detector']!r}"
+            )
         _positive(g, "detector_spacing_mm" if g["detector"] == "flat" else "detector_spacing_rad")
         sio, sdd = _positive(g, "source_to_isocenter_mm"), _positive(g, "source_to_detector_mm")
         if sdd <= sio:
-            raise SettingsError(f"geometry: source_to_detector_mm ({sdd}) must exceed source_to_isocenter_mm ({sio})")
+            raise SettingsError(
+                f"geometry: source_to_detector_mm ({sdd}) must exceed source_to_isocenter_mm ({sio})"
+            )
     for key in ("pixel_size_mm", "mu_water_per_mm", "I0"):
         if key in g and g[key] is not None:
             _positive(g, key)
@@ -117,8 +126,14 @@ def validate_geometry(geometry: dict[str, Any], *, n_views: int | None = None,
 
 def parallel_geometry(angles_rad: Any, n_detectors: int, **extra: Any) -> dict[str, Any]:
     """Parallel-beam geometry dict (unit detector spacing, image-pixel units by default)."""
-    return validate_geometry({"type": "parallel", "angles_rad": np.asarray(angles_rad).tolist(),
-                              "n_detectors": int(n_detectors), **extra})
+    return validate_geometry(
+        {
+            "type": "parallel",
+            "angles_rad": np.asarray(angles_rad).tolist(),
+            "n_detectors": int(n_detectors),
+            **extra,
+        }
+    )
 
 
 def _paths(path: str | Path) -> tuple[Path, Path]:
@@ -150,7 +165,9 @@ def load_sinogram(path: str | Path) -> Sinogram:
     data_path, json_path = _paths(path)
     for f in (data_path, json_path):
         if not f.is_file():
-            raise InputError(f, "no such file (a raw sinogram is an .npy/.npz array plus a .json geometry)")
+            raise InputError(
+                f, "no such file (a raw sinogram is an .npy/.npz array plus a .json geometry)"
+            )
     try:
         geometry = json.loads(json_path.read_text(encoding="utf-8"))
     except (ValueError, UnicodeDecodeError) as err:
@@ -160,11 +177,15 @@ def load_sinogram(path: str | Path) -> Sinogram:
         arr = loaded["sinogram"] if data_path.suffix == ".npz" else loaded
         arr = np.asarray(arr)
     except Exception as err:  # noqa: BLE001 - numpy raises several types on broken files
-        raise InputError(data_path, f"unreadable array ({type(err).__name__}: {str(err)[:200]})") from err
+        raise InputError(
+            data_path, f"unreadable array ({type(err).__name__}: {str(err)[:200]})"
+        ) from err
     if arr.ndim == 2:
         arr = arr[None]
     if arr.ndim != 3 or 0 in arr.shape or arr.dtype.kind not in "fiu":
-        raise InputError(data_path, f"expected a real (Z, views, bins) array; got shape {arr.shape} {arr.dtype}")
+        raise InputError(
+            data_path, f"expected a real (Z, views, bins) array; got shape {arr.shape} {arr.dtype}"
+        )
     if not np.all(np.isfinite(arr)):
         raise InputError(data_path, "contains NaN or Inf values")
     try:
@@ -180,7 +201,9 @@ def save_sinogram(sinogram: Sinogram, path: str | Path, *, overwrite: bool = Fal
     data_path = data_path.with_suffix(".npy")
     if not np.all(np.isfinite(sinogram.data)):
         raise SettingsError("save_sinogram(): data holds NaN or Inf values")
-    geometry = validate_geometry(sinogram.geometry, n_views=sinogram.data.shape[1], n_bins=sinogram.data.shape[2])
+    geometry = validate_geometry(
+        sinogram.geometry, n_views=sinogram.data.shape[1], n_bins=sinogram.data.shape[2]
+    )
     with atomic_files([data_path, json_path], overwrite=overwrite) as (tmp_data, tmp_json):
         with open(tmp_data, "wb") as fh:
             np.save(fh, np.asarray(sinogram.data, dtype=np.float32))

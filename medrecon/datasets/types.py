@@ -70,7 +70,9 @@ class Volume:
         if arr.ndim == 2:
             arr = arr[None]
         if arr.ndim != 3 or 0 in arr.shape:
-            raise ShapeError(f"Volume: array must be (Z, Y, X) and non-empty; got shape {arr.shape}")
+            raise ShapeError(
+                f"Volume: array must be (Z, Y, X) and non-empty; got shape {arr.shape}"
+            )
         if np.iscomplexobj(arr):
             raise ShapeError(f"Volume: array must be real; got {arr.dtype}")
         self.array = arr
@@ -140,7 +142,9 @@ class KSpace:
         if self.coil_maps is not None:
             c = np.asarray(self.coil_maps)
             if c.shape != d.shape:
-                raise ShapeError(f"KSpace: coil_maps must have the data shape {d.shape}; got {c.shape}")
+                raise ShapeError(
+                    f"KSpace: coil_maps must have the data shape {d.shape}; got {c.shape}"
+                )
             self.coil_maps = c
 
     @property
@@ -175,7 +179,9 @@ class Sinogram:
         if d.ndim == 2:
             d = d[None]
         if d.ndim != 3 or 0 in d.shape or np.iscomplexobj(d):
-            raise ShapeError(f"Sinogram: data must be real (Z, views, bins); got shape {d.shape} {d.dtype}")
+            raise ShapeError(
+                f"Sinogram: data must be real (Z, views, bins); got shape {d.shape} {d.dtype}"
+            )
         self.data = d
         self.geometry = validate_geometry(self.geometry, n_views=d.shape[1], n_bins=d.shape[2])
 

@@ -30,8 +30,10 @@ def priors_main(argv: Sequence[str] | None = None) -> int:
             c = reg.card(name)
             res = "x".join(str(r) for r in c.get("resolution", []))
             steps = c.get("training", {}).get("steps", "?")
-            print(f"{name:12s} {c.get('modality', '?'):4s} {res:8s} {c.get('sde', {}).get('kind', '?')}"
-                  f"  {c.get('architecture', {}).get('size', '?')}  steps={steps}")
+            print(
+                f"{name:12s} {c.get('modality', '?'):4s} {res:8s} {c.get('sde', {}).get('kind', '?')}"
+                f"  {c.get('architecture', {}).get('size', '?')}  steps={steps}"
+            )
         return 0
     print(json.dumps(reg.card(ns.name), indent=2))
     return 0

@@ -60,8 +60,13 @@ class NetworkSpec:
     def from_dict(cls, d: dict[str, Any]) -> NetworkSpec:
         """Inverse of :meth:`to_dict`."""
         try:
-            return cls(**{**d, "channels": tuple(d["channels"]),
-                          "attention_levels": tuple(bool(a) for a in d["attention_levels"])})
+            return cls(
+                **{
+                    **d,
+                    "channels": tuple(d["channels"]),
+                    "attention_levels": tuple(bool(a) for a in d["attention_levels"]),
+                }
+            )
         except (TypeError, KeyError) as err:
             raise SettingsError(f"NetworkSpec.from_dict: bad architecture {d}") from err
 
@@ -82,7 +87,9 @@ def network_spec(size: str) -> NetworkSpec:
         For an unknown name.
     """
     if size not in NETWORK_SIZES:
-        raise SettingsError(f"network_spec: unknown size {size!r}; known: {', '.join(NETWORK_SIZES)}")
+        raise SettingsError(
+            f"network_spec: unknown size {size!r}; known: {', '.join(NETWORK_SIZES)}"
+        )
     return NETWORK_SIZES[size]
 
 
@@ -142,7 +149,8 @@ class ScoreNet(nn.Module):
         """
         if x.ndim != 4 or x.shape[1] != self.spec.in_channels:
             raise SettingsError(
-                f"ScoreNet: x must be (B, {self.spec.in_channels}, H, W); got {tuple(x.shape)}")
+                f"ScoreNet: x must be (B, {self.spec.in_channels}, H, W); got {tuple(x.shape)}"
+            )
         t = t.to(device=x.device, dtype=x.dtype)
         h, w = x.shape[-2:]
         m = self.multiple
@@ -153,7 +161,7 @@ class ScoreNet(nn.Module):
             xin = F.pad(xin, (pw // 2, pw - pw // 2, ph // 2, ph - ph // 2), mode=mode)
         out = self.unet(xin, self.sde.noise_condition(t))
         if ph or pw:
-            out = out[..., ph // 2: ph // 2 + h, pw // 2: pw // 2 + w]
+            out = out[..., ph // 2 : ph // 2 + h, pw // 2 : pw // 2 + w]
         return out
 
     def score(self, x: Tensor, t: Tensor) -> Tensor:

@@ -55,9 +55,13 @@ class Normaliser:
 
     def __post_init__(self) -> None:
         if self.kind not in ("window", "percentile"):
-            raise SettingsError(f"Normaliser: kind must be 'window' or 'percentile'; got {self.kind!r}")
+            raise SettingsError(
+                f"Normaliser: kind must be 'window' or 'percentile'; got {self.kind!r}"
+            )
         if self.kind == "window" and not self.high > self.low:
-            raise SettingsError(f"Normaliser: need high > low; got low={self.low}, high={self.high}")
+            raise SettingsError(
+                f"Normaliser: need high > low; got low={self.low}, high={self.high}"
+            )
 
     @property
     def width(self) -> float:
@@ -114,8 +118,9 @@ def ct_normaliser() -> Normaliser:
     >>> float(ct_normaliser().normalise(torch.tensor(1024.0)))
     0.5
     """
-    return Normaliser("window", CT_HU_WINDOW[0], CT_HU_WINDOW[1], clip=True, integer_levels=True,
-                      unit="HU")
+    return Normaliser(
+        "window", CT_HU_WINDOW[0], CT_HU_WINDOW[1], clip=True, integer_levels=True, unit="HU"
+    )
 
 
 def mri_normaliser(percentile: float = 99.5) -> Normaliser:

@@ -97,11 +97,18 @@ def tweedie_denoise(score_fn: ScoreFn, sde: SDE, y: Tensor, sigma: float) -> Ten
 
 
 @torch.no_grad()
-def sample_unconditional(score_fn: ScoreFn, sde: SDE, shape: tuple[int, ...], *,
-                         n_steps: int = 200, snr: float = 0.16, corrector_steps: int = 1,
-                         generator: torch.Generator | None = None,
-                         device: torch.device | str | None = None,
-                         dtype: torch.dtype = torch.float32) -> Tensor:
+def sample_unconditional(
+    score_fn: ScoreFn,
+    sde: SDE,
+    shape: tuple[int, ...],
+    *,
+    n_steps: int = 200,
+    snr: float = 0.16,
+    corrector_steps: int = 1,
+    generator: torch.Generator | None = None,
+    device: torch.device | str | None = None,
+    dtype: torch.dtype = torch.float32,
+) -> Tensor:
     """Unconditional predictor–corrector samples (reverse diffusion + Langevin, ALGORITHMS.md §2).
 
     A small self-contained sampler for previews and benchmarks; reconstruction uses
@@ -161,7 +168,9 @@ def sample_unconditional(score_fn: ScoreFn, sde: SDE, shape: tuple[int, ...], *,
 
 
 def _check_card(card: dict[str, Any], path: Path) -> None:
-    missing = [k for k in ("format", "architecture", "sde", "normaliser", "sha256") if k not in card]
+    missing = [
+        k for k in ("format", "architecture", "sde", "normaliser", "sha256") if k not in card
+    ]
     if missing:
         raise InputError(path, f"model card lacks {', '.join(missing)}")
     if card["format"] != CARD_FORMAT:
@@ -208,10 +217,14 @@ class ScorePrior(nn.Module):
     def _real_score(self, x: Tensor, t: Tensor) -> Tensor:
         p = next(self.net.parameters())
         if x.device != p.device:
-            raise ShapeError(f"ScorePrior.score: x is on {x.device} but the prior is on {p.device}; "
-                             "move it with prior.to(x.device)")
+            raise ShapeError(
+                f"ScorePrior.score: x is on {x.device} but the prior is on {p.device}; "
+                "move it with prior.to(x.device)"
+            )
         if x.ndim != 4:
-            raise ShapeError(f"ScorePrior.score: x must be (B, C, H, W); got shape {tuple(x.shape)}")
+            raise ShapeError(
+                f"ScorePrior.score: x must be (B, C, H, W); got shape {tuple(x.shape)}"
+            )
         t = torch.as_tensor(t, device=x.device)
         if t.ndim == 0:
             t = t.expand(x.shape[0])
@@ -263,17 +276,39 @@ class ScorePrior(nn.Module):
         """Denoise ``y = x + sigma n`` (normalised space) with Tweedie's formula."""
         return tweedie_denoise(self.score, self.sde, y, sigma)
 
-    def sample(self, n: int, size: tuple[int, int] | None = None, *, n_steps: int = 200,
-               snr: float = 0.16, generator: torch.Generator | None = None) -> Tensor:
+    def sample(
+        self,
+        n: int,
+        size: tuple[int, int] | None = None,
+        *,
+        n_steps: int = 200,
+        snr: float = 0.16,
+        generator: torch.Generator | None = None,
+    ) -> Tensor:
         """Unconditional samples, shape ``(n, 1, H, W)``, normalised space."""
         p = next(self.net.parameters())
         hw = size or tuple(self.card.get("resolution", (256, 256)))
-        return sample_unconditional(self.score, self.sde, (n, 1, *hw), n_steps=n_steps, snr=snr,
-                                    generator=generator, device=p.device, dtype=torch.float32)
+        return sample_unconditional(
+            self.score,
+            self.sde,
+            (n, 1, *hw),
+            n_steps=n_steps,
+            snr=snr,
+            generator=generator,
+            device=p.device,
+            dtype=torch.float32,
+        )
 
     # --- files --------------------------------------------------------------------------
-    def save(self, directory: str | Path, name: str, *, dtype: torch.dtype = torch.float16,
-             card: dict[str, Any] | None = None, overwrite: bool = False) -> Path:
+    def save(
+        self,
+        directory: str | Path,
+        name: str,
+        *,
+        dtype: torch.dtype = torch.float16,
+        card: dict[str, Any] | None = None,
+        overwrite: bool = False,
+    ) -> Path:
         """Write ``NAME.safetensors`` and ``NAME.json`` into ``directory``; return the card path.
 
         Parameters
@@ -295,24 +330,33 @@ class ScorePrior(nn.Module):
         wpath, cpath = directory / f"{name}.safetensors", directory / f"{name}.json"
         if not overwrite and (wpath.exists() or cpath.exists()):
             raise InputError(wpath, "exists; pass overwrite=True to replace it")
-        tensors = {k: (v.detach().to("cpu", dtype) if v.is_floating_point() else v.detach().cpu())
-                   .contiguous() for k, v in self.net.unet.state_dict().items()}
+        tensors = {
+            k: (
+                v.detach().to("cpu", dtype) if v.is_floating_point() else v.detach().cpu()
+            ).contiguous()
+            for k, v in self.net.unet.state_dict().items()
+        }
         tmp = wpath.with_suffix(".safetensors.tmp")
         save_file(tensors, str(tmp), metadata={"format": CARD_FORMAT, "name": name})
         os.replace(tmp, wpath)
         full = {**self.card, **(card or {})}
-        full.update({
-            "format": CARD_FORMAT,
-            "name": name,
-            "weights": wpath.name,
-            "dtype": str(dtype).replace("torch.", ""),
-            "architecture": {**self.net.spec.to_dict(), "sigma_data": self.net.sigma_data,
-                             "network": "monai.networks.nets.DiffusionModelUNet",
-                             "parameters": sum(v.numel() for v in tensors.values())},
-            "sde": self.sde.to_dict(),
-            "normaliser": self.normaliser.to_dict(),
-            "sha256": sha256_file(wpath),
-        })
+        full.update(
+            {
+                "format": CARD_FORMAT,
+                "name": name,
+                "weights": wpath.name,
+                "dtype": str(dtype).replace("torch.", ""),
+                "architecture": {
+                    **self.net.spec.to_dict(),
+                    "sigma_data": self.net.sigma_data,
+                    "network": "monai.networks.nets.DiffusionModelUNet",
+                    "parameters": sum(v.numel() for v in tensors.values()),
+                },
+                "sde": self.sde.to_dict(),
+                "normaliser": self.normaliser.to_dict(),
+                "sha256": sha256_file(wpath),
+            }
+        )
         tmpc = cpath.with_suffix(".json.tmp")
         tmpc.write_text(json.dumps(full, indent=2) + "\n")
         os.replace(tmpc, cpath)
@@ -320,8 +364,13 @@ class ScorePrior(nn.Module):
         return cpath
 
     @classmethod
-    def load(cls, name_or_path: str | Path, *, device: torch.device | str = "cpu",
-             dtype: torch.dtype = torch.float32) -> ScorePrior:
+    def load(
+        cls,
+        name_or_path: str | Path,
+        *,
+        device: torch.device | str = "cpu",
+        dtype: torch.dtype = torch.float32,
+    ) -> ScorePrior:
         """Load a prior by registry name (``"ct-256"``) or by the path of its card or weights.
 
         The weights file's sha256 must match the card; the file is parsed with safetensors
@@ -359,28 +408,39 @@ class ScorePrior(nn.Module):
         data = wpath.read_bytes()
         digest = hashlib.sha256(data).hexdigest()
         if digest != card["sha256"]:
-            raise InputError(wpath, f"sha256 {digest[:16]}… does not match the model card "
-                             f"({str(card['sha256'])[:16]}…): the file is corrupt, truncated or "
-                             "belongs to another card")
+            raise InputError(
+                wpath,
+                f"sha256 {digest[:16]}… does not match the model card "
+                f"({str(card['sha256'])[:16]}…): the file is corrupt, truncated or "
+                "belongs to another card",
+            )
         try:
             tensors = st_load(data)
         except (SafetensorError, ValueError, RuntimeError) as err:
             raise InputError(wpath, f"not a readable safetensors file ({err})") from err
         try:
-            spec = NetworkSpec.from_dict({k: v for k, v in card["architecture"].items()
-                                          if k not in ("sigma_data", "network", "parameters")})
+            spec = NetworkSpec.from_dict(
+                {
+                    k: v
+                    for k, v in card["architecture"].items()
+                    if k not in ("sigma_data", "network", "parameters")
+                }
+            )
             sde = sde_from_dict(card["sde"])
             norm = Normaliser.from_dict(card["normaliser"])
         except SettingsError as err:
             raise InputError(cpath, f"model card settings are invalid ({err})") from err
         net = ScoreNet(spec, sde, sigma_data=float(card["architecture"].get("sigma_data", 0.2)))
         try:
-            net.unet.load_state_dict({k: v.to(dtype) if v.is_floating_point() else v
-                                      for k, v in tensors.items()}, strict=True)
+            net.unet.load_state_dict(
+                {k: v.to(dtype) if v.is_floating_point() else v for k, v in tensors.items()},
+                strict=True,
+            )
         except RuntimeError as err:
             first = str(err).splitlines()[0]
-            raise InputError(wpath, f"weights do not match the architecture in {cpath.name}: "
-                             f"{first}") from err
+            raise InputError(
+                wpath, f"weights do not match the architecture in {cpath.name}: {first}"
+            ) from err
         prior = cls(net.to(device=device, dtype=dtype), norm, card)
         prior.eval()
         return prior

@@ -37,12 +37,14 @@ class PriorRegistry:
     def register(self, name: str, card_path: str | Path) -> None:
         """Add ``name``; registering a name twice raises :class:`SettingsError`."""
         if name in self._cards:
-            raise SettingsError(f"PriorRegistry.register: prior {name!r} is already registered "
-                                f"({self._cards[name]})")
+            raise SettingsError(
+                f"PriorRegistry.register: prior {name!r} is already registered "
+                f"({self._cards[name]})"
+            )
         self._cards[name] = Path(card_path)
 
     def names(self) -> list[str]:
-        """Registered names, sorted."""
+        """Return the registered names, sorted."""
         return sorted(self._cards)
 
     def __contains__(self, name: object) -> bool:
@@ -54,11 +56,13 @@ class PriorRegistry:
             known = self.names()
             close = difflib.get_close_matches(name, known, n=1, cutoff=0.5)
             hint = f"; did you mean {close[0]!r}?" if close else ""
-            raise SettingsError(f"unknown prior {name!r}{hint} Known: {', '.join(known) or '(none)'}")
+            raise SettingsError(
+                f"unknown prior {name!r}{hint} Known: {', '.join(known) or '(none)'}"
+            )
         return self._cards[name]
 
     def card(self, name: str) -> dict[str, Any]:
-        """The model card of ``name`` as a dict."""
+        """Return the model card of ``name`` as a dict."""
         path = self.card_path(name)
         try:
             return json.loads(path.read_text())

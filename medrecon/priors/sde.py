@@ -42,7 +42,9 @@ def _as_t(t: Tensor | float, x: Tensor) -> Tensor:
     if t.ndim == 0:
         t = t.expand(x.shape[0])
     if t.shape != (x.shape[0],):
-        raise SettingsError(f"SDE: t must be a scalar or shape ({x.shape[0]},); got {tuple(t.shape)}")
+        raise SettingsError(
+            f"SDE: t must be a scalar or shape ({x.shape[0]},); got {tuple(t.shape)}"
+        )
     return t
 
 
@@ -62,7 +64,7 @@ class SDE:
     eps: float = 1e-5
 
     def std(self, t: Tensor) -> Tensor:  # pragma: no cover - abstract
-        """Standard deviation of ``p_t(x | x0)``, shape like ``t``."""
+        """Return the standard deviation of ``p_t(x | x0)``, shape like ``t``."""
         raise NotImplementedError
 
     def mean_coeff(self, t: Tensor) -> Tensor:  # pragma: no cover - abstract
@@ -78,7 +80,7 @@ class SDE:
         raise NotImplementedError
 
     def to_dict(self) -> dict[str, Any]:
-        """Settings as a JSON-ready dict (round-trips through :func:`sde_from_dict`)."""
+        """Return the settings as a JSON-ready dict (round-trips through :func:`sde_from_dict`)."""
         return {"kind": self.kind, **asdict(self)}  # type: ignore[call-overload]
 
     # shared helpers -----------------------------------------------------------------------
@@ -100,16 +102,21 @@ class SDE:
         tt = _as_t(t, x0)
         return _bcast(self.mean_coeff(tt), x0) * x0, _bcast(self.std(tt), x0)
 
-    def perturb(self, x0: Tensor, t: Tensor | float, generator: torch.Generator | None = None
-                ) -> tuple[Tensor, Tensor, Tensor]:
+    def perturb(
+        self, x0: Tensor, t: Tensor | float, generator: torch.Generator | None = None
+    ) -> tuple[Tensor, Tensor, Tensor]:
         """Draw ``x_t ~ p_t(x | x0)``; returns ``(x_t, z, std)`` with ``x_t = mean + std z``."""
         mean, std = self.marginal(x0, t)
         z = torch.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
         return mean + std * z, z, std
 
-    def prior_sample(self, shape: tuple[int, ...], generator: torch.Generator | None = None,
-                     device: torch.device | str | None = None,
-                     dtype: torch.dtype = torch.float32) -> Tensor:
+    def prior_sample(
+        self,
+        shape: tuple[int, ...],
+        generator: torch.Generator | None = None,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype = torch.float32,
+    ) -> Tensor:
         """Sample the terminal distribution ``p_1`` (``N(0, sigma_max^2 I)`` or ``N(0, I)``)."""
         z = torch.randn(shape, generator=generator, device=device, dtype=dtype)
         one = torch.ones(shape[0], device=device, dtype=dtype)
@@ -119,9 +126,13 @@ class SDE:
         """Time input of the network: ``999 t``, shape ``(B,)``."""
         return 999.0 * t
 
-    def timesteps(self, n_steps: int | None = None, device: torch.device | str | None = None,
-                  dtype: torch.dtype = torch.float32) -> Tensor:
-        """Sampling grid ``linspace(1, eps, n_steps)`` (ALGORITHMS.md §2)."""
+    def timesteps(
+        self,
+        n_steps: int | None = None,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype = torch.float32,
+    ) -> Tensor:
+        """Return the sampling grid ``linspace(1, eps, n_steps)`` (ALGORITHMS.md §2)."""
         n = self.n_steps if n_steps is None else int(n_steps)
         return torch.linspace(1.0, self.eps, n, device=device, dtype=dtype)
 
@@ -155,7 +166,9 @@ class VESDE(SDE):
 
     def __post_init__(self) -> None:
         if not 0 < self.sigma_min < self.sigma_max:
-            raise SettingsError(f"VESDE: need 0 < sigma_min < sigma_max; got {self.sigma_min}, {self.sigma_max}")
+            raise SettingsError(
+                f"VESDE: need 0 < sigma_min < sigma_max; got {self.sigma_min}, {self.sigma_max}"
+            )
 
     def sigma(self, t: Tensor) -> Tensor:
         """Noise level ``sigma(t)``, shape like ``t``."""
@@ -204,7 +217,9 @@ class VPSDE(SDE):
 
     def __post_init__(self) -> None:
         if not 0 <= self.beta_min < self.beta_max:
-            raise SettingsError(f"VPSDE: need 0 <= beta_min < beta_max; got {self.beta_min}, {self.beta_max}")
+            raise SettingsError(
+                f"VPSDE: need 0 <= beta_min < beta_max; got {self.beta_min}, {self.beta_max}"
+            )
 
     def beta(self, t: Tensor) -> Tensor:
         """Instantaneous rate ``beta(t)``."""

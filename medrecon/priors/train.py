@@ -65,7 +65,9 @@ def data_root() -> Path:
 
 def default_out_dir(run: str) -> Path:
     """``~/.cache/medrecon/train/<run>`` (outside the repository)."""
-    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "medrecon" / "train" / run
+    return (
+        Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "medrecon" / "train" / run
+    )
 
 
 @dataclass(frozen=True)
@@ -165,24 +167,42 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         if self.modality not in ("ct", "mri"):
-            raise SettingsError(f"TrainConfig: modality must be 'ct' or 'mri'; got {self.modality!r}")
+            raise SettingsError(
+                f"TrainConfig: modality must be 'ct' or 'mri'; got {self.modality!r}"
+            )
         if self.sde not in ("ve", "vp"):
             raise SettingsError(f"TrainConfig: sde must be 've' or 'vp'; got {self.sde!r}")
         if self.patch_size is not None and (self.patch_size < 8 or self.patch_size % 8):
-            raise SettingsError(f"TrainConfig: patch_size must be a multiple of 8 (>= 8); got {self.patch_size}")
+            raise SettingsError(
+                f"TrainConfig: patch_size must be a multiple of 8 (>= 8); got {self.patch_size}"
+            )
         if self.batch_size < 1 or self.max_steps < 0:
             raise SettingsError("TrainConfig: batch_size must be >= 1 and max_steps >= 0")
         network_spec(self.size)
         for d in self.data:
             if any(r in Path(d).name for r in RESERVED):
-                raise SettingsError(f"TrainConfig: {d} is reserved for validation/benchmarks; do not train on it")
+                raise SettingsError(
+                    f"TrainConfig: {d} is reserved for validation/benchmarks; do not train on it"
+                )
 
     # architecture-defining fields: must match when resuming
-    ARCH_FIELDS = ("modality", "size", "sde", "sigma_min", "sigma_max", "beta_min", "beta_max",
-                   "sigma_data", "patch_size", "batch_size", "data", "seed")
+    ARCH_FIELDS = (
+        "modality",
+        "size",
+        "sde",
+        "sigma_min",
+        "sigma_max",
+        "beta_min",
+        "beta_max",
+        "sigma_data",
+        "patch_size",
+        "batch_size",
+        "data",
+        "seed",
+    )
 
     def build_sde(self) -> SDE:
-        """The forward SDE of this run."""
+        """Build the forward SDE of this run."""
         if self.sde == "ve":
             return VESDE(self.sigma_min, self.sigma_max)
         return VPSDE(self.beta_min, self.beta_max)
@@ -260,8 +280,13 @@ class PatchSampler:
             raise SettingsError(f"PatchSampler: patch_size {patch_size} exceeds image size {h}x{w}")
 
     def state_dict(self) -> dict[str, Any]:
-        """Data position and RNG state."""
-        return {"gen": self.gen.get_state(), "epoch": self.epoch, "pos": self.pos, "perm": self.perm.clone()}
+        """Return the data position and RNG state."""
+        return {
+            "gen": self.gen.get_state(),
+            "epoch": self.epoch,
+            "pos": self.pos,
+            "perm": self.perm.clone(),
+        }
 
     def load_state_dict(self, s: dict[str, Any]) -> None:
         """Restore :meth:`state_dict`."""
@@ -278,7 +303,7 @@ class PatchSampler:
         return i
 
     def next_batch(self) -> Tensor:
-        """A float32 batch ``(B, 1, P, P)``."""
+        """Draw the next float32 batch ``(B, 1, P, P)``."""
         out = []
         h, w = self.images.shape[1:]
         p = self.patch_size
@@ -289,7 +314,7 @@ class PatchSampler:
             if p is not None:
                 for k in range(4):  # up to 4 candidates; keep the first that is not flat air
                     y0, x0 = r[2 * k] % (h - p + 1), r[2 * k + 1] % (w - p + 1)
-                    crop = img[y0:y0 + p, x0:x0 + p]
+                    crop = img[y0 : y0 + p, x0 : x0 + p]
                     if float(crop.float().std()) > 0.01:
                         break
             crop = torch.rot90(crop, k=r[8] % 4, dims=(0, 1))
@@ -301,7 +326,9 @@ class PatchSampler:
 
 def dsm_loss(net: torch.nn.Module, sde: SDE, x0: Tensor, gen: torch.Generator) -> Tensor:
     """Denoising score-matching loss ``mean || F(x_t, t) + z ||^2`` (weighting ``std^2``)."""
-    t = sde.eps + (1.0 - sde.eps) * torch.rand(x0.shape[0], generator=gen, device=x0.device, dtype=x0.dtype)
+    t = sde.eps + (1.0 - sde.eps) * torch.rand(
+        x0.shape[0], generator=gen, device=x0.device, dtype=x0.dtype
+    )
     xt, z, _ = sde.perturb(x0, t, generator=gen)
     return ((net(xt, t) + z) ** 2).mean()
 
@@ -312,8 +339,13 @@ def _psnr(x: Tensor, ref: Tensor) -> float:
 
 
 @torch.no_grad()
-def validate(net: ScoreNet, images: Tensor, sigmas: Sequence[float] = (0.02, 0.05, 0.1, 0.2),
-             seed: int = 1234, batch: int = 4) -> dict[str, float]:
+def validate(
+    net: ScoreNet,
+    images: Tensor,
+    sigmas: Sequence[float] = (0.02, 0.05, 0.1, 0.2),
+    seed: int = 1234,
+    batch: int = 4,
+) -> dict[str, float]:
     """Mean PSNR (peak 1, normalised space) of the Tweedie denoiser at each ``sigma``."""
     net.eval()
     gen = torch.Generator().manual_seed(seed)
@@ -321,7 +353,7 @@ def validate(net: ScoreNet, images: Tensor, sigmas: Sequence[float] = (0.02, 0.0
     for s in sigmas:
         vals = []
         for i in range(0, len(images), batch):
-            x = images[i:i + batch].unsqueeze(1).float()
+            x = images[i : i + batch].unsqueeze(1).float()
             y = x + s * torch.randn(x.shape, generator=gen)
             xh = tweedie_denoise(net.score, net.sde, y, s).clamp(0, 1)
             vals += [_psnr(xh[j], x[j]) for j in range(len(x))]
@@ -342,7 +374,7 @@ def save_grid_png(images: Tensor, path: Path, ncol: int = 4) -> None:
     grid = np.ones((nrow * (h + 2), ncol * (w + 2)), np.float32)
     for k in range(b):
         r, c = divmod(k, ncol)
-        grid[r * (h + 2):r * (h + 2) + h, c * (w + 2):c * (w + 2) + w] = x[k]
+        grid[r * (h + 2) : r * (h + 2) + h, c * (w + 2) : c * (w + 2) + w] = x[k]
     tmp = path.with_suffix(".tmp.png")
     mpimg.imsave(tmp, grid, cmap="gray", vmin=0, vmax=1)
     os.replace(tmp, path)
@@ -381,28 +413,86 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
     """Read a training checkpoint (``weights_only`` loading: no arbitrary unpickling)."""
     path = Path(path)
     try:
-        ck = torch.load(path, map_location="cpu", weights_only=True)
+        from torch.torch_version import TorchVersion
+
+        with torch.serialization.safe_globals([TorchVersion]):  # early checkpoints stored it
+            ck = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # noqa: BLE001 - torch raises many types for bad files
         raise InputError(path, f"not a readable training checkpoint ({err})") from err
     if not isinstance(ck, dict) or ck.get("format") != CKPT_FORMAT:
-        raise InputError(path, f"not a medrecon training checkpoint (expected format {CKPT_FORMAT})")
+        raise InputError(
+            path, f"not a medrecon training checkpoint (expected format {CKPT_FORMAT})"
+        )
     return ck
 
 
-def export_prior(checkpoint: str | Path, directory: str | Path, name: str, *,
-                 card: dict[str, Any] | None = None, dtype: torch.dtype = torch.float16,
-                 overwrite: bool = False) -> Path:
-    """Write the EMA weights of a checkpoint as a shipped prior (safetensors + card)."""
+def export_prior(
+    checkpoint: str | Path,
+    directory: str | Path,
+    name: str,
+    *,
+    card: dict[str, Any] | None = None,
+    dtype: torch.dtype = torch.float16,
+    overwrite: bool = False,
+    validate_on: str | None = None,
+) -> Path:
+    """Write the EMA weights of a checkpoint as a prior (safetensors + model card).
+
+    Parameters
+    ----------
+    checkpoint : path
+        A trainer checkpoint (``last.pt`` or ``step_N.pt``).
+    directory : path
+        Where ``NAME.safetensors`` and ``NAME.json`` go.
+    name : str
+        Prior name.
+    card : dict, optional
+        Further card entries (data and licences, notes, solver defaults); ``training`` merges.
+    dtype : torch.dtype
+        Storage dtype of the weights.
+    overwrite : bool
+        Replace existing files.
+    validate_on : str, optional
+        Validation ``.npz``: the card gets the Tweedie denoising PSNR of the exported (rounded)
+        weights on all its slices.
+
+    Returns
+    -------
+    Path
+        The card.
+    """
     ck = load_checkpoint(checkpoint)
     cfg = TrainConfig(**_cfg_from_dict(ck["config"]))
     net = ScoreNet(network_spec(cfg.size), cfg.build_sde(), cfg.sigma_data)
     net.load_state_dict(ck["ema"])
     prior = ScorePrior(net, cfg.normaliser())
-    extra = {"training": {"steps": ck["step"], "wall_time_s": round(ck["wall_s"], 1),
-                          "config": ck["config"]}}
-    if card:
-        extra = {**extra, **card, "training": {**extra["training"], **card.get("training", {})}}
-    return prior.save(directory, name, dtype=dtype, card=extra, overwrite=overwrite)
+    training = {
+        "steps": ck["step"],
+        "wall_time_s": round(ck["wall_s"], 1),
+        "weights": "EMA of the network weights",
+        "optimiser_state_shipped": False,
+        "config": ck["config"],
+    }
+    extra: dict[str, Any] = dict(card or {})
+    extra["training"] = {**training, **extra.get("training", {})}
+    path = prior.save(directory, name, dtype=dtype, card=extra, overwrite=overwrite)
+    if validate_on:
+        back = ScorePrior.load(path)
+        val = load_slices([validate_on], cfg.modality)
+        res = validate(back.net, val, batch=4)
+        card_now = json.loads(path.read_text())
+        card_now["validation"] = {
+            **card_now.get("validation", {}),
+            "data": "/".join(Path(validate_on).parts[-2:]),
+            "slices": len(val),
+            "metric": "mean PSNR (dB, peak 1, normalised space) of the one-step Tweedie denoiser "
+            "on y = x + sigma*n",
+            "tweedie_psnr_db": {
+                k.replace("psnr_sigma", "sigma"): round(v, 2) for k, v in res.items()
+            },
+        }
+        path.write_text(json.dumps(card_now, indent=2) + "\n")
+    return path
 
 
 def _cfg_from_dict(d: dict[str, Any]) -> dict[str, Any]:
@@ -443,12 +533,16 @@ def train(config: TrainConfig) -> dict[str, Any]:
     if config.threads:
         torch.set_num_threads(config.threads)
     rank, world = _ddp()
-    device = torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if torch.cuda.is_available() else "cpu")
+    device = torch.device(
+        f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if torch.cuda.is_available() else "cpu"
+    )
     out = config.output_dir()
     if rank == 0:
         out.mkdir(parents=True, exist_ok=True)
     sde = config.build_sde()
-    net = ScoreNet(network_spec(config.size), sde, config.sigma_data).to(device)
+    with torch.random.fork_rng(devices=[]):  # seeded initialisation; global RNG untouched
+        torch.manual_seed(config.seed)
+        net = ScoreNet(network_spec(config.size), sde, config.sigma_data).to(device)
     ema = copy.deepcopy(net).requires_grad_(False)
     opt = torch.optim.AdamW(net.parameters(), lr=config.lr, weight_decay=config.weight_decay)
     images = load_slices(config.data, config.modality)
@@ -459,11 +553,16 @@ def train(config: TrainConfig) -> dict[str, Any]:
     if config.resume and ckpath.exists():
         ck = load_checkpoint(ckpath)
         old = ck["config"]
-        diff = [k for k in TrainConfig.ARCH_FIELDS
-                if _cfg_from_dict(old).get(k) != _cfg_from_dict(asdict(config)).get(k)]
+        diff = [
+            k
+            for k in TrainConfig.ARCH_FIELDS
+            if _cfg_from_dict(old).get(k) != _cfg_from_dict(asdict(config)).get(k)
+        ]
         if diff:
-            raise SettingsError(f"train: {ckpath} was made with other settings ({', '.join(diff)}); "
-                                "use another run name/out_dir or resume=False")
+            raise SettingsError(
+                f"train: {ckpath} was made with other settings ({', '.join(diff)}); "
+                "use another run name/out_dir or resume=False"
+            )
         net.load_state_dict(ck["model"])
         ema.load_state_dict(ck["ema"])
         opt.load_state_dict(ck["optimizer"])
@@ -481,13 +580,25 @@ def train(config: TrainConfig) -> dict[str, Any]:
     model: torch.nn.Module = net
     if world > 1:
         model = torch.nn.parallel.DistributedDataParallel(net)
-    val_images = load_slices([config.val_data], config.modality)[: config.val_slices] if config.val_data else None
+    val_images = (
+        load_slices([config.val_data], config.modality)[: config.val_slices]
+        if config.val_data
+        else None
+    )
 
     def checkpoint(keep: bool = False) -> Path:
-        state = {"format": CKPT_FORMAT, "config": {**asdict(config), "data": list(config.data)},
-                 "step": step, "wall_s": wall, "model": net.state_dict(), "ema": ema.state_dict(),
-                 "optimizer": opt.state_dict(), "sampler": sampler.state_dict(),
-                 "noise_rng": noise_gen.get_state(), "torch_version": torch.__version__}
+        state = {
+            "format": CKPT_FORMAT,
+            "config": {**asdict(config), "data": list(config.data)},
+            "step": step,
+            "wall_s": wall,
+            "model": net.state_dict(),
+            "ema": ema.state_dict(),
+            "optimizer": opt.state_dict(),
+            "sampler": sampler.state_dict(),
+            "noise_rng": noise_gen.get_state(),
+            "torch_version": str(torch.__version__),
+        }
         if rank == 0:
             _atomic_save(state, ckpath)
             if keep:
@@ -498,8 +609,14 @@ def train(config: TrainConfig) -> dict[str, Any]:
     if config.progress and rank == 0:
         from tqdm import tqdm
 
-        bar = tqdm(total=config.max_steps, initial=step, mininterval=30, desc=config.run,
-                   file=sys.stderr, dynamic_ncols=False)
+        bar = tqdm(
+            total=config.max_steps,
+            initial=step,
+            mininterval=30,
+            desc=config.run,
+            file=sys.stderr,
+            dynamic_ncols=False,
+        )
     log_f = open(out / "loss.csv", "a", newline="") if rank == 0 else None
     writer = csv.writer(log_f) if log_f else None
     if log_f and log_f.tell() == 0 and writer:
@@ -538,7 +655,15 @@ def train(config: TrainConfig) -> dict[str, Any]:
                 if bar:
                     bar.update(1)
                 if writer and (step % config.log_every == 0 or step == config.max_steps):
-                    writer.writerow([step, f"{wall:.1f}", f"{acc_loss / acc_n:.5f}", f"{lr:.3g}", f"{gnorm:.3f}"])
+                    writer.writerow(
+                        [
+                            step,
+                            f"{wall:.1f}",
+                            f"{acc_loss / acc_n:.5f}",
+                            f"{lr:.3g}",
+                            f"{gnorm:.3f}",
+                        ]
+                    )
                     assert log_f is not None
                     log_f.flush()
                     if bar:
@@ -548,11 +673,19 @@ def train(config: TrainConfig) -> dict[str, Any]:
                 if keep or now - t_last_ck >= config.checkpoint_every_s:
                     checkpoint(keep)
                     t_last_ck = now
-                if rank == 0 and val_images is not None and config.validate_every_s and \
-                        now - t_last_val >= config.validate_every_s:
+                if (
+                    rank == 0
+                    and val_images is not None
+                    and config.validate_every_s
+                    and now - t_last_val >= config.validate_every_s
+                ):
                     _log_val(out / "val.csv", step, wall, validate(ema, val_images))
                     t_last_val = time.monotonic()
-                if rank == 0 and config.sample_every_s and now - t_last_sample >= config.sample_every_s:
+                if (
+                    rank == 0
+                    and config.sample_every_s
+                    and now - t_last_sample >= config.sample_every_s
+                ):
                     _preview(ema, config, out / f"samples_{step:07d}.png")
                     t_last_sample = time.monotonic()
                 if stop.flag:
@@ -567,8 +700,14 @@ def train(config: TrainConfig) -> dict[str, Any]:
             bar.close()
         if log_f:
             log_f.close()
-    return {"step": step, "wall_s": wall, "last_loss": last_loss, "out_dir": str(out),
-            "checkpoint": str(ckpath), "stopped_by": stopped_by}
+    return {
+        "step": step,
+        "wall_s": wall,
+        "last_loss": last_loss,
+        "out_dir": str(out),
+        "checkpoint": str(ckpath),
+        "stopped_by": stopped_by,
+    }
 
 
 def _truncate_log(path: Path, step: int) -> None:
@@ -594,8 +733,9 @@ def _preview(ema: ScoreNet, config: TrainConfig, path: Path) -> None:
     gen = torch.Generator().manual_seed(config.seed + 7)
     s = config.sample_size
     with torch.no_grad():
-        x = sample_unconditional(ema.score, ema.sde, (8, 1, s, s), n_steps=config.sample_steps,
-                                 snr=0.16, generator=gen)
+        x = sample_unconditional(
+            ema.score, ema.sde, (8, 1, s, s), n_steps=config.sample_steps, snr=0.16, generator=gen
+        )
     save_grid_png(x, path)
 
 
@@ -603,15 +743,121 @@ def _preview(ema: ScoreNet, config: TrainConfig, path: Path) -> None:
 # presets for the shipped priors and the command line
 
 PRESETS: dict[str, dict[str, Any]] = {
-    "ct-256": dict(run="ct-256", modality="ct",
-                   data=("ct/train.npz", "ct/volumes/promed_ct0051_head.npz"),
-                   size="S", sde="ve", sigma_min=0.01, sigma_max=60.0, sigma_data=0.2,
-                   patch_size=64, batch_size=16, lr=2e-4, ema_decay=0.999,
-                   val_data="ct/val.npz", val_slices=8),
-    "mri-256": dict(run="mri-256", modality="mri", data=("mri/train.npz",),
-                    size="S", sde="ve", sigma_min=0.01, sigma_max=110.0, sigma_data=0.25,
-                    patch_size=64, batch_size=16, lr=2e-4, ema_decay=0.999,
-                    val_data="mri/val.npz", val_slices=8),
+    "ct-256": dict(
+        run="ct-256",
+        modality="ct",
+        data=("ct/train.npz", "ct/volumes/promed_ct0051_head.npz"),
+        size="S",
+        sde="ve",
+        sigma_min=0.01,
+        sigma_max=60.0,
+        sigma_data=0.2,
+        patch_size=64,
+        batch_size=16,
+        lr=2e-4,
+        ema_decay=0.999,
+        val_data="ct/val.npz",
+        val_slices=8,
+    ),
+    "mri-256": dict(
+        run="mri-256",
+        modality="mri",
+        data=("mri/train.npz",),
+        size="S",
+        sde="ve",
+        sigma_min=0.01,
+        sigma_max=110.0,
+        sigma_data=0.25,
+        patch_size=64,
+        batch_size=16,
+        lr=2e-4,
+        ema_decay=0.999,
+        val_data="mri/val.npz",
+        val_slices=8,
+    ),
+}
+
+
+_COMMON_NOTES = [
+    "Research use only; not a medical device.",
+    "Weights are the EMA of the network weights, stored as fp16; the optimiser state is not "
+    "shipped, so training resumed from these weights (--init-from) re-initialises AdamW.",
+]
+
+CARD_INFO: dict[str, dict[str, Any]] = {
+    "ct-256": {
+        "modality": "ct",
+        "resolution": [256, 256],
+        "units": "HU window [-1024, 3071] -> [0, 1]: x = (HU + 1024) / 4096, clipped",
+        "training_data": [
+            {
+                "file": "ct/train.npz",
+                "slices": 82,
+                "source": "TCIA TCGA-LUAD / TCGA-LUSC via a Kaggle selection mirrored on GitHub",
+                "licence": "CC BY 3.0 (TCIA); the mirror has "
+                "no licence file: redistribution terms UNVERIFIED",
+            },
+            {
+                "file": "ct/train.npz",
+                "slices": 20,
+                "source": "TCIA COVID-19-NY-SBU via SaltyJoke/Image-Registration",
+                "licence": "CC BY 4.0 (TCIA); repository Apache-2.0",
+            },
+            {
+                "file": "ct/train.npz",
+                "slices": 30,
+                "source": "TCIA Lung-PET-CT-Dx via huyenbui117/lung_CT",
+                "licence": "CC BY 4.0 (TCIA); the repository has no licence file: UNVERIFIED",
+            },
+            {
+                "file": "ct/volumes/promed_ct0051_head.npz",
+                "slices": 108,
+                "source": "Debian package invesalius-examples, 'ProMED CT 0051' head CT",
+                "licence": "GPL-2 (package licence; clinical origin not stated)",
+            },
+        ],
+        "not_trained_on": [
+            "ct/val.npz (validation)",
+            "nifti/totalseg_example_ct.nii.gz (3D benchmark)",
+        ],
+        "solver_defaults": {
+            "status": "NOT TUNED on this prior yet; starting points from Song et al. 2022 (LIDC "
+            "sparse-view CT, VE, N=1000)",
+            "song": {"lambda": 0.841, "snr": 0.246, "n_steps": 1000},
+        },
+        "notes": _COMMON_NOTES
+        + [
+            "Some training sources have unverified redistribution terms and one is GPL-2; check "
+            "them before any use beyond research.",
+            "240 real slices from 61 patients (132 chest/abdomen slices of 59 patients plus one "
+            "108-slice head volume): a small set; expect limited generality.",
+        ],
+    },
+    "mri-256": {
+        "modality": "mri",
+        "resolution": [256, 256],
+        "units": "magnitude / (99.5th percentile of the volume) -> [0, 1]",
+        "training_data": [
+            {
+                "file": "mri/train.npz",
+                "slices": 1128,
+                "source": "TCIA TCGA-LGG brain FLAIR via the Buda et al. 'kaggle_3m' derivative",
+                "licence": "CC BY 3.0 (TCIA); the derivative's licence is UNVERIFIED",
+            },
+        ],
+        "not_trained_on": ["mri/val.npz (validation)"],
+        "solver_defaults": {
+            "status": "NOT TUNED on this prior yet; starting points from Song et al. 2022 (BraTS) "
+            "and score-MRI",
+            "song": {"lambda": 1.0, "snr": 0.517, "n_steps": 1000},
+            "score-mri": {"snr": 0.16, "n_steps": 500},
+        },
+        "notes": _COMMON_NOTES
+        + [
+            "Magnitude prior. Complex images are scored as real and imaginary parts with the same "
+            "network (score-MRI, Alg. 3).",
+        ],
+    },
 }
 
 
@@ -627,8 +873,13 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument(flag, type=lambda s: s.lower() in ("1", "true", "yes"), metavar="BOOL")
         else:
             p.add_argument(flag, type=str, metavar=f.name.upper())
-    p.add_argument("--export", metavar="DIR", help="write the EMA weights of the run's last.pt to DIR and exit")
+    p.add_argument(
+        "--export", metavar="DIR", help="write the EMA weights of the run's last.pt to DIR and exit"
+    )
     p.add_argument("--name", help="prior name for --export (default: the run name)")
+    p.add_argument(
+        "--checkpoint", help="checkpoint file name in the run folder for --export (default last.pt)"
+    )
     return p
 
 
@@ -663,7 +914,23 @@ def main(argv: Sequence[str] | None = None) -> int:
     ns = build_parser().parse_args(argv)
     cfg = config_from_args(ns)
     if ns.export:
-        path = export_prior(cfg.output_dir() / "last.pt", ns.export, ns.name or cfg.run, overwrite=True)
+        import platform
+
+        info = dict(CARD_INFO.get(ns.preset or "", {}))
+        info["training"] = {
+            "hardware": f"{os.cpu_count()}-core CPU ({platform.machine()}), no GPU"
+            if not torch.cuda.is_available()
+            else torch.cuda.get_device_name(),
+            "software": f"torch {torch.__version__}",
+        }
+        path = export_prior(
+            cfg.output_dir() / (ns.checkpoint or "last.pt"),
+            ns.export,
+            ns.name or cfg.run,
+            overwrite=True,
+            card=info,
+            validate_on=str(_resolve(cfg.val_data)) if cfg.val_data else None,
+        )
         print(path)
         return 0
     summary = train(cfg)

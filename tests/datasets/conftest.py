@@ -43,9 +43,17 @@ def synthetic_volume(shape=(4, 12, 10), modality="CT", seed=0, affine=None) -> V
     arr = rng.integers(-1000, 1500, size=shape).astype(np.float32)
     if modality != "CT":
         arr = np.abs(arr)
-    meta = {"dicom": {"PatientID": "CASE-0001", "PatientName": "Test^Synthetic", "StudyInstanceUID": "1.2.3.4.5",
-                      "StudyID": "S1", "FrameOfReferenceUID": "1.2.3.4.6", "PatientPosition": "HFS",
-                      "SeriesNumber": "3"}}
+    meta = {
+        "dicom": {
+            "PatientID": "CASE-0001",
+            "PatientName": "Test^Synthetic",
+            "StudyInstanceUID": "1.2.3.4.5",
+            "StudyID": "S1",
+            "FrameOfReferenceUID": "1.2.3.4.6",
+            "PatientPosition": "HFS",
+            "SeriesNumber": "3",
+        }
+    }
     return Volume(arr, oblique_affine() if affine is None else affine, modality, meta)
 
 
@@ -54,7 +62,9 @@ def make_series(tmp_path: Path) -> Callable[..., tuple[Volume, Path]]:
     """Write a synthetic series with medrecon's writer; returns (volume, folder)."""
     counter = iter(range(10_000))
 
-    def _make(shape=(4, 12, 10), modality="CT", seed=0, affine=None, folder=None) -> tuple[Volume, Path]:
+    def _make(
+        shape=(4, 12, 10), modality="CT", seed=0, affine=None, folder=None
+    ) -> tuple[Volume, Path]:
         vol = synthetic_volume(shape, modality, seed, affine)
         out = Path(folder) if folder is not None else tmp_path / f"series{next(counter)}"
         save_dicom_series(vol, out, method="synthetic")
@@ -77,8 +87,14 @@ def copy_pydicom_file(name: str, folder: Path) -> Path:
     return Path(shutil.copy(pydicom_file(name), folder / name))
 
 
-def write_enhanced_ct(path: Path, frames: np.ndarray, positions_lps: np.ndarray, spacing=(0.5, 0.6),
-                      slope=2.0, intercept=-1024.0) -> None:
+def write_enhanced_ct(
+    path: Path,
+    frames: np.ndarray,
+    positions_lps: np.ndarray,
+    spacing=(0.5, 0.6),
+    slope=2.0,
+    intercept=-1024.0,
+) -> None:
     """Enhanced CT Image Storage file: frames (F, R, C) stored values, one position per frame."""
     from pydicom.dataset import Dataset, FileDataset, FileMetaDataset
     from pydicom.uid import ExplicitVRLittleEndian, generate_uid
@@ -88,7 +104,10 @@ def write_enhanced_ct(path: Path, frames: np.ndarray, positions_lps: np.ndarray,
     meta.MediaStorageSOPInstanceUID = generate_uid()
     meta.TransferSyntaxUID = ExplicitVRLittleEndian
     ds = FileDataset(str(path), {}, file_meta=meta, preamble=b"\0" * 128)
-    ds.SOPClassUID, ds.SOPInstanceUID = meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID
+    ds.SOPClassUID, ds.SOPInstanceUID = (
+        meta.MediaStorageSOPClassUID,
+        meta.MediaStorageSOPInstanceUID,
+    )
     ds.Modality, ds.PatientID, ds.SeriesInstanceUID = "CT", "CASE-ENH", generate_uid()
     ds.StudyInstanceUID, ds.FrameOfReferenceUID = generate_uid(), generate_uid()
     f, r, c = frames.shape
@@ -121,6 +140,10 @@ def helpers():
     import types
 
     return types.SimpleNamespace(
-        oblique_affine=oblique_affine, synthetic_volume=synthetic_volume, pydicom_file=pydicom_file,
-        copy_pydicom_file=copy_pydicom_file, write_enhanced_ct=write_enhanced_ct, data_root=data_root,
+        oblique_affine=oblique_affine,
+        synthetic_volume=synthetic_volume,
+        pydicom_file=pydicom_file,
+        copy_pydicom_file=copy_pydicom_file,
+        write_enhanced_ct=write_enhanced_ct,
+        data_root=data_root,
     )

@@ -33,17 +33,31 @@ def test_ct_small_hu_and_affine(helpers):
     assert vol.shape == (1, 128, 128) and vol.modality == "CT"
     hu = ds.pixel_array * float(ds.RescaleSlope) + float(ds.RescaleIntercept)
     np.testing.assert_array_equal(vol.array[0], hu)
-    np.testing.assert_allclose(_corner_lps(vol, 0, 0, 0), np.array(ds.ImagePositionPatient, float), atol=1e-6)
-    row, col = np.array(ds.ImageOrientationPatient[:3], float), np.array(ds.ImageOrientationPatient[3:], float)
+    np.testing.assert_allclose(
+        _corner_lps(vol, 0, 0, 0), np.array(ds.ImagePositionPatient, float), atol=1e-6
+    )
+    row, col = (
+        np.array(ds.ImageOrientationPatient[:3], float),
+        np.array(ds.ImageOrientationPatient[3:], float),
+    )
     dr, dc = (float(x) for x in ds.PixelSpacing)
     expect = np.array(ds.ImagePositionPatient, float) + 127 * dc * row + 127 * dr * col
     np.testing.assert_allclose(_corner_lps(vol, 0, 127, 127), expect, atol=1e-6)
     assert "Volume(" in repr(vol) and "CompressedSamples" not in repr(vol)  # no identifiers in repr
 
 
-@pytest.mark.parametrize("name", ["MR_small.dcm", "MR_small_implicit.dcm", "MR_small_bigendian.dcm",
-                                  "MR_small_expb.dcm", "MR_small_RLE.dcm", "MR_small_jp2klossless.dcm",
-                                  "MR_small_jpeg_ls_lossless.dcm"])
+@pytest.mark.parametrize(
+    "name",
+    [
+        "MR_small.dcm",
+        "MR_small_implicit.dcm",
+        "MR_small_bigendian.dcm",
+        "MR_small_expb.dcm",
+        "MR_small_RLE.dcm",
+        "MR_small_jp2klossless.dcm",
+        "MR_small_jpeg_ls_lossless.dcm",
+    ],
+)
 def test_transfer_syntaxes_decode_identically(helpers, name):
     ref = load_dicom_series(helpers.pydicom_file("MR_small.dcm"))
     vol = load_dicom_series(helpers.pydicom_file(name))
@@ -137,11 +151,15 @@ def _write_shifted(make_series, tmp_path, shift_fn, name="g"):
     """Series whose slice positions are moved by shift_fn(k) (LPS mm) after writing."""
     import pydicom
 
-    vol, folder = make_series(shape=(5, 6, 6), folder=tmp_path / name, affine=np.diag([1.0, 1.0, 2.0, 1.0]))
+    vol, folder = make_series(
+        shape=(5, 6, 6), folder=tmp_path / name, affine=np.diag([1.0, 1.0, 2.0, 1.0])
+    )
     for f in sorted(folder.iterdir()):
         ds = pydicom.dcmread(f)
         k = int(ds.InstanceNumber) - 1
-        ds.ImagePositionPatient = [float(v) + d for v, d in zip(ds.ImagePositionPatient, shift_fn(k), strict=True)]
+        ds.ImagePositionPatient = [
+            float(v) + d for v, d in zip(ds.ImagePositionPatient, shift_fn(k), strict=True)
+        ]
         ds.save_as(f)
     return vol, folder
 
@@ -150,7 +168,9 @@ def test_gantry_tilt_reported_and_affine_keeps_shear(make_series, tmp_path):
     vol, folder = _write_shifted(make_series, tmp_path, lambda k: (0.0, 0.5 * k, 0.0))
     with pytest.warns(DicomGeometryWarning, match="gantry tilt"):
         back = load_dicom_series(folder)
-    assert back.meta["geometry"]["tilt_deg"] == pytest.approx(np.degrees(np.arctan(0.5 / 2.0)), abs=1e-3)
+    assert back.meta["geometry"]["tilt_deg"] == pytest.approx(
+        np.degrees(np.arctan(0.5 / 2.0)), abs=1e-3
+    )
     last = np.array(back.meta["dicom"]["slice_positions_lps"][-1])
     np.testing.assert_allclose(_corner_lps(back, 4, 0, 0), last, atol=1e-4)
     with pytest.raises(InputError, match="gantry tilt"):
@@ -161,7 +181,9 @@ def test_uneven_spacing_reported(make_series, tmp_path):
     _, folder = _write_shifted(make_series, tmp_path, lambda k: (0.0, 0.0, 3.0 if k >= 3 else 0.0))
     with pytest.warns(DicomGeometryWarning, match="uneven slice spacing"):
         back = load_dicom_series(folder)
-    assert back.meta["geometry"]["uneven"] and max(back.meta["geometry"]["gaps_mm"]) == pytest.approx(5.0)
+    assert back.meta["geometry"]["uneven"] and max(
+        back.meta["geometry"]["gaps_mm"]
+    ) == pytest.approx(5.0)
     with pytest.raises(InputError, match="uneven"):
         load_dicom_series(folder, on_uneven="error")
     with pytest.raises(SettingsError):
@@ -203,24 +225,42 @@ def test_mixed_orientation_and_too_few_slices(make_series, tmp_path):
 def _dciodvfy_errors(path) -> list[str]:
     out = subprocess.run(["dciodvfy", str(path)], capture_output=True, text=True, timeout=60)
     # only the "Error" lines: warnings may quote attribute values
-    return [line.split(" - ")[1] if " - " in line else line
-            for line in (out.stdout + out.stderr).splitlines() if line.startswith("Error")]
+    return [
+        line.split(" - ")[1] if " - " in line else line
+        for line in (out.stdout + out.stderr).splitlines()
+        if line.startswith("Error")
+    ]
 
 
-@pytest.mark.skipif(shutil.which("dciodvfy") is None, reason="dciodvfy not installed (apt-get install dicom3tools)")
-@pytest.mark.parametrize("modality,kind", [("CT", "reconstruction"), ("CT", "uncertainty"),
-                                           ("MR", "reconstruction"), ("MR", "uncertainty"),
-                                           ("OT", "reconstruction")])
+@pytest.mark.skipif(
+    shutil.which("dciodvfy") is None, reason="dciodvfy not installed (apt-get install dicom3tools)"
+)
+@pytest.mark.parametrize(
+    "modality,kind",
+    [
+        ("CT", "reconstruction"),
+        ("CT", "uncertainty"),
+        ("MR", "reconstruction"),
+        ("MR", "uncertainty"),
+        ("OT", "reconstruction"),
+    ],
+)
 def test_written_files_pass_dciodvfy(tmp_path, helpers, modality, kind):
     vol = helpers.synthetic_volume(shape=(2, 8, 9), modality=modality)
     arr = vol.array / 3.0 if kind == "uncertainty" else vol.array
-    files = save_dicom_series(Volume(np.abs(arr) if kind == "uncertainty" else arr, vol.affine, modality, vol.meta),
-                              tmp_path / "out", method="song", kind=kind)
+    files = save_dicom_series(
+        Volume(np.abs(arr) if kind == "uncertainty" else arr, vol.affine, modality, vol.meta),
+        tmp_path / "out",
+        method="song",
+        kind=kind,
+    )
     for f in files:
         assert _dciodvfy_errors(f) == [], f.name
 
 
-@pytest.mark.skipif(shutil.which("dciodvfy") is None, reason="dciodvfy not installed (apt-get install dicom3tools)")
+@pytest.mark.skipif(
+    shutil.which("dciodvfy") is None, reason="dciodvfy not installed (apt-get install dicom3tools)"
+)
 def test_derived_from_real_ct_slice_passes_dciodvfy(tmp_path, helpers):
     vol = load_dicom_series(helpers.pydicom_file("CT_small.dcm"))
     (f,) = save_dicom_series(vol, tmp_path / "d", method="fbp")
@@ -238,3 +278,25 @@ def test_single_slice_without_geometry(tmp_path, helpers):
         warnings.simplefilter("error")
         vol = load_dicom_series(tmp_path / "one.dcm")
     assert vol.shape == (1, 128, 128) and vol.meta["geometry"]["missing_geometry"]
+
+
+@pytest.mark.parametrize(
+    "name,shape",
+    [
+        ("image_dfl.dcm", (1, 512, 512)),  # deflated explicit VR little endian
+        ("693_J2KI.dcm", (1, 512, 512)),  # JPEG 2000 (lossy allowed), CT
+        ("JPGExtended.dcm", (1, 1024, 256)),  # JPEG extended (process 2 and 4)
+        ("JPEGLSNearLossless_16.dcm", (1, 50, 10)),  # JPEG-LS near-lossless
+    ],
+)
+def test_more_transfer_syntaxes_decode(helpers, name, shape):
+    vol = load_dicom_series(helpers.pydicom_file(name))
+    assert vol.shape == shape and np.all(np.isfinite(vol.array)) and vol.array.std() > 0
+
+
+def test_undecodable_pixel_data_names_the_file(helpers):
+    path = helpers.pydicom_file("JPEG-lossy.dcm")  # pylibjpeg cannot decode this one
+    try:
+        load_dicom_series(path)
+    except InputError as err:
+        assert path.name in str(err) and "decode" in str(err)

@@ -33,7 +33,9 @@ from medrecon.errors import InputError, SettingsError, ShapeError
 
 def _kspace(coils=3, z=2, ny=8, nx=6, seed=0) -> KSpace:
     rng = np.random.default_rng(seed)
-    data = (rng.standard_normal((coils, z, ny, nx)) + 1j * rng.standard_normal((coils, z, ny, nx))).astype(np.complex64)
+    data = (
+        rng.standard_normal((coils, z, ny, nx)) + 1j * rng.standard_normal((coils, z, ny, nx))
+    ).astype(np.complex64)
     mask = np.zeros((1, ny, nx), bool)
     mask[..., ::2] = True
     mask[..., nx // 2] = True
@@ -87,7 +89,7 @@ def test_bart_round_trip_and_layout(tmp_path):
     np.testing.assert_array_equal(back.data, k.data)
     np.testing.assert_array_equal(back.mask[0], k.mask[0])
     raw = read_cfl(tmp_path / "ksp")
-    assert raw[5, 7, 0, 2, *([0] * 9), 1] == k.data[2, 1, 7, 5]
+    assert raw[(5, 7, 0, 2) + (0,) * 9 + (1,)] == k.data[2, 1, 7, 5]
 
 
 def test_bart_3d_kspace_becomes_slices(tmp_path):
@@ -97,7 +99,9 @@ def test_bart_3d_kspace_becomes_slices(tmp_path):
     write_cfl(tmp_path / "k3", ksp[..., None])
     k = load_bart_kspace(tmp_path / "k3")
     assert k.data.shape == (1, 4, 5, 6) and k.header["kz_transformed"]
-    img = np.fft.fftshift(np.fft.ifft2(np.fft.ifftshift(k.data, axes=(-2, -1)), norm="ortho"), axes=(-2, -1))
+    img = np.fft.fftshift(
+        np.fft.ifft2(np.fft.ifftshift(k.data, axes=(-2, -1)), norm="ortho"), axes=(-2, -1)
+    )
     np.testing.assert_allclose(img[0], vol.transpose(2, 1, 0), atol=1e-5)
 
 
@@ -111,7 +115,9 @@ def test_fastmri_round_trip(tmp_path, coils):
     np.testing.assert_array_equal(back.data, k.data)
     np.testing.assert_array_equal(back.mask[0], k.mask[0])
     assert back.header["layout"] == ("singlecoil" if coils == 1 else "multicoil")
-    assert back.header["attrs"]["patient_id"] == "CASE-7" and back.header["attrs"]["acceleration"] == 2
+    assert (
+        back.header["attrs"]["patient_id"] == "CASE-7" and back.header["attrs"]["acceleration"] == 2
+    )
     assert "ismrmrdHeader" in back.header["ismrmrd_header"]
     np.testing.assert_array_equal(load_fastmri_reference(tmp_path / "f.h5").array, ref)
     assert load_fastmri(tmp_path / "f.h5", slices=slice(1, 2)).data.shape == (coils, 1, 8, 6)
@@ -119,13 +125,18 @@ def test_fastmri_round_trip(tmp_path, coils):
 
 @pytest.mark.parametrize("coils", [1, 4])
 def test_fastmri_files_load_in_fastmri_slicedataset(tmp_path, coils):
-    SliceDataset = pytest.importorskip("fastmri.data.mri_data", reason="fastmri not installed").SliceDataset
+    SliceDataset = pytest.importorskip(
+        "fastmri.data.mri_data", reason="fastmri not installed"
+    ).SliceDataset
 
     k = _kspace(coils=coils, z=2)
     ref = np.ones((2, 8, 6), np.float32)
     save_fastmri(tmp_path / "sim" / "a.h5", k, reference=ref)
-    ds = SliceDataset(tmp_path / "sim", challenge="singlecoil" if coils == 1 else "multicoil",
-                      use_dataset_cache=False)
+    ds = SliceDataset(
+        tmp_path / "sim",
+        challenge="singlecoil" if coils == 1 else "multicoil",
+        use_dataset_cache=False,
+    )
     assert len(ds) == 2
     kspace, mask, target, attrs, fname, slice_num = ds[1]
     np.testing.assert_array_equal(kspace, k.data[0, 1] if coils == 1 else k.data[:, 1])
@@ -144,15 +155,29 @@ def test_fastmri_rejects_row_varying_mask(tmp_path):
 # ---------------------------------------------------------------- sinograms
 def test_sinogram_round_trip_parallel_and_fan(tmp_path):
     data = np.random.default_rng(0).random((2, 5, 7)).astype(np.float32)
-    par = Sinogram(data, {"type": "parallel", "angles_rad": np.linspace(0, np.pi, 5, endpoint=False).tolist(),
-                          "n_detectors": 7})
+    par = Sinogram(
+        data,
+        {
+            "type": "parallel",
+            "angles_rad": np.linspace(0, np.pi, 5, endpoint=False).tolist(),
+            "n_detectors": 7,
+        },
+    )
     save_sinogram(par, tmp_path / "p")
     back = load_sinogram(tmp_path / "p.npy")
     np.testing.assert_array_equal(back.data, data)
     assert back.geometry["detector_spacing_mm"] == 1.0 and back.geometry["units"] == "image_pixel"
-    fan = {"type": "fan", "angles_rad": list(np.linspace(0, 2 * np.pi, 5, endpoint=False)), "n_detectors": 7,
-           "detector": "flat", "detector_spacing_mm": 1.2, "source_to_isocenter_mm": 500.0,
-           "source_to_detector_mm": 950.0, "units": "attenuation", "pixel_size_mm": 0.8}
+    fan = {
+        "type": "fan",
+        "angles_rad": list(np.linspace(0, 2 * np.pi, 5, endpoint=False)),
+        "n_detectors": 7,
+        "detector": "flat",
+        "detector_spacing_mm": 1.2,
+        "source_to_isocenter_mm": 500.0,
+        "source_to_detector_mm": 950.0,
+        "units": "attenuation",
+        "pixel_size_mm": 0.8,
+    }
     save_sinogram(Sinogram(data, fan), tmp_path / "f")
     g = json.loads((tmp_path / "f.json").read_text())
     assert g["format"] == "medrecon-sinogram" and g["source_to_detector_mm"] == 950.0
@@ -161,12 +186,24 @@ def test_sinogram_round_trip_parallel_and_fan(tmp_path):
         save_sinogram(par, tmp_path / "p")
 
 
-@pytest.mark.parametrize("bad", [
-    {"type": "cone"}, {"angles_rad": [0.0, float("nan"), 1, 2, 3]}, {"angles_rad": [0.0]},
-    {"n_detectors": 8}, {"type": "fan", "source_to_isocenter_mm": 500.0},
-    {"type": "fan", "source_to_isocenter_mm": 900.0, "source_to_detector_mm": 500.0, "detector_spacing_rad": 1e-3},
-    {"units": "furlongs"}, {"detector_spacing_mm": -1.0},
-])
+@pytest.mark.parametrize(
+    "bad",
+    [
+        {"type": "cone"},
+        {"angles_rad": [0.0, float("nan"), 1, 2, 3]},
+        {"angles_rad": [0.0]},
+        {"n_detectors": 8},
+        {"type": "fan", "source_to_isocenter_mm": 500.0},
+        {
+            "type": "fan",
+            "source_to_isocenter_mm": 900.0,
+            "source_to_detector_mm": 500.0,
+            "detector_spacing_rad": 1e-3,
+        },
+        {"units": "furlongs"},
+        {"detector_spacing_mm": -1.0},
+    ],
+)
 def test_sinogram_geometry_validation(bad):
     geom = {"type": "parallel", "angles_rad": [0.0, 0.5, 1.0, 1.5, 2.0], "n_detectors": 7, **bad}
     with pytest.raises(SettingsError):
@@ -187,7 +224,12 @@ def test_image_folder_png_jpg_tiff(tmp_path):
     Image.fromarray(np.stack([a8] * 3, -1)).save(tmp_path / "img4.jpg", quality=100)
     vol = load_image_folder(tmp_path)
     assert vol.shape == (4, 6, 5)
-    assert [p.rsplit("/", 1)[-1] for p in vol.meta["files"]] == ["img2.png", "img3.tif", "img4.jpg", "img10.png"]
+    assert [p.rsplit("/", 1)[-1] for p in vol.meta["files"]] == [
+        "img2.png",
+        "img3.tif",
+        "img4.jpg",
+        "img10.png",
+    ]
     np.testing.assert_array_equal(vol.array[0], a8)
     np.testing.assert_array_equal(vol.array[1], a16)
     np.testing.assert_array_equal(vol.array[3], a16)

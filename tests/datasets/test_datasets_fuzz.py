@@ -45,7 +45,9 @@ PATIENT_NAME = "Fuzz^Patient"
 @dataclass
 class Case:
     name: str
-    build: Callable[[Path], tuple[Callable[[], Any], str]]  # tmp dir -> (action, text the message must hold)
+    build: Callable[
+        [Path], tuple[Callable[[], Any], str]
+    ]  # tmp dir -> (action, text the message must hold)
 
 
 CASES: list[Case] = []
@@ -55,6 +57,7 @@ def case(name: str):
     def deco(fn):
         CASES.append(Case(name, fn))
         return fn
+
     return deco
 
 
@@ -84,16 +87,19 @@ FRACTIONS = [0.0, 0.01, 0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95,
 # ------------------------------------------------------------------ DICOM: truncation
 for _frac in FRACTIONS:
     for _which in (0, 2):
+
         def _b(tmp: Path, frac=_frac, which=_which):
             files = _series(tmp / "s")
             _truncate(files[which], frac)
             return (lambda: load_dicom_series(tmp / "s")), files[which].name
+
         case(f"dicom-truncated-{_frac}-slice{_which}")(_b)
 
     def _b1(tmp: Path, frac=_frac):
         files = _series(tmp / "s")
         _truncate(files[1], frac)
         return (lambda: load_dicom_series(files[1])), files[1].name
+
     case(f"dicom-truncated-{_frac}-single-file")(_b1)
 
 
@@ -102,6 +108,7 @@ def _set(**kw):
     def fn(ds):
         for k, v in kw.items():
             setattr(ds, k, v)
+
     return fn
 
 
@@ -109,12 +116,14 @@ def _delete(*names):
     def fn(ds):
         for n in names:
             delattr(ds, n)
+
     return fn
 
 
 def _pixels(fn_arr):
     def fn(ds):
         ds.PixelData = fn_arr(ds.PixelData)
+
     return fn
 
 
@@ -142,7 +151,10 @@ DICOM_MUTATIONS: dict[str, tuple[Callable[[Any], None], str]] = {
     "ipp-off-line": (_set(ImagePositionPatient=[9.0, -9.0, 3.0]), ""),
     "iop-missing": (_delete("ImageOrientationPatient"), "ImageOrientationPatient"),
     "iop-not-unit": (_set(ImageOrientationPatient=[2, 0, 0, 0, 1, 0]), "ImageOrientationPatient"),
-    "iop-not-orthogonal": (_set(ImageOrientationPatient=[1, 0, 0, 1, 0, 0]), "ImageOrientationPatient"),
+    "iop-not-orthogonal": (
+        _set(ImageOrientationPatient=[1, 0, 0, 1, 0, 0]),
+        "ImageOrientationPatient",
+    ),
     "iop-five-values": (_set(ImageOrientationPatient=[1, 0, 0, 0, 1]), "ImageOrientationPatient"),
     "iop-nan": (_set(ImageOrientationPatient=["nan", 0, 0, 0, 1, 0]), "ImageOrientationPatient"),
     "iop-other-plane": (_set(ImageOrientationPatient=[0, 1, 0, 0, 0, -1]), "orientation"),
@@ -160,6 +172,7 @@ FOLDER_LEVEL = {"other-series", "iop-other-plane", "ipp-off-line"}
 
 for _mut, (_fn, _text) in DICOM_MUTATIONS.items():
     for _which in (0, 1, 2):
+
         def _b(tmp: Path, fn=_fn, text=_text, which=_which, mut=_mut):
             files = _series(tmp / "s")
             if mut == "ipp-duplicate-other-pixels":
@@ -170,17 +183,23 @@ for _mut, (_fn, _text) in DICOM_MUTATIONS.items():
             _edit(files[which], fn)
             name = "s" if mut in FOLDER_LEVEL else ""
             return (lambda: load_dicom_series(tmp / "s")), name or text
+
         case(f"dicom-{_mut}-slice{_which}")(_b)
 
 
-for _ts in ("1.2.840.10008.1.2.5", "1.2.840.10008.1.2.2"):  # RLE / big endian claimed, data unchanged
+for _ts in (
+    "1.2.840.10008.1.2.5",
+    "1.2.840.10008.1.2.2",
+):  # RLE / big endian claimed, data unchanged
     for _which in (0, 1, 2):
+
         def _b(tmp: Path, ts=_ts, which=_which):
             files = _series(tmp / "s")
             raw = files[which].read_bytes()
             assert raw.count(b"1.2.840.10008.1.2.1\0") == 1
             files[which].write_bytes(raw.replace(b"1.2.840.10008.1.2.1\0", ts.encode() + b"\0"))
             return (lambda: load_dicom_series(tmp / "s")), files[which].name
+
         case(f"dicom-transfer-syntax-{_ts}-slice{_which}")(_b)
 
 
@@ -194,17 +213,25 @@ def _nifti(tmp: Path, gz: bool = False, data=None) -> Path:
 
 def _raw_header_edit(path: Path, offset: int, dtype: str, value: Any) -> None:
     b = bytearray(path.read_bytes())
-    b[offset: offset + np.dtype(dtype).itemsize] = np.array(value, dtype=dtype).tobytes()
+    b[offset : offset + np.dtype(dtype).itemsize] = np.array(value, dtype=dtype).tobytes()
     path.write_bytes(bytes(b))
 
 
 NIFTI_HEADER_EDITS = {  # offset, dtype, value (NIfTI-1 header layout)
-    "dim0-zero": (40, "<i2", 0), "dim0-nine": (40, "<i2", 9), "dim0-negative": (40, "<i2", -1),
-    "dim1-zero": (42, "<i2", 0), "dim1-negative": (42, "<i2", -4), "dim2-huge": (44, "<i2", 30000),
-    "dim3-huge": (46, "<i2", 32767), "dim4-three": ((40, 48), "<i2", (4, 3)),
-    "datatype-bogus": (70, "<i2", 9999), "bitpix-wrong": ((70, 72), "<i2", (64, 7)),
-    "vox-offset-beyond": (108, "<f4", 1e6), "sizeof-hdr": (0, "<i4", 123),
-    "sform-nan": (280, "<f4", float("nan")), "scl-slope-inf": (112, "<f4", float("inf")),
+    "dim0-zero": (40, "<i2", 0),
+    "dim0-nine": (40, "<i2", 9),
+    "dim0-negative": (40, "<i2", -1),
+    "dim1-zero": (42, "<i2", 0),
+    "dim1-negative": (42, "<i2", -4),
+    "dim2-huge": (44, "<i2", 30000),
+    "dim3-huge": (46, "<i2", 32767),
+    "dim4-three": ((40, 48), "<i2", (4, 3)),
+    "datatype-bogus": (70, "<i2", 9999),
+    "bitpix-wrong": ((70, 72), "<i2", (64, 7)),
+    "vox-offset-beyond": (108, "<f4", 1e6),
+    "sizeof-hdr": (0, "<i4", 123),
+    "sform-nan": (280, "<f4", float("nan")),
+    "scl-slope-inf": (112, "<f4", float("inf")),
     "pixdim-zero-qform": ((76, 252, 254), "<f4", None),
 }
 
@@ -226,6 +253,7 @@ def _apply_nifti_edit(p: Path, spec) -> None:
 
 for _k, _spec in NIFTI_HEADER_EDITS.items():
     for _gz in (False, True):
+
         def _b(tmp: Path, spec=_spec, gz=_gz):
             p = _nifti(tmp)
             _apply_nifti_edit(p, spec)
@@ -235,18 +263,22 @@ for _k, _spec in NIFTI_HEADER_EDITS.items():
                 p.unlink()
                 p = q
             return (lambda: load_nifti(p)), p.name
+
         case(f"nifti-{_k}-{'gz' if _gz else 'raw'}")(_b)
 
 for _frac in FRACTIONS[:-1]:
     for _gz in (False, True):
+
         def _b(tmp: Path, frac=_frac, gz=_gz):
             p = _nifti(tmp, gz)
             _truncate(p, frac)
             return (lambda: load_nifti(p)), p.name
+
         case(f"nifti-truncated-{_frac}-{'gz' if _gz else 'raw'}")(_b)
 
 for _bad in ("nan", "inf", "-inf"):
     for _where in (0, 17, 59):
+
         def _b(tmp: Path, bad=_bad, where=_where):
             arr = np.arange(60, dtype=np.float32)
             arr[where] = float(bad)
@@ -255,6 +287,7 @@ for _bad in ("nan", "inf", "-inf"):
 
             nib.save(nib.Nifti1Image(arr.reshape(5, 4, 3), np.eye(4)), p)
             return (lambda: load_nifti(p)), "NaN or Inf"
+
         case(f"nifti-{_bad}-voxel{_where}")(_b)
 
 
@@ -284,26 +317,32 @@ H5_CASES = {
     "mask-too-long": ({"kspace": _K, "mask": np.ones(12, np.float32)}, "mask"),
 }
 for _k, (_ds, _text) in H5_CASES.items():
+
     def _b(tmp: Path, ds=_ds, text=_text):
         p = _h5(tmp, **ds)
         return (lambda: load_fastmri(p)), text
+
     case(f"h5-{_k}")(_b)
 
 for _bad in ("nan", "inf"):
     for _where in (0, 100, 287):
         for _part in ("real", "imag"):
+
             def _b(tmp: Path, bad=_bad, where=_where, part=_part):
                 k = _K.copy().ravel()
                 k[where] = complex(float(bad), 0.0) if part == "real" else complex(0.0, float(bad))
                 p = _h5(tmp, kspace=k.reshape(_K.shape))
                 return (lambda: load_fastmri(p)), "NaN or Inf"
+
             case(f"h5-{_bad}-{_part}-{_where}")(_b)
 
 for _frac in FRACTIONS[:-1]:
+
     def _b(tmp: Path, frac=_frac):
         p = _h5(tmp, kspace=_K, ismrmrd_header=np.bytes_(b"<xml/>"))
         _truncate(p, frac)
         return (lambda: load_fastmri(p)), "k.h5"
+
     case(f"h5-truncated-{_frac}")(_b)
 
 
@@ -325,13 +364,19 @@ def _bart(tmp: Path) -> Path:
 
 
 BART_HDR = {
-    "no-dims-line": "# Something\n1 2 3\n", "empty": "", "non-numeric": "# Dimensions\n6 8 a 3\n",
-    "negative": "# Dimensions\n6 -8 1 3\n", "zero": "# Dimensions\n6 0 1 3\n",
-    "too-big": "# Dimensions\n6 8 2 3 1 1 1 1 1 1 1 1 1 2\n", "too-small": "# Dimensions\n6 8 1 2\n",
-    "missing-values": "# Dimensions\n", "binary": "\x00\xff\xfe",
+    "no-dims-line": "# Something\n1 2 3\n",
+    "empty": "",
+    "non-numeric": "# Dimensions\n6 8 a 3\n",
+    "negative": "# Dimensions\n6 -8 1 3\n",
+    "zero": "# Dimensions\n6 0 1 3\n",
+    "too-big": "# Dimensions\n6 8 2 3 1 1 1 1 1 1 1 1 1 2\n",
+    "too-small": "# Dimensions\n6 8 1 2\n",
+    "missing-values": "# Dimensions\n",
+    "binary": "\x00\xff\xfe",
     "extra-dim": "# Dimensions\n6 8 1 3 2 1 1 1 1 1 1 1 1 1\n",
 }
 for _k, _txt in BART_HDR.items():
+
     def _b(tmp: Path, txt=_txt, k=_k):
         base = _bart(tmp)
         if k == "extra-dim":  # valid size, unsupported dimension
@@ -340,30 +385,37 @@ for _k, _txt in BART_HDR.items():
             txt = "# Dimensions\n6 8 1 3 1 1 1 1 1 1 1 1 1 2\n".replace("1 3 1", "1 1 2")
         base.with_suffix(".hdr").write_bytes(txt.encode("latin-1"))
         return (lambda: load_bart_kspace(base)), "ksp."
+
     case(f"bart-hdr-{_k}")(_b)
 
 for _frac in FRACTIONS[:-1]:
+
     def _b(tmp: Path, frac=_frac):
         base = _bart(tmp)
         _truncate(base.with_suffix(".cfl"), frac)
         return (lambda: load_bart_kspace(base)), "ksp.cfl"
+
     case(f"bart-cfl-truncated-{_frac}")(_b)
 
 for _bad in ("nan", "inf", "-inf"):
     for _where in (0, 50):
+
         def _b(tmp: Path, bad=_bad, where=_where):
             base = _bart(tmp)
             data = np.fromfile(base.with_suffix(".cfl"), dtype="<c8")
             data[where] = float(bad)
             data.tofile(base.with_suffix(".cfl"))
             return (lambda: load_bart_kspace(base)), "NaN or Inf"
+
         case(f"bart-{_bad}-{_where}")(_b)
 
 for _missing in (".hdr", ".cfl"):
+
     def _b(tmp: Path, missing=_missing):
         base = _bart(tmp)
         base.with_suffix(missing).unlink()
         return (lambda: load_bart_kspace(base)), "ksp" + missing
+
     case(f"bart-missing{_missing}")(_b)
 
 
@@ -372,7 +424,9 @@ _GEOM = {"type": "parallel", "angles_rad": [0.0, 0.5, 1.0, 1.5], "n_detectors": 
 
 
 def _sino(tmp: Path, data=None, geometry=None, raw_json=None) -> Path:
-    np.save(tmp / "s.npy", np.zeros((2, 4, 5), np.float32) if data is None else data, allow_pickle=True)
+    np.save(
+        tmp / "s.npy", np.zeros((2, 4, 5), np.float32) if data is None else data, allow_pickle=True
+    )
     (tmp / "s.json").write_text(raw_json if raw_json is not None else json.dumps(geometry or _GEOM))
     return tmp / "s"
 
@@ -391,7 +445,10 @@ SINO_CASES = {
     "type-missing": ({"geometry": {k: v for k, v in _GEOM.items() if k != "type"}}, "s.json"),
     "angles-text": ({"geometry": {**_GEOM, "angles_rad": "zero"}}, "s.json"),
     "angles-nan": ({"raw_json": json.dumps(_GEOM).replace("0.5", "NaN")}, "s.json"),
-    "fan-no-distances": ({"geometry": {**_GEOM, "type": "fan", "detector_spacing_rad": 0.01}}, "s.json"),
+    "fan-no-distances": (
+        {"geometry": {**_GEOM, "type": "fan", "detector_spacing_rad": 0.01}},
+        "s.json",
+    ),
     "fan-bad-detector": ({"geometry": {**_GEOM, "type": "fan", "detector": "curved"}}, "s.json"),
     "spacing-zero": ({"geometry": {**_GEOM, "detector_spacing_mm": 0}}, "s.json"),
     "spacing-string": ({"geometry": {**_GEOM, "detector_spacing_mm": "1"}}, "s.json"),
@@ -403,16 +460,20 @@ SINO_CASES = {
     "pixel-size-negative": ({"geometry": {**_GEOM, "pixel_size_mm": -1}}, "s.json"),
 }
 for _k, (_kw, _text) in SINO_CASES.items():
+
     def _b(tmp: Path, kw=_kw, text=_text):
         base = _sino(tmp, **kw)
         return (lambda: load_sinogram(base)), text
+
     case(f"sinogram-{_k}")(_b)
 
 for _frac in FRACTIONS[:-1]:
+
     def _b(tmp: Path, frac=_frac):
         base = _sino(tmp)
         _truncate(tmp / "s.npy", frac)
         return (lambda: load_sinogram(base)), "s.npy"
+
     case(f"sinogram-npy-truncated-{_frac}")(_b)
 
 
@@ -433,10 +494,12 @@ def _image(tmp: Path, fmt: str) -> Path:
 
 for _fmt in ("png", "jpg", "tif"):
     for _frac in (0.0, 0.05, 0.2, 0.5, 0.8, 0.95):
+
         def _b(tmp: Path, fmt=_fmt, frac=_frac):
             p = _image(tmp, fmt)
             _truncate(p, frac)
             return (lambda: load_image(p)), p.name
+
         case(f"image-{_fmt}-truncated-{_frac}")(_b)
 
 
@@ -444,16 +507,22 @@ def _tif(tmp: Path, arr: np.ndarray) -> Path:
     import tifffile
 
     p = tmp / "t.tif"
-    tifffile.imwrite(p, arr)
+    tifffile.imwrite(p, arr, photometric="minisblack" if arr.ndim == 3 else None)
     return p
 
 
-for _k, _arr in {"nan": np.full((4, 4), np.nan, np.float32), "inf": np.full((4, 4), np.inf, np.float32),
-                 "pages": np.zeros((3, 4, 4), np.uint16), "complex": np.zeros((4, 4), np.complex64),
-                 "1d": np.zeros((1, 1, 5, 5, 2), np.uint8)}.items():
+for _k, _arr in {
+    "nan": np.full((4, 4), np.nan, np.float32),
+    "inf": np.full((4, 4), np.inf, np.float32),
+    "pages": np.zeros((3, 5, 6), np.uint16),
+    "complex": np.zeros((4, 4), np.complex64),
+    "1d": np.zeros((1, 1, 5, 5, 2), np.uint8),
+}.items():
+
     def _b(tmp: Path, a=_arr):
         p = _tif(tmp, a)
         return (lambda: load_image(p)), "t.tif"
+
     case(f"image-tif-{_k}")(_b)
 
 
@@ -471,12 +540,27 @@ def _write(p: Path, b: bytes) -> Path:
 
 
 # ------------------------------------------------------------------ k-space masks (in memory)
-MASKS = {"1d": (6,), "wrong-ky": (1, 7, 6), "wrong-kx": (1, 8, 5), "z-3": (3, 8, 6), "4d": (1, 1, 8, 6),
-         "transposed": (6, 8), "scalar": (), "coils": (3, 2, 8, 6)}
+MASKS = {
+    "1d": (6,),
+    "wrong-ky": (1, 7, 6),
+    "wrong-kx": (1, 8, 5),
+    "z-3": (3, 8, 6),
+    "4d": (1, 1, 8, 6),
+    "transposed": (6, 8),
+    "scalar": (),
+    "coils": (3, 2, 8, 6),
+}
 for _k, _shape in MASKS.items():
-    case(f"mask-{_k}")(lambda tmp, s=_shape: ((lambda: KSpace(_K.transpose(1, 0, 2, 3), mask=np.ones(s, bool))), "mask"))
+    case(f"mask-{_k}")(
+        lambda tmp, s=_shape: (
+            (lambda: KSpace(_K.transpose(1, 0, 2, 3), mask=np.ones(s, bool))),
+            "mask",
+        )
+    )
 case("kspace-3d")(lambda tmp: ((lambda: KSpace(_K[0])), "KSpace"))
-case("coil-maps-shape")(lambda tmp: ((lambda: KSpace(_K, coil_maps=np.ones((3, 8, 6)))), "coil_maps"))
+case("coil-maps-shape")(
+    lambda tmp: ((lambda: KSpace(_K, coil_maps=np.ones((3, 8, 6)))), "coil_maps")
+)
 
 
 # ------------------------------------------------------------------ writers given NaN / Inf
@@ -484,25 +568,36 @@ _BAD = np.ones((2, 4, 5), np.float32)
 _BAD[1, 2, 3] = np.nan
 _WRITERS = {
     "nifti": lambda tmp, a: save_nifti(Volume(a, np.eye(4), "CT"), tmp / "o.nii.gz"),
-    "nifti-std": lambda tmp, a: save_nifti(Volume(np.ones_like(a), np.eye(4), "CT"), tmp / "o.nii.gz", std=a),
+    "nifti-std": lambda tmp, a: save_nifti(
+        Volume(np.ones_like(a), np.eye(4), "CT"), tmp / "o.nii.gz", std=a
+    ),
     "dicom": lambda tmp, a: save_dicom_series(Volume(a, np.eye(4), "CT"), tmp / "o", method="x"),
     "dicom-mr": lambda tmp, a: save_dicom_series(Volume(a, np.eye(4), "MR"), tmp / "o", method="x"),
-    "sinogram": lambda tmp, a: save_sinogram(Sinogram(a, {"type": "parallel", "angles_rad": [0, 1, 2, 3],
-                                                          "n_detectors": 5}), tmp / "o"),
-    "fastmri-reference": lambda tmp, a: save_fastmri(tmp / "o.h5", KSpace(_K), reference=np.full((2, 8, 6), np.nan)),
+    "sinogram": lambda tmp, a: save_sinogram(
+        Sinogram(a, {"type": "parallel", "angles_rad": [0, 1, 2, 3], "n_detectors": 5}), tmp / "o"
+    ),
+    "fastmri-reference": lambda tmp, a: save_fastmri(
+        tmp / "o.h5", KSpace(_K), reference=np.full((2, 8, 6), np.nan)
+    ),
 }
 for _k, _w in _WRITERS.items():
     for _v in ("nan", "inf"):
+
         def _b(tmp: Path, w=_w, v=_v):
             a = _BAD.copy()
             a[1, 2, 3] = float(v)
             return (lambda: w(tmp, a)), ""
+
         case(f"writer-{_k}-{_v}")(_b)
 
 
 # ------------------------------------------------------------------ the test
 def _snapshot(folder: Path) -> dict[str, int]:
-    return {str(p.relative_to(folder)): p.stat().st_size for p in sorted(folder.rglob("*")) if p.is_file()}
+    return {
+        str(p.relative_to(folder)): p.stat().st_size
+        for p in sorted(folder.rglob("*"))
+        if p.is_file()
+    }
 
 
 def test_fuzz_case_count():

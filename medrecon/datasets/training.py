@@ -1,0 +1,335 @@
+"""Training data: 2-D slices from DICOM folders, NIfTI files and image folders, cached once.
+
+Flow::
+
+    sources = find_sources([...])                       # one source per series / file / image folder
+    splits = split_sources(sources, {"train": 0.8, "val": 0.2}, seed=0)   # by patient / series
+    cache = SliceCache.build(splits["train"], cache_dir, normaliser=ct_normaliser(), size=(256, 256))
+    ds = SliceDataset(cache, patch_size=64, flips=True, seed=0)           # torch Dataset
+
+Each source is decoded once, passed through the prior's normaliser (the HU window for CT;
+MRI: per-volume percentile scaling, :meth:`Normaliser.fit` on the whole volume), resized and
+stored as uint16 (prior space [0, 1] in 1/65535 steps) in one ``.npy`` file that is opened
+memory-mapped: training never decodes DICOM twice, and DataLoader workers share the pages.
+The cache folder name is a hash of the sources (paths, sizes, mtimes) and the settings, so a
+changed input or setting builds a new cache.  The index stores hashed group IDs, never patient
+identifiers.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+from medrecon.datasets._atomic import atomic_files
+from medrecon.errors import InputError, SettingsError
+
+__all__ = ["Source", "find_sources", "split_sources", "SliceCache", "SliceDataset"]
+
+
+@dataclass(frozen=True)
+class Source:
+    """One volume to take slices from.
+
+    ``kind`` is ``"dicom"`` (a series folder), ``"nifti"`` (a file) or ``"images"`` (a folder of
+    2-D images); ``group`` is the unit of splitting (patient / series), already hashed.
+    """
+
+    path: str
+    kind: str
+    group: str
+
+
+def _hash(text: str) -> str:
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def find_sources(paths: list[str | Path], *, group_by: str = "patient") -> list[Source]:
+    """Find the volumes under ``paths`` (files or folders, searched recursively).
+
+    Parameters
+    ----------
+    paths : list of str or Path
+        NIfTI files, DICOM series folders, image folders, or folders holding any of these.
+    group_by : {"patient", "series"}
+        Split unit: PatientID for DICOM (NIfTI / image sources: the file / folder) or the
+        source itself.
+
+    Returns
+    -------
+    list of Source
+        Sorted by path.
+    """
+    from medrecon.datasets.dicom import _read_header
+    from medrecon.datasets.images import IMAGE_SUFFIXES
+
+    if group_by not in ("patient", "series"):
+        raise SettingsError(
+            f"find_sources(): group_by must be 'patient' or 'series'; got {group_by!r}"
+        )
+    out: dict[str, Source] = {}
+    for root in map(Path, paths):
+        if not root.exists():
+            raise InputError(root, "no such file or folder")
+        files = [root] if root.is_file() else sorted(p for p in root.rglob("*") if p.is_file())
+        for f in files:
+            name = f.name.lower()
+            if name.endswith((".nii", ".nii.gz")):
+                out[str(f)] = Source(str(f), "nifti", _hash(str(f)))
+            elif f.suffix.lower() in IMAGE_SUFFIXES:
+                out.setdefault(str(f.parent), Source(str(f.parent), "images", _hash(str(f.parent))))
+            elif str(f.parent) not in out:
+                ds = _read_header(f)
+                if ds is not None and "Rows" in ds:
+                    key = str(ds.get("PatientID", "")) if group_by == "patient" else str(f.parent)
+                    out[str(f.parent)] = Source(str(f.parent), "dicom", _hash(key or str(f.parent)))
+    if not out:
+        raise InputError(
+            Path(str(paths[0]) if paths else "."), "no DICOM series, NIfTI files or images found"
+        )
+    return sorted(out.values(), key=lambda s: s.path)
+
+
+def split_sources(
+    sources: list[Source], fractions: dict[str, float], *, seed: int = 0
+) -> dict[str, list[Source]]:
+    """Split by group: every source of one patient / series lands in the same split.
+
+    Each group is placed by a hash of ``(seed, group)``, so the assignment does not depend on the
+    order or the number of other sources.
+    """
+    total = sum(fractions.values())
+    if not fractions or any(v < 0 for v in fractions.values()) or not np.isclose(total, 1.0):
+        raise SettingsError(
+            f"split_sources(): fractions must be non-negative and sum to 1; got {fractions}"
+        )
+    edges = np.cumsum(list(fractions.values()))
+    out: dict[str, list[Source]] = {k: [] for k in fractions}
+    for s in sources:
+        u = int(_hash(f"{seed}:{s.group}"), 16) / 16**16
+        out[
+            list(fractions)[int(np.searchsorted(edges, u, side="right").clip(0, len(edges) - 1))]
+        ].append(s)
+    return out
+
+
+def _load(source: Source) -> np.ndarray:
+    from medrecon.datasets.dicom import load_dicom_series
+    from medrecon.datasets.images import load_image_folder
+    from medrecon.datasets.nifti import load_nifti
+
+    loader = {"dicom": load_dicom_series, "nifti": load_nifti, "images": load_image_folder}[
+        source.kind
+    ]
+    if source.kind == "dicom":
+        import warnings
+
+        with warnings.catch_warnings():  # tilt / spacing do not matter for 2-D training slices
+            warnings.simplefilter("ignore")
+            return loader(source.path).array
+    return loader(source.path).array
+
+
+def _resize(vol: np.ndarray, size: tuple[int, int] | None) -> np.ndarray:
+    if size is None or vol.shape[1:] == tuple(size):
+        return vol
+    import torch.nn.functional as F  # noqa: N812
+
+    t = torch.from_numpy(np.ascontiguousarray(vol, dtype=np.float32))[:, None]
+    return F.interpolate(t, size=tuple(size), mode="bilinear", antialias=True, align_corners=False)[
+        :, 0
+    ].numpy()
+
+
+class SliceCache:
+    """Normalised 2-D slices in one memory-mapped uint16 ``.npy`` file plus a JSON index.
+
+    Use :meth:`build` (which reuses an existing cache with the same key).  ``len(cache)`` is the
+    number of slices; ``cache[i]`` a float32 (H, W) slice in prior space [0, 1].
+    """
+
+    def __init__(self, folder: str | Path):
+        self.folder = Path(folder)
+        try:
+            self.index = json.loads((self.folder / "index.json").read_text())
+        except (OSError, ValueError) as err:
+            raise InputError(
+                self.folder / "index.json", f"not a slice cache index ({err})"
+            ) from err
+        self._data: np.ndarray | None = None
+
+    @property
+    def data(self) -> np.ndarray:
+        """(N, H, W) uint16 memmap, opened lazily (so each DataLoader worker maps it itself)."""
+        if self._data is None:
+            self._data = np.load(self.folder / "slices.npy", mmap_mode="r")
+        return self._data
+
+    def __len__(self) -> int:
+        return int(self.index["n_slices"])
+
+    def __getitem__(self, i: int) -> np.ndarray:
+        return self.data[i].astype(np.float32) / 65535.0
+
+    @property
+    def groups(self) -> list[str]:
+        """Hashed group ID of each slice."""
+        return [self.index["sources"][k]["group"] for k in self.index["slice_source"]]
+
+    @classmethod
+    def build(
+        cls,
+        sources: list[Source],
+        cache_dir: str | Path,
+        *,
+        normaliser: Any,
+        size: tuple[int, int] | None = None,
+        min_foreground: float = 0.0,
+    ) -> SliceCache:
+        """Decode, normalise, resize and store every slice of ``sources`` (or reuse the cache).
+
+        Parameters
+        ----------
+        sources : list of Source
+        cache_dir : str or Path
+            Parent folder; the cache goes into ``cache_dir/<key>/``.
+        normaliser : medrecon.priors.normalise.Normaliser
+            A window normaliser, or a percentile one (fitted per source volume).
+        size : (H, W), optional
+            Resize every slice (bilinear, antialiased).  Required if the sources differ in size.
+        min_foreground : float
+            Drop slices whose fraction of pixels above 0.05 (prior space) is below this.
+        """
+        if not sources:
+            raise SettingsError("SliceCache.build(): no sources")
+        stamp = [(s.path, s.kind, s.group, _stat(s.path)) for s in sources]
+        key = _hash(json.dumps([stamp, normaliser.to_dict(), size, min_foreground], default=str))
+        folder = Path(cache_dir) / key
+        if (folder / "index.json").is_file() and (folder / "slices.npy").is_file():
+            return cls(folder)
+        slices, owner = [], []
+        for k, s in enumerate(sources):
+            vol = _load(s)
+            norm = (
+                normaliser.fit(torch.from_numpy(vol))
+                if normaliser.kind == "percentile"
+                else normaliser
+            )
+            x = norm.normalise(torch.from_numpy(vol)).clamp(0, 1).numpy()
+            x = np.clip(_resize(x, size), 0.0, 1.0)
+            if slices and x.shape[1:] != slices[0].shape[1:]:
+                raise InputError(
+                    Path(s.path),
+                    f"slices of {x.shape[1:]} differ from {slices[0].shape[1:]}; pass size=",
+                )
+            keep = (x > 0.05).mean(axis=(1, 2)) >= min_foreground
+            slices.append(np.round(x[keep] * 65535).astype(np.uint16))
+            owner += [k] * int(keep.sum())
+        data = np.concatenate(slices)
+        index = {
+            "n_slices": int(data.shape[0]),
+            "shape": list(data.shape[1:]),
+            "normaliser": normaliser.to_dict(),
+            "sources": [{"path": s.path, "kind": s.kind, "group": s.group} for s in sources],
+            "slice_source": owner,
+        }
+        folder.mkdir(parents=True, exist_ok=True)
+        with atomic_files([folder / "slices.npy", folder / "index.json"], overwrite=True) as (
+            npy,
+            js,
+        ):
+            mm = np.lib.format.open_memmap(npy, mode="w+", dtype=np.uint16, shape=data.shape)
+            mm[:] = data
+            mm.flush()
+            del mm
+            js.write_text(json.dumps(index))
+        return cls(folder)
+
+
+def _stat(path: str) -> list[Any]:
+    p = Path(path)
+    files = [p] if p.is_file() else sorted(f for f in p.rglob("*") if f.is_file())
+    return [(f.name, f.stat().st_size, int(f.stat().st_mtime)) for f in files]
+
+
+class SliceDataset(Dataset):
+    """torch ``Dataset`` over a :class:`SliceCache` with random patches, flips and 90° rotations.
+
+    Parameters
+    ----------
+    cache : SliceCache
+    indices : sequence of int, optional
+        Subset of slice indices (default: all).
+    patch_size : int, optional
+        Random square patches of this size (default: the whole slice).
+    flips : bool
+        Random horizontal / vertical flips.
+    rot90 : bool
+        Random rotations by multiples of 90° (square slices or patches only).
+    seed : int
+        Randomness of item ``i`` in epoch ``e`` comes from ``(seed, e, i)`` only, so results do
+        not depend on worker count or order; call :meth:`set_epoch` each epoch.
+
+    Returns (per item)
+    ------------------
+    Tensor, shape (1, h, w), float32 in [0, 1].
+    """
+
+    def __init__(
+        self,
+        cache: SliceCache,
+        indices: Any = None,
+        *,
+        patch_size: int | None = None,
+        flips: bool = False,
+        rot90: bool = False,
+        seed: int = 0,
+    ):
+        self.cache = cache
+        self.indices = (
+            np.arange(len(cache)) if indices is None else np.asarray(indices, dtype=np.int64)
+        )
+        h, w = cache.index["shape"]
+        if patch_size is not None and not 0 < patch_size <= min(h, w):
+            raise SettingsError(
+                f"SliceDataset: patch_size must be in [1, {min(h, w)}]; got {patch_size}"
+            )
+        if rot90 and patch_size is None and h != w:
+            raise SettingsError("SliceDataset: rot90 needs square slices or a patch_size")
+        self.patch_size, self.flips, self.rot90, self.seed, self.epoch = (
+            patch_size,
+            flips,
+            rot90,
+            seed,
+            0,
+        )
+
+    def set_epoch(self, epoch: int) -> None:
+        """Change the random draws for a new epoch."""
+        self.epoch = int(epoch)
+
+    def __len__(self) -> int:
+        return int(self.indices.size)
+
+    def __getitem__(self, i: int) -> torch.Tensor:
+        x = self.cache[int(self.indices[i])]
+        rng = np.random.default_rng([self.seed, self.epoch, int(i)])
+        if self.patch_size is not None:
+            p = self.patch_size
+            top, left = rng.integers(0, x.shape[0] - p + 1), rng.integers(0, x.shape[1] - p + 1)
+            x = x[top : top + p, left : left + p]
+        if self.flips:
+            if rng.random() < 0.5:
+                x = x[:, ::-1]
+            if rng.random() < 0.5:
+                x = x[::-1]
+        if self.rot90:
+            x = np.rot90(x, int(rng.integers(0, 4)))
+        return torch.from_numpy(np.ascontiguousarray(x))[None]

@@ -1,0 +1,386 @@
+"""Tests of medrecon.priors: SDEs, networks, ScorePrior files, registry and the trainer (tiny nets)."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import threading
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from medrecon.errors import InputError, SettingsError, ShapeError
+from medrecon.priors import (
+    VESDE,
+    VPSDE,
+    ScoreNet,
+    ScorePrior,
+    ct_normaliser,
+    mri_normaliser,
+    network_spec,
+    sde_from_dict,
+    sigma_to_t,
+    tweedie_denoise,
+)
+from medrecon.priors.registry import PriorRegistry, shipped_registry
+from medrecon.priors.train import (
+    PatchSampler,
+    TrainConfig,
+    dsm_loss,
+    export_prior,
+    load_checkpoint,
+    train,
+)
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Tiny nets run fastest on one thread, and two OpenMP threads stall on a busy 2-core host."""
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)
+
+
+def tiny_prior(sde=None, seed: int = 0) -> ScorePrior:
+    torch.manual_seed(seed)
+    net = ScoreNet(network_spec("tiny"), sde or VESDE(0.01, 20.0), sigma_data=0.2)
+    return ScorePrior(net, ct_normaliser(), {"modality": "ct", "resolution": [32, 32]})
+
+
+@pytest.fixture
+def toy_npz(tmp_path: Path) -> Path:
+    """24 CT-like 32x32 slices in HU: air background, a soft-tissue disc, a bright spot."""
+    g = np.random.default_rng(0)
+    yy, xx = np.mgrid[:32, :32]
+    imgs = []
+    for _ in range(24):
+        cy, cx, r = g.uniform(12, 20), g.uniform(12, 20), g.uniform(6, 12)
+        im = np.full((32, 32), -1000.0)
+        im[(yy - cy) ** 2 + (xx - cx) ** 2 < r**2] = 40.0
+        by, bx = g.integers(8, 24, 2)
+        im[by - 1 : by + 2, bx - 1 : bx + 2] = 1200.0
+        imgs.append(im)
+    p = tmp_path / "toy.npz"
+    np.savez(p, images=np.asarray(imgs, np.int16))
+    return p
+
+
+def tiny_config(tmp_path: Path, data: Path, **kw) -> TrainConfig:
+    base = dict(
+        run="toy",
+        data=(str(data),),
+        modality="ct",
+        size="tiny",
+        sigma_max=20.0,
+        patch_size=16,
+        batch_size=4,
+        lr=1e-3,
+        warmup_steps=1,
+        max_steps=4,
+        out_dir=str(tmp_path / "run"),
+        validate_every_s=0,
+        sample_every_s=0,
+        progress=False,
+        log_every=1,
+        threads=None,
+    )
+    base.update(kw)
+    return TrainConfig(**base)
+
+
+# --- SDEs -----------------------------------------------------------------------------------
+def test_ve_sigma_and_marginal():
+    sde = VESDE(0.01, 50.0)
+    t = torch.tensor([0.0, 0.5, 1.0], dtype=torch.float64)
+    torch.testing.assert_close(
+        sde.sigma(t), torch.tensor([0.01, math.sqrt(0.01 * 50), 50.0], dtype=torch.float64)
+    )
+    x0 = torch.ones(3, 1, 4, 4)
+    mean, std = sde.marginal(x0, t.float())
+    assert torch.equal(mean, x0) and std.shape == (3, 1, 1, 1)
+    _, g = sde.sde(x0, t.float())
+    torch.testing.assert_close(g, sde.sigma(t).float() * math.sqrt(2 * math.log(5000.0)))
+    _, G = sde.discretize(x0, torch.tensor([1.0, 1.0, 1.0]))
+    s_prev = 0.01 * 5000.0 ** (1 - 1 / 1000)
+    torch.testing.assert_close(G, torch.full((3,), math.sqrt(50.0**2 - s_prev**2)))
+
+
+def test_vp_marginal_preserves_variance():
+    sde = VPSDE()
+    t = torch.linspace(0.01, 1, 7, dtype=torch.float64)
+    a, s = sde.mean_coeff(t), sde.std(t)
+    torch.testing.assert_close(a**2 + s**2, torch.ones_like(t))
+    # DDPM discretisation: beta_i = beta(t) / N
+    f, G = sde.discretize(
+        torch.ones(1, 1, 2, 2, dtype=torch.float64), torch.tensor([1.0], dtype=torch.float64)
+    )
+    torch.testing.assert_close(G, torch.tensor([math.sqrt(0.02)], dtype=torch.float64))
+
+
+@pytest.mark.parametrize("sde", [VESDE(0.01, 60.0), VPSDE()])
+def test_sigma_to_t_roundtrip_and_dict(sde):
+    for s in (0.02, 0.1, 0.5):
+        t = sigma_to_t(sde, s)
+        ratio = sde.std(t) / sde.mean_coeff(t)
+        assert abs(float(ratio) - s) < 1e-9
+    assert sde_from_dict(sde.to_dict()) == sde
+    with pytest.raises(SettingsError):
+        sde_from_dict({"kind": "xx"})
+
+
+def test_tweedie_is_exact_for_gaussian_data():
+    # data x ~ N(0, v I): score of p_t is -x / (v + sigma^2), so Tweedie gives v / (v + s^2) y
+    sde, v, s = VESDE(0.01, 50.0), 0.3, 0.2
+    y = torch.randn(2, 1, 4, 4, dtype=torch.float64)
+    xh = tweedie_denoise(lambda x, t: -x / (v + sde.sigma(t).reshape(-1, 1, 1, 1) ** 2), sde, y, s)
+    torch.testing.assert_close(xh, v / (v + s * s) * y)
+
+
+# --- networks -------------------------------------------------------------------------------
+def test_named_sizes_parameter_counts():
+    n = {
+        k: sum(p.numel() for p in ScoreNet(network_spec(k), VESDE()).parameters())
+        for k in ("S", "M")
+    }
+    assert 3.0e6 < n["S"] < 3.4e6 and 17.5e6 < n["M"] < 19e6
+    with pytest.raises(SettingsError, match="known: tiny, S, M"):
+        network_spec("XL")
+
+
+def test_scorenet_any_size_and_dtype():
+    net = ScoreNet(network_spec("tiny"), VESDE()).double()
+    x = torch.randn(2, 1, 30, 21, dtype=torch.float64)
+    out = net.score(x, torch.tensor([0.3, 0.9], dtype=torch.float64))
+    assert out.shape == x.shape and out.dtype == torch.float64
+    with pytest.raises(SettingsError):
+        net(torch.randn(1, 2, 16, 16, dtype=torch.float64), torch.ones(1))
+
+
+def test_complex_input_uses_real_and_imaginary_parts():
+    prior = tiny_prior().eval()
+    xr, xi = torch.randn(2, 1, 16, 16), torch.randn(2, 1, 16, 16)
+    t = torch.tensor([0.4, 0.6])
+    with torch.no_grad():
+        s = prior.score(torch.complex(xr, xi), t)
+        torch.testing.assert_close(s.real, prior.score(xr, t))
+        torch.testing.assert_close(s.imag, prior.score(xi, t))
+        d = prior.denoise(torch.complex(xr, xi), t)
+    assert d.is_complex() and d.shape == xr.shape
+
+
+def test_prior_rejects_wrong_shape():
+    with pytest.raises(ShapeError):
+        tiny_prior().score(torch.randn(16, 16), 0.5)
+
+
+def test_normalisers():
+    n = ct_normaliser()
+    hu = torch.tensor([-1024.0, 1024.0, 3071.0, 5000.0])
+    torch.testing.assert_close(n.normalise(hu), torch.tensor([0.0, 0.5, 4095 / 4096, 1.0]))
+    torch.testing.assert_close(n.denormalise(n.normalise(hu[:3])), hu[:3])
+    m = mri_normaliser()
+    with pytest.raises(SettingsError):
+        m.normalise(torch.ones(3))
+    x = torch.linspace(0, 200, 1001)
+    assert abs(m.fit(x).high - 199.0) < 0.2
+
+
+# --- files and registry -----------------------------------------------------------------------
+def test_save_load_bit_exact(tmp_path):
+    prior = tiny_prior()
+    prior.save(tmp_path, "toy", dtype=torch.float32)
+    back = ScorePrior.load(tmp_path / "toy.json")
+    for (k, a), (_, b) in zip(
+        prior.net.unet.state_dict().items(), back.net.unet.state_dict().items(), strict=True
+    ):
+        assert torch.equal(a, b), k
+    x, t = torch.randn(2, 1, 16, 16), torch.tensor([0.2, 0.7])
+    with torch.no_grad():
+        assert torch.equal(prior.eval().score(x, t), back.score(x, t))
+    card = json.loads((tmp_path / "toy.json").read_text())
+    assert (
+        card["sde"]["kind"] == "ve"
+        and card["normaliser"]["low"] == -1024
+        and len(card["sha256"]) == 64
+    )
+    # fp16 storage: loading gives exactly the fp16-rounded weights
+    prior.save(tmp_path, "toy16", dtype=torch.float16)
+    half = ScorePrior.load(tmp_path / "toy16.safetensors")
+    w = prior.net.unet.state_dict()
+    for k, v in half.net.unet.state_dict().items():
+        assert torch.equal(v, w[k].half().float()), k
+    with pytest.raises(InputError, match="exists"):
+        prior.save(tmp_path, "toy")
+
+
+def test_corrupt_truncated_mismatched_files_name_the_file(tmp_path):
+    prior = tiny_prior()
+    card_path = prior.save(tmp_path, "p", dtype=torch.float32)
+    w = tmp_path / "p.safetensors"
+    good = w.read_bytes()
+    w.write_bytes(good[: len(good) // 2])  # truncated
+    with pytest.raises(InputError, match=r"p\.safetensors.*sha256"):
+        ScorePrior.load(card_path)
+    bad = bytearray(good)
+    bad[len(bad) // 2] ^= 0xFF  # corrupt
+    w.write_bytes(bytes(bad))
+    with pytest.raises(InputError, match=r"p\.safetensors"):
+        ScorePrior.load(card_path)
+    # not a safetensors file at all, with a matching hash
+    w.write_bytes(b"not safetensors")
+    card = json.loads(card_path.read_text())
+    import hashlib
+
+    card["sha256"] = hashlib.sha256(b"not safetensors").hexdigest()
+    card_path.write_text(json.dumps(card))
+    with pytest.raises(InputError, match=r"p\.safetensors.*safetensors"):
+        ScorePrior.load(card_path)
+    # mismatched: valid weights of another architecture under this card
+    w.write_bytes(good)
+    card["sha256"] = hashlib.sha256(good).hexdigest()
+    card["architecture"]["channels"] = [16, 16, 32, 32]
+    card_path.write_text(json.dumps(card))
+    with pytest.raises(InputError, match=r"p\.safetensors.*do not match"):
+        ScorePrior.load(card_path)
+    with pytest.raises(InputError, match="not found"):
+        ScorePrior.load(tmp_path / "missing.json")
+
+
+def test_registry_duplicates_and_suggestions(tmp_path):
+    reg = PriorRegistry()
+    reg.register("ct-256", tmp_path / "a.json")
+    with pytest.raises(SettingsError, match="already registered"):
+        reg.register("ct-256", tmp_path / "b.json")
+    with pytest.raises(SettingsError, match="did you mean 'ct-256'"):
+        reg.card_path("ct256")
+    tiny_prior().save(tmp_path, "demo")
+    assert shipped_registry(tmp_path).names() == ["demo"]
+
+
+def test_shipped_priors_load():
+    reg = shipped_registry()
+    if not reg.names():
+        pytest.skip("no shipped priors in medrecon/priors/weights yet")
+    for name in reg.names():
+        prior = ScorePrior.load(name)
+        card = reg.card(name)
+        assert (
+            card["name"] == name
+            and os.path.getsize(reg.card_path(name).with_suffix(".safetensors")) <= 20e6
+        )
+        assert prior.score(torch.rand(1, 1, 32, 32), 0.5).shape == (1, 1, 32, 32)
+
+
+# --- trainer --------------------------------------------------------------------------------
+def test_dsm_loss_falls_on_toy_set(tmp_path, toy_npz):
+    cfg = tiny_config(tmp_path, toy_npz, max_steps=80, lr=3e-3, batch_size=8)
+    from medrecon.priors.train import load_slices
+
+    images = load_slices(cfg.data, "ct")
+    fixed = PatchSampler(images, 32, 16, seed=99).next_batch()
+
+    def eval_loss(net):
+        with torch.no_grad():
+            return float(dsm_loss(net, cfg.build_sde(), fixed, torch.Generator().manual_seed(5)))
+
+    with torch.random.fork_rng():
+        torch.manual_seed(cfg.seed)  # the trainer's seeded initialisation
+        before = eval_loss(ScoreNet(network_spec("tiny"), cfg.build_sde(), cfg.sigma_data))
+    train(cfg)
+    ck = load_checkpoint(Path(cfg.out_dir) / "last.pt")
+    net = ScoreNet(network_spec("tiny"), cfg.build_sde(), cfg.sigma_data)
+    net.load_state_dict(ck["model"])
+    after = eval_loss(net)
+    assert after < 0.7 * before, (before, after)
+    log = (Path(cfg.out_dir) / "loss.csv").read_text().splitlines()
+    assert log[0].startswith("step,") and len(log) == 81
+
+
+def test_resume_takes_the_same_next_step(tmp_path, toy_npz):
+    full = tiny_config(tmp_path / "a", toy_npz, max_steps=5)
+    train(full)
+    part = tiny_config(tmp_path / "b", toy_npz, max_steps=3)
+    r = train(part)
+    assert r["step"] == 3
+    r = train(replace(part, max_steps=5))
+    assert r["step"] == 5
+    a = load_checkpoint(Path(full.out_dir) / "last.pt")
+    b = load_checkpoint(Path(part.out_dir) / "last.pt")
+    for key in ("model", "ema"):
+        for k, v in a[key].items():
+            assert torch.equal(v, b[key][k]), (key, k)
+    assert a["sampler"]["pos"] == b["sampler"]["pos"] and torch.equal(
+        a["noise_rng"], b["noise_rng"]
+    )
+    # resuming with other settings is refused
+    with pytest.raises(SettingsError, match="other settings"):
+        train(replace(part, sigma_max=30.0, max_steps=6))
+
+
+def test_sigterm_checkpoints_and_stops(tmp_path, toy_npz):
+    cfg = tiny_config(tmp_path, toy_npz, max_steps=10**6, checkpoint_every_s=1e9)
+    timer = threading.Timer(1.5, os.kill, (os.getpid(), signal.SIGTERM))
+    timer.start()
+    r = train(cfg)
+    timer.join()
+    assert r["stopped_by"] == "signal" and r["step"] > 0
+    assert load_checkpoint(Path(cfg.out_dir) / "last.pt")["step"] == r["step"]
+
+
+def test_export_and_init_from_shipped_weights(tmp_path, toy_npz):
+    cfg = tiny_config(tmp_path, toy_npz, max_steps=2)
+    train(cfg)
+    card = export_prior(
+        Path(cfg.out_dir) / "last.pt",
+        tmp_path / "w",
+        "toy-32",
+        card={"modality": "ct", "resolution": [32, 32]},
+    )
+    prior = ScorePrior.load(card)
+    assert prior.card["training"]["steps"] == 2 and prior.card["dtype"] == "float16"
+    cfg2 = tiny_config(
+        tmp_path, toy_npz, max_steps=1, out_dir=str(tmp_path / "run2"), init_from=str(card)
+    )
+    r = train(cfg2)
+    ck = load_checkpoint(Path(cfg2.out_dir) / "last.pt")
+    assert r["step"] == 1 and ck["optimizer"]["state"][0]["step"] == 1  # fresh optimiser
+
+
+def test_reserved_and_bad_data_refused(tmp_path):
+    with pytest.raises(SettingsError, match="reserved"):
+        TrainConfig(data=("ct/val.npz",))
+    bad = tmp_path / "bad.npz"
+    bad.write_bytes(b"junk")
+    with pytest.raises(InputError, match="bad.npz"):
+        train(tiny_config(tmp_path, bad))
+
+
+def test_priors_cli_list_and_show(tmp_path, capsys):
+    from medrecon.priors.cli import priors_main
+
+    assert priors_main(["list"]) == 0
+    names = shipped_registry().names()
+    out = capsys.readouterr().out
+    assert all(n in out for n in names)
+    if names:
+        assert priors_main(["show", names[0]]) == 0
+        assert json.loads(capsys.readouterr().out)["name"] == names[0]
+    with pytest.raises(SettingsError, match="unknown prior"):
+        priors_main(["show", "no-such-prior"])
+
+
+def test_docs_python_examples_run():
+    if "ct-256" not in shipped_registry():
+        pytest.skip("docs examples need the shipped ct-256 prior")
+    text = (Path(__file__).resolve().parents[1] / "docs" / "priors.md").read_text()
+    blocks = [b.split("```", 1)[0] for b in text.split("```python\n")[1:]]
+    assert blocks
+    for code in blocks:
+        with torch.no_grad():
+            exec(compile(code, "docs/priors.md", "exec"), {})
