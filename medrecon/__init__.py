@@ -9,6 +9,7 @@ from __future__ import annotations
 
 __version__ = "0.1.0"
 
+from medrecon.api import Reconstruction, reconstruct
 from medrecon.errors import InputError, MedreconError, SettingsError, ShapeError
 
-__all__ = ["__version__", "MedreconError", "InputError", "ShapeError", "SettingsError"]
+__all__ = ["__version__", "reconstruct", "Reconstruction", "MedreconError", "InputError", "ShapeError", "SettingsError"]

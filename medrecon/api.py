@@ -120,23 +120,25 @@ def reconstruct(
     """
     if method not in METHODS:
         raise SettingsError(_nearest(method, METHODS))
+    import inspect
+
+    func = {"fbp": classical.fbp, "zero-filled": classical.zero_filled, "cg": classical.cg,
+            "tv": classical.tv, "l1-wavelet": classical.l1_wavelet}[method]
+    accepted = [p for p in inspect.signature(func).parameters if p not in ("y", "A")]
+    unknown = sorted(set(settings) - set(accepted))
+    if unknown:
+        raise SettingsError(
+            f"method {method!r} does not take {', '.join(unknown)}; it takes: {', '.join(accepted) or 'nothing'}"
+        )
     opts = {**METHODS[method], **settings}
     low, width = problem_scale(y, operator)
     channels = y.shape[1] if operator.in_shape[0] is None else operator.in_shape[0]
     ones = torch.ones((y.shape[0], channels, *operator.in_shape[1:]), dtype=y.real.dtype, device=y.device)
     y_n = (y - operator(low * ones)) / width if low else y / width
     t0 = time.perf_counter()
-    if method == "fbp":
-        x_n = classical.fbp(y_n, operator, **opts)
-    elif method == "zero-filled":
-        x_n = classical.zero_filled(y_n, operator)
-    elif method == "cg":
-        x_n = classical.cg(y_n, operator, **opts)
-    elif method == "tv":
-        opts.setdefault("nonneg", isinstance(operator, _Projector))
-        x_n = classical.tv(y_n, operator, **opts)
-    else:
-        x_n = classical.l1_wavelet(y_n, operator, **opts)
+    if method == "tv":
+        opts.setdefault("nonneg", isinstance(operator, _Projector))  # attenuation ≥ 0 (HU ≥ −1024)
+    x_n = func(y_n, operator, **opts)
     wall = time.perf_counter() - t0
     resid = torch.linalg.norm(operator(x_n) - y_n) / torch.linalg.norm(y_n).clamp_min(1e-30)
     mean = x_n * width + low

@@ -1,0 +1,497 @@
+"""Benchmark the CT and MRI forward operators against scikit-image, ASTRA, deepinv and SigPy.
+
+In one process, with ``torch.set_num_threads(2)``, a fixed seed, one warm-up call and the median
+of repeated calls (``torch.cuda.synchronize()`` around each call on CUDA):
+
+* ``ParallelBeamCT`` at 256² with 23 and 180 views, batch 1 and 8: the forward projection A
+  against ``skimage.transform.radon`` (always), ASTRA's CPU ``linear`` projector and deepinv's
+  ``Tomography`` (when installed); the adjoint Aᵀ against ASTRA / deepinv back-projection and,
+  since scikit-image has no exact adjoint, against ``iradon(filter_name=None)`` (an unfiltered
+  back-projection, which costs the same kind of work); FBP against ``iradon`` (ramp).
+  scikit-image, ASTRA and SigPy take one image per call, so their batch 8 is 8 calls in a loop.
+  Our timings exclude the one-off system-matrix build, which has its own rows.
+* ``MultiCoilMRI`` (SENSE, complex64, 8 coils, 256², batch 1) forward and adjoint against
+  ``sigpy.mri.linop.Sense`` and ``deepinv.physics.MultiCoilMRI``.
+* Accuracy: the adjoint identity |<Ax, y> - <x, Aᵀy>| / (‖Ax‖ ‖y‖) in float64 (23 views), and
+  the relative error of A against ``radon`` on the Shepp-Logan phantom.
+
+A speed-up is the reference's time divided by ours for the same work.  The headline keys
+(``radon23_vs_skimage`` ...) are batch 1, the harder case for us: our batch 8 costs little more
+than batch 1, the loops of the references cost 8 times as much.
+
+Prints a table, then (last) one JSON line.  Targets: 23 views >= 15x scikit-image and >= 3x
+ASTRA-CPU; 180 views >= 20x scikit-image.  Timings on a shared host are noisy: compare ratios
+taken in one run.
+
+    python benchmarks/operators.py            # full (a few minutes on 2 cores)
+    python benchmarks/operators.py --quick    # < 60 s
+    python benchmarks/operators.py --smoke    # 64², 1 repeat, no optional peers (the test)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import statistics
+import sys
+import time
+import types
+import warnings
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+SEED = 0
+VIEWS = (23, 180)
+BATCHES = (1, 8)
+COILS = 8
+
+TARGETS = {
+    "radon23_vs_skimage": 15.0,
+    "radon23_vs_astra": 3.0,
+    "radon180_vs_skimage": 20.0,
+}
+
+
+# --------------------------------------------------------------------------------------------
+# timing
+# --------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Plan:
+    """How many times to call what."""
+
+    size: int
+    ours_reps: int
+    ref_reps: int
+    slow_s: float  # a reference call slower than this stops after ``min_reps`` repeats
+    min_reps: int
+    peers: bool
+    cold_build: bool  # also time a build with the disk cache off
+
+
+def plan_for(args: argparse.Namespace) -> Plan:
+    """The repeat plan of a mode (full, ``--quick`` or ``--smoke``)."""
+    if args.smoke:
+        return Plan(64, 1, 1, math.inf, 1, peers=False, cold_build=False)
+    if args.quick:
+        return Plan(256, 5, 3, 0.5, 1, peers=not args.no_peers, cold_build=False)
+    return Plan(256, 15, 5, math.inf, 5, peers=not args.no_peers, cold_build=True)
+
+
+def make_sync(device: torch.device) -> Callable[[], None]:
+    """``torch.cuda.synchronize`` on a CUDA device, else a no-op."""
+    if device.type == "cuda":
+        return lambda: torch.cuda.synchronize(device)
+    return lambda: None
+
+
+def measure(
+    fn: Callable[[], object],
+    reps: int,
+    sync: Callable[[], None],
+    *,
+    warmup: bool = True,
+    slow_s: float = math.inf,
+    min_reps: int = 1,
+) -> tuple[float, int]:
+    """Median wall time of ``fn()`` in ms over up to ``reps`` calls, after one warm-up call.
+
+    Stops early (after ``min_reps``) once a call takes longer than ``slow_s`` seconds.  Returns
+    ``(median_ms, repeats)``.
+    """
+
+    def once() -> float:
+        sync()
+        t0 = time.perf_counter()
+        fn()
+        sync()
+        return time.perf_counter() - t0
+
+    if warmup:
+        once()
+    times: list[float] = []
+    while len(times) < reps:
+        times.append(once())
+        if times[-1] > slow_s and len(times) >= min_reps:
+            break
+    return 1e3 * statistics.median(times), len(times)
+
+
+# --------------------------------------------------------------------------------------------
+# optional peers
+# --------------------------------------------------------------------------------------------
+def import_deepinv() -> tuple[types.ModuleType | None, str]:
+    """Import deepinv behind the torchvision stub (ENVIRONMENT.md §2); any failure -> None."""
+    try:
+        for name in ("torchvision._meta_registrations", "torchvision._autograd_registrations"):
+            sys.modules.setdefault(name, types.ModuleType(name))
+        import deepinv  # noqa: PLC0415
+
+        return deepinv, str(getattr(deepinv, "__version__", "?"))
+    except Exception as err:  # noqa: BLE001 - the broken torchvision raises RuntimeError
+        return None, f"not installed ({type(err).__name__}: {str(err)[:80]})"
+
+
+def import_astra() -> tuple[types.ModuleType | None, str]:
+    """Import astra-toolbox; any failure (missing CUDA runtime wheels ...) -> None."""
+    try:
+        import astra  # noqa: PLC0415
+
+        return astra, str(getattr(astra, "__version__", "?"))
+    except Exception as err:  # noqa: BLE001
+        return None, f"not installed ({type(err).__name__}: {str(err)[:80]})"
+
+
+def relerr(a: np.ndarray, b: np.ndarray) -> float:
+    """‖a − b‖ / ‖b‖."""
+    return float(np.linalg.norm(a - b) / np.linalg.norm(b))
+
+
+def shepp_logan(n: int) -> np.ndarray:
+    """The scikit-image Shepp-Logan phantom resized to n × n, float32."""
+    from skimage.data import shepp_logan_phantom
+    from skimage.transform import resize
+
+    return resize(shepp_logan_phantom(), (n, n), anti_aliasing=True).astype(np.float32)
+
+
+# --------------------------------------------------------------------------------------------
+# the benchmark
+# --------------------------------------------------------------------------------------------
+class Bench:
+    """Collects table rows and summary keys."""
+
+    def __init__(self, plan: Plan, device: torch.device):
+        self.plan = plan
+        self.device = device
+        self.sync = make_sync(device)
+        self.rows: list[dict] = []
+        self.summary: dict = {}
+
+    def ours(self, fn: Callable[[], object]) -> tuple[float, int]:
+        return measure(fn, self.plan.ours_reps, self.sync)
+
+    def ref(self, fn: Callable[[], object], warmup: bool = True) -> tuple[float, int]:
+        return measure(
+            fn, self.plan.ref_reps, lambda: None, warmup=warmup,
+            slow_s=self.plan.slow_s, min_reps=self.plan.min_reps,
+        )
+
+    def compare(
+        self, op: str, case: str, ours: tuple[float, int], ref: str,
+        ref_t: tuple[float, int] | None, note: str = "",
+    ) -> float | None:
+        """Add a row; return the speed-up (reference ms / our ms)."""
+        speedup = None if ref_t is None else ref_t[0] / ours[0]
+        self.rows.append({
+            "op": op, "case": case, "ours_ms": round(ours[0], 4), "ours_reps": ours[1],
+            "ref": ref, "ref_ms": None if ref_t is None else round(ref_t[0], 4),
+            "ref_reps": None if ref_t is None else ref_t[1],
+            "speedup": None if speedup is None else round(speedup, 3), "note": note,
+        })
+        return speedup
+
+    def info(self, op: str, case: str, value: float, unit: str, note: str = "") -> None:
+        """Add a row that is a single measurement (build time, error)."""
+        self.rows.append({"op": op, "case": case, "value": value, "unit": unit, "note": note})
+
+
+def build_operator(bench: Bench, n: int, views: int):
+    """Make the operator and materialise its torch CSR pair, timing both build paths."""
+    from medrecon.operators import ParallelBeamCT
+    from medrecon.operators.sparse import cache_dir
+
+    dev, case = bench.device, f"{views}v {n}²"
+    if bench.plan.cold_build:
+        old = os.environ.get("MEDRECON_CACHE")
+        os.environ["MEDRECON_CACHE"] = "off"
+        try:
+            t0 = time.perf_counter()
+            cold = ParallelBeamCT.sparse_view(n, views)
+            cold.matrix.pair(dev, torch.float32)
+            bench.sync()
+            bench.info("system matrix build (no cache) + torch CSR", case,
+                       round(time.perf_counter() - t0, 3), "s")
+            del cold
+        finally:
+            if old is None:
+                del os.environ["MEDRECON_CACHE"]
+            else:
+                os.environ["MEDRECON_CACHE"] = old
+    folder = cache_dir()
+    before = set(folder.glob("*.npz")) if folder is not None and folder.exists() else set()
+    t0 = time.perf_counter()
+    op = ParallelBeamCT.sparse_view(n, views)
+    m = op.matrix
+    m.pair(dev, torch.float32)
+    bench.sync()
+    dt = time.perf_counter() - t0
+    after = set(folder.glob("*.npz")) if folder is not None and folder.exists() else set()
+    how = "disk cache off" if folder is None else ("cache miss: built and written" if after - before else "loaded from disk cache")
+    bench.info("system matrix first use + torch CSR", case, round(dt, 3), "s",
+               f"{how}; nnz {m.matrix.nnz:,}")
+    return op
+
+
+def bench_ct(bench: Bench, dinv, astra) -> None:
+    """CT rows: A, Aᵀ and FBP against the references."""
+    from skimage.transform import iradon, radon
+
+    n, dev = bench.plan.size, bench.device
+    gen = torch.Generator().manual_seed(SEED)
+    s = bench.summary
+    for views in VIEWS:
+        op = build_operator(bench, n, views)
+        theta = np.rad2deg(op.angles)
+        aop = dinv_op = None
+        if astra is not None:
+            pg = astra.create_proj_geom("parallel", 1.0, op.n_bins, op.angles)
+            vg = astra.create_vol_geom(n, n)
+            aop = astra.OpTomo(astra.create_projector("linear", pg, vg))
+        if dinv is not None:
+            dinv_op = dinv.physics.Tomography(
+                angles=torch.tensor(theta, dtype=torch.float32), img_width=n, circle=False,
+                device=dev, normalize=False,
+            )
+        for b in BATCHES:
+            case = f"{views}v b{b}"
+            x = torch.rand(b, 1, n, n, generator=gen).to(dev)
+            y = op(x)
+            imgs = list(x[:, 0].cpu().numpy())
+            sinos = list(y[:, 0].cpu().numpy())  # (views, bins) each
+            warm = b == 1  # a loop of batch-1 calls was warmed up by the batch-1 case
+
+            # forward A
+            t = bench.ours(lambda x=x: op(x))
+            sp = bench.compare("A (radon)", case, t, "skimage radon",
+                               bench.ref(lambda: [radon(im, theta, circle=False) for im in imgs], warm))
+            s[f"radon{views}_b{b}_vs_skimage"] = sp
+            if aop is not None:
+                sp = bench.compare("A (radon)", case, t, "ASTRA-CPU linear",
+                                   bench.ref(lambda: [aop.FP(im) for im in imgs], warm))
+                s[f"radon{views}_b{b}_vs_astra"] = sp
+            if dinv_op is not None:
+                sp = bench.compare("A (radon)", case, t, "deepinv Tomography",
+                                   bench.ref(lambda x=x: dinv_op.A(x)))
+                s[f"radon{views}_b{b}_vs_deepinv"] = sp
+
+            # adjoint Aᵀ
+            t = bench.ours(lambda y=y: op.adjoint(y))
+            sp = bench.compare(
+                "Aᵀ (back-projection)", case, t, "skimage iradon filter=None",
+                bench.ref(lambda: [iradon(q.T, theta, output_size=n, filter_name=None, circle=False)
+                                   for q in sinos], warm),
+                "iradon(filter_name=None) is a back-projection, not the exact adjoint",
+            )
+            s[f"radon{views}_b{b}_adjoint_vs_skimage_bp"] = sp
+            if aop is not None:
+                sp = bench.compare("Aᵀ (back-projection)", case, t, "ASTRA-CPU linear",
+                                   bench.ref(lambda: [aop.BP(q) for q in sinos], warm))
+                s[f"radon{views}_b{b}_adjoint_vs_astra"] = sp
+            if dinv_op is not None:
+                yd = dinv_op.A(x)
+                sp = bench.compare("Aᵀ (back-projection)", case, t, "deepinv Tomography",
+                                   bench.ref(lambda yd=yd: dinv_op.A_adjoint(yd)),
+                                   "A_adjoint (adjoint_via_backprop default)")
+                s[f"radon{views}_b{b}_adjoint_vs_deepinv"] = sp
+
+            # FBP (ramp)
+            t = bench.ours(lambda y=y: op.fbp(y))
+            sp = bench.compare(
+                "FBP (ramp)", case, t, "skimage iradon",
+                bench.ref(lambda: [iradon(q.T, theta, output_size=n, filter_name="ramp", circle=False)
+                                   for q in sinos], warm),
+            )
+            s[f"fbp{views}_b{b}_vs_skimage"] = sp
+            if aop is not None and b == 1:
+                sp = bench.compare("FBP (ramp)", case, t, "ASTRA-CPU FBP",
+                                   bench.ref(lambda: [aop.reconstruct("FBP", q) for q in sinos]))
+                s[f"fbp{views}_b{b}_vs_astra"] = sp
+            if dinv_op is not None and b == 1:
+                yd = dinv_op.A(x)
+                sp = bench.compare("FBP (ramp)", case, t, "deepinv Tomography.fbp",
+                                   bench.ref(lambda yd=yd: dinv_op.fbp(yd)))
+                s[f"fbp{views}_b{b}_vs_deepinv"] = sp
+
+        # accuracy on the phantom
+        ph = shepp_logan(n)
+        ours = op(torch.from_numpy(ph)[None, None].to(dev))[0, 0].cpu().numpy()
+        ref = radon(ph, theta, circle=False).T
+        err = relerr(ours, ref)
+        bench.info("A vs skimage radon, rel. error", f"{views}v phantom", err, "",
+                   "Shepp-Logan; same discretisation, should be ~1e-6")
+        s[f"radon{views}_vs_skimage_relerr"] = err
+        if aop is not None:
+            bench.info("A vs ASTRA linear, rel. error", f"{views}v phantom",
+                       relerr(aop.FP(ph), ours), "", "different discretisation (Joseph)")
+        if dinv_op is not None:
+            d = dinv_op.A(torch.from_numpy(ph)[None, None].to(dev))[0, 0].cpu().numpy().T
+            bench.info("A vs deepinv Tomography, rel. error", f"{views}v phantom",
+                       relerr(d, ours), "", "")
+        if views == VIEWS[0]:
+            s["radon_adjoint_relerr"] = adjoint_relerr(op, n, dev)
+            bench.info("adjoint identity |<Ax,y>-<x,Aᵀy>|/(‖Ax‖‖y‖)", f"{views}v float64",
+                       s["radon_adjoint_relerr"], "", "")
+        del op
+    s["radon23_vs_skimage"] = s["radon23_b1_vs_skimage"]
+    s["radon180_vs_skimage"] = s["radon180_b1_vs_skimage"]
+    s["radon_vs_skimage_relerr"] = max(s[f"radon{v}_vs_skimage_relerr"] for v in VIEWS)
+    for peer in ("astra", "deepinv"):
+        if f"radon23_b1_vs_{peer}" in s:
+            s[f"radon23_vs_{peer}"] = s[f"radon23_b1_vs_{peer}"]
+            s[f"radon180_vs_{peer}"] = s[f"radon180_b1_vs_{peer}"]
+
+
+def adjoint_relerr(op, n: int, dev: torch.device) -> float:
+    """|<Ax, y> − <x, Aᵀy>| / (‖Ax‖ ‖y‖) for random x, y in float64."""
+    g = torch.Generator().manual_seed(SEED + 1)
+    x = torch.randn(1, 1, n, n, generator=g, dtype=torch.float64).to(dev)
+    y = torch.randn(1, 1, len(op.angles), op.n_bins, generator=g, dtype=torch.float64).to(dev)
+    ax = op(x)
+    lhs = float((ax * y).sum())
+    rhs = float((x * op.adjoint(y)).sum())
+    return abs(lhs - rhs) / float(ax.norm() * y.norm())
+
+
+def bench_sense(bench: Bench, dinv) -> None:
+    """SENSE rows: forward and adjoint against SigPy and deepinv."""
+    import sigpy.mri
+
+    from medrecon.operators import MultiCoilMRI, mri_mask
+
+    n, dev, s = bench.plan.size, bench.device, bench.summary
+    maps_np = sigpy.mri.birdcage_maps((COILS, n, n)).astype(np.complex64)
+    mask = mri_mask("equispaced", (n, n), acceleration=4)
+    mask_np = mask.numpy().astype(np.float32)
+    op = MultiCoilMRI(torch.from_numpy(maps_np), mask)
+    g = torch.Generator().manual_seed(SEED + 2)
+    x = torch.randn(1, 1, n, n, generator=g, dtype=torch.complex64).to(dev)
+    y = op(x)
+    case = f"{COILS} coils {n}² b1"
+
+    sense = sigpy.mri.linop.Sense(maps_np, weights=mask_np)
+    xs, ys = x[0, 0].cpu().numpy(), y[0].cpu().numpy()
+    t_fwd = bench.ours(lambda: op(x))
+    t_adj = bench.ours(lambda: op.adjoint(y))
+    s["sense_vs_sigpy"] = bench.compare("SENSE A", case, t_fwd, "sigpy Sense",
+                                        bench.ref(lambda: sense(xs)))
+    s["sense_adjoint_vs_sigpy"] = bench.compare("SENSE Aᴴ", case, t_adj, "sigpy Sense.H",
+                                                bench.ref(lambda: sense.H(ys)))
+    bench.info("SENSE A vs sigpy, rel. error", case, relerr(y[0].cpu().numpy(), sense(xs)), "")
+    if dinv is not None and hasattr(dinv.physics, "MultiCoilMRI"):
+        phys = dinv.physics.MultiCoilMRI(
+            mask=torch.from_numpy(mask_np).to(dev), coil_maps=torch.from_numpy(maps_np).to(dev),
+            img_size=(n, n), device=dev,
+        )
+        xd = torch.view_as_real(x[:, 0]).permute(0, 3, 1, 2).contiguous()  # (B, 2, H, W)
+        yd = phys.A(xd)  # (B, 2, coils, H, W)
+        s["sense_vs_deepinv"] = bench.compare("SENSE A", case, t_fwd, "deepinv MultiCoilMRI",
+                                              bench.ref(lambda: phys.A(xd)))
+        s["sense_adjoint_vs_deepinv"] = bench.compare("SENSE Aᴴ", case, t_adj,
+                                                      "deepinv MultiCoilMRI",
+                                                      bench.ref(lambda: phys.A_adjoint(yd)))
+        yc = torch.complex(yd[:, 0], yd[:, 1])
+        bench.info("SENSE A vs deepinv, rel. error", case,
+                   relerr(yc.cpu().numpy(), y.cpu().numpy()), "")
+
+
+# --------------------------------------------------------------------------------------------
+# output
+# --------------------------------------------------------------------------------------------
+def _fmt(v: float | None, spec: str) -> str:
+    return "–" if v is None else format(v, spec)
+
+
+def format_table(rows: Sequence[dict]) -> str:
+    """The human-readable table: timing comparisons, then single measurements."""
+    head = f"{'operation':<22} {'case':<20} {'ours ms':>9} {'reference':<27} {'ref ms':>9} {'speed-up':>9} {'reps':>6}"
+    lines = [head, "-" * len(head)]
+    for r in rows:
+        if "ours_ms" in r:
+            reps = f"{r['ours_reps']}/{r['ref_reps']}" if r["ref_reps"] else str(r["ours_reps"])
+            lines.append(
+                f"{r['op']:<22} {r['case']:<20} {r['ours_ms']:>9.3f} {r['ref']:<27} "
+                f"{_fmt(r['ref_ms'], '9.2f'):>9} {_fmt(r['speedup'], '8.1f') + 'x':>9} {reps:>6}"
+                + (f"  ({r['note']})" if r["note"] else "")
+            )
+    lines += ["", f"{'measurement':<48} {'case':<20} {'value':>12}", "-" * 82]
+    for r in rows:
+        if "value" in r:
+            v = r["value"]
+            val = f"{v:.3g}" if r["unit"] == "" else f"{v:.3f} {r['unit']}"
+            lines.append(f"{r['op']:<48} {r['case']:<20} {val:>12}"
+                         + (f"  ({r['note']})" if r["note"] else ""))
+    return "\n".join(lines)
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    """Command-line options."""
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    mode = ap.add_mutually_exclusive_group()
+    mode.add_argument("--quick", action="store_true", help="fewer repeats of slow references (< 60 s)")
+    mode.add_argument("--smoke", action="store_true", help="64² images, 1 repeat, no optional peers")
+    ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--no-peers", action="store_true", help="skip deepinv and ASTRA")
+    args = ap.parse_args(argv)
+    if args.device == "cuda" and not torch.cuda.is_available():
+        ap.error("--device cuda: CUDA is not available")
+    return args
+
+
+def main(argv: Sequence[str] | None = None) -> dict:
+    """Run the benchmark, print the table and the JSON line; return the JSON object."""
+    args = parse_args(argv)
+    plan = plan_for(args)
+    threads_before = torch.get_num_threads()
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(SEED)
+    t_start = time.perf_counter()
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            import scipy
+            import sigpy
+            import skimage
+
+            dinv, dinv_v = import_deepinv() if plan.peers else (None, "skipped")
+            astra, astra_v = import_astra() if plan.peers else (None, "skipped")
+            bench = Bench(plan, torch.device(args.device))
+            bench_ct(bench, dinv, astra)
+            bench_sense(bench, dinv)
+    finally:
+        torch.set_num_threads(threads_before)
+    wall = time.perf_counter() - t_start
+
+    mode = "smoke" if args.smoke else "quick" if args.quick else "full"
+    print(f"medrecon operator benchmark ({mode}): {plan.size}², device {args.device}, "
+          f"{args.threads} threads, torch {torch.__version__}, {platform.machine()}")
+    print(f"peers: scikit-image {skimage.__version__}, sigpy {sigpy.__version__}, scipy "
+          f"{scipy.__version__}, deepinv {dinv_v}, astra-toolbox {astra_v}")
+    print("speed-up = reference ms / ours ms for the same work; references at batch 8 loop "
+          "over 8 images (deepinv takes the batch)\n")
+    print(format_table(bench.rows))
+    s = bench.summary
+    targets = {f"{k} >= {v:g}": (s[k] >= v) for k, v in TARGETS.items() if s.get(k) is not None}
+    print("\ntargets: " + ", ".join(f"{k}: {'met' if ok else 'MISSED'} ({s[k.split()[0]]:.1f}x)"
+                                    for k, ok in targets.items()))
+    print(f"wall time {wall:.1f} s")
+    out = {
+        "bench": "operators", "device": args.device, "threads": args.threads,
+        "quick": bool(args.quick), "smoke": bool(args.smoke), "size": plan.size,
+        "peers": {"deepinv": dinv_v, "astra": astra_v, "skimage": skimage.__version__,
+                  "sigpy": sigpy.__version__, "torch": torch.__version__},
+        "results": bench.rows, **{k: v for k, v in s.items() if v is not None},
+        "targets": targets, "wall_s": round(wall, 2),
+    }
+    print(json.dumps(out))
+    return out
+
+
+if __name__ == "__main__":
+    main()
