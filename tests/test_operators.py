@@ -412,3 +412,57 @@ def test_mask_statistics_and_determinism():
     state = torch.random.get_rng_state()
     mri_mask("random", (64, 64), 4, seed=3)
     assert torch.equal(state, torch.random.get_rng_state())
+
+
+# ------------------------------------------------------------------ optional torch-radon backend
+class _FakeRadon:
+    """Stands in for ``torch_radon.Radon``: our projector, optionally with a wrong angle sign."""
+
+    flip = False
+
+    def __init__(self, resolution, angles, det_count, det_spacing):
+        a = angles.cpu().numpy()
+        self.op = ParallelBeamCT(resolution, (math.pi - a) % math.pi if self.flip else a, n_bins=det_count,
+                                 detector_spacing=det_spacing, backend="sparse")
+        self.calls = 0
+
+    def forward(self, x):
+        self.calls += 1
+        return self.op(x)
+
+    def backprojection(self, y):
+        return self.op.adjoint(y)
+
+
+def _fake_module(monkeypatch, flip: bool):
+    import types
+
+    mod = types.ModuleType("torch_radon")
+    mod.Radon = type("Radon", (_FakeRadon,), {"flip": flip})
+    monkeypatch.setitem(__import__("sys").modules, "torch_radon", mod)
+
+
+def test_torch_radon_backend_is_used_after_validation(monkeypatch):
+    _fake_module(monkeypatch, flip=False)
+    op = ParallelBeamCT(16, np.array([0.2, 1.0, 2.5]), backend="torch-radon")
+    x = torch.rand(2, 1, 16, 16)
+    y = op(x)
+    radon = op._torch_radon["cpu"][0]
+    assert radon is not None and radon.calls >= 3  # 2 validation calls + this one
+    torch.testing.assert_close(y, ParallelBeamCT(16, np.array([0.2, 1.0, 2.5]), backend="sparse")(x))
+    # "auto" keeps CPU tensors on the sparse matrix
+    auto = ParallelBeamCT(16, np.array([0.2, 1.0, 2.5]))
+    auto(x)
+    assert "_torch_radon" not in auto.__dict__
+
+
+def test_torch_radon_with_other_geometry_is_refused(monkeypatch):
+    _fake_module(monkeypatch, flip=True)
+    op = ParallelBeamCT(16, np.array([0.2, 1.0, 2.5]), backend="torch-radon")
+    with pytest.raises(SettingsError, match="differs from the reference geometry"):
+        op(torch.rand(1, 1, 16, 16))
+    monkeypatch.setitem(__import__("sys").modules, "torch_radon", None)  # not installed
+    with pytest.raises(SettingsError, match="not installed"):
+        ParallelBeamCT(16, np.array([0.2]), backend="torch-radon")(torch.rand(1, 1, 16, 16))
+    with pytest.raises(SettingsError, match="backend must be one of"):
+        ParallelBeamCT(16, backend="astra")

@@ -34,6 +34,7 @@ from torch import Tensor
 from medrecon.errors import SettingsError, ShapeError
 from medrecon.operators.base import SamplingOperator
 from medrecon.operators.sparse import SparseMatrix, cached_matrix
+from medrecon.operators.torch_radon_backend import BACKENDS, use_torch_radon
 
 __all__ = [
     "ParallelBeamCT",
@@ -270,12 +271,20 @@ class _Projector(SamplingOperator):
             self._matrix = SparseMatrix(cached_matrix(key, build))
         return self._matrix
 
+    backend = "sparse"
+
     def _forward(self, x: Tensor) -> Tensor:
+        radon = use_torch_radon(self, x)
+        if radon is not None:
+            return radon.forward(x)
         b, c = x.shape[:2]
         y = self.matrix.apply(x.reshape(b, c, -1))
         return y.reshape(b, c, len(self.angles), self.n_bins)
 
     def _adjoint(self, y: Tensor) -> Tensor:
+        radon = use_torch_radon(self, y)
+        if radon is not None:
+            return radon.backprojection(y)
         b, c = y.shape[:2]
         x = self.matrix.apply(y.reshape(b, c, -1), transpose=True)
         return x.reshape(b, c, *self.image_shape)
@@ -384,6 +393,10 @@ class ParallelBeamCT(_Projector):
         Detector bins; default ⌈√2·max(H, W)⌉ (scikit-image ``circle=False``).
     detector_spacing : float
         Bin width in pixels.
+    backend : {"auto", "sparse", "torch-radon"}
+        ``auto`` uses torch-radon for CUDA tensors when it is installed and passes a geometry
+        check against the sparse projector (:mod:`medrecon.operators.torch_radon_backend`),
+        and the sparse matrix otherwise.
 
     Examples
     --------
@@ -404,9 +417,13 @@ class ParallelBeamCT(_Projector):
         view_mask=None,
         n_bins: int | None = None,
         detector_spacing: float = 1.0,
+        backend: str = "auto",
     ):
         shape = _image_shape(image_size)
         who = "ParallelBeamCT"
+        if backend not in BACKENDS:
+            raise SettingsError(f"{who}: backend must be one of {', '.join(BACKENDS)}; got {backend!r}")
+        self.backend = backend
         if angles_rad is None:
             angles_rad = np.arange(180) * (math.pi / 180)
         angles = _check_angles(
@@ -447,7 +464,8 @@ class ParallelBeamCT(_Projector):
 
     def _with_angles(self, angles: np.ndarray) -> ParallelBeamCT:
         return ParallelBeamCT(
-            self.image_shape, angles, n_bins=self.n_bins, detector_spacing=self.detector_spacing
+            self.image_shape, angles, n_bins=self.n_bins, detector_spacing=self.detector_spacing,
+            backend=self.backend,
         )
 
     def _rays(self, angles):
