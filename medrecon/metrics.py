@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import numpy as np
-import torch
 from torch import Tensor
 
 __all__ = ["psnr", "ssim", "window", "SOFT_TISSUE_HU", "calibration"]

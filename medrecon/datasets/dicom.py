@@ -53,12 +53,12 @@ NON_IMAGE_MODALITIES = {
     "FID",
     "RAW",
 }
-COPY_TAGS = (
+#: the patient and study modules a derived series copies from its source
+PATIENT_STUDY_TAGS = (
     "PatientName",
     "PatientID",
     "PatientBirthDate",
     "PatientSex",
-    "PatientAge",
     "StudyInstanceUID",
     "StudyID",
     "StudyDate",
@@ -66,6 +66,10 @@ COPY_TAGS = (
     "AccessionNumber",
     "ReferringPhysicianName",
     "StudyDescription",
+)
+COPY_TAGS = (
+    *PATIENT_STUDY_TAGS,
+    "PatientAge",
     "FrameOfReferenceUID",
     "PositionReferenceIndicator",
     "PatientPosition",

@@ -19,6 +19,7 @@ from typing import Any, Literal
 import numpy as np
 
 from medrecon.datasets._atomic import atomic_dir
+from medrecon.datasets.dicom import PATIENT_STUDY_TAGS
 from medrecon.datasets.types import LPS_TO_RAS, Volume
 from medrecon.errors import SettingsError, ShapeError
 
@@ -29,19 +30,6 @@ _SOP_CLASS = {
     "MR": "1.2.840.10008.5.1.4.1.1.4",
     "OT": "1.2.840.10008.5.1.4.1.1.7",
 }
-_PATIENT_STUDY = (
-    "PatientName",
-    "PatientID",
-    "PatientBirthDate",
-    "PatientSex",
-    "StudyInstanceUID",
-    "StudyID",
-    "StudyDate",
-    "StudyTime",
-    "AccessionNumber",
-    "ReferringPhysicianName",
-    "StudyDescription",
-)
 
 
 def _encode(array: np.ndarray) -> tuple[np.ndarray, float, float]:
@@ -169,7 +157,7 @@ def save_dicom_series(
             ds.SpecificCharacterSet = "ISO_IR 192"
             ds.ImageType = image_type
             ds.SOPClassUID, ds.SOPInstanceUID = sop_class, sop_uid
-            for tag in _PATIENT_STUDY:
+            for tag in PATIENT_STUDY_TAGS:
                 setattr(ds, tag, src.get(tag, ""))
             ds.StudyInstanceUID = study_uid
             ds.StudyDate, ds.StudyTime = src.get("StudyDate") or date, src.get("StudyTime") or time
