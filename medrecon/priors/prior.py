@@ -338,6 +338,7 @@ class ScorePrior(nn.Module):
         }
         tmp = wpath.with_suffix(".safetensors.tmp")
         save_file(tensors, str(tmp), metadata={"format": CARD_FORMAT, "name": name})
+        os.chmod(tmp, 0o644)
         os.replace(tmp, wpath)
         full = {**self.card, **(card or {})}
         full.update(
