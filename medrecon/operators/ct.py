@@ -236,6 +236,7 @@ class _Projector(SamplingOperator):
             (None, *image_shape), (None, int(view_mask.sum()), n_bins), name=who
         )
         self._matrix: SparseMatrix | None = None
+        self._bp: SparseMatrix | None = None
         self._full: _Projector | None = None
         # per-view back-projection weights of the *full* set (T⁻¹), restricted to measured views
         self.full_weights = view_weights(angles, self.period)
@@ -268,8 +269,49 @@ class _Projector(SamplingOperator):
                 o, d, t = self._rays(self.angles)
                 return ray_matrix(self.image_shape, o, d, t)
 
-            self._matrix = SparseMatrix(cached_matrix(key, build))
+            m = cached_matrix(key, build)
+            mt = cached_matrix({**key, "transpose": True}, lambda: m.T.tocsr())
+            self._matrix = SparseMatrix(m, mt)
         return self._matrix
+
+    @property
+    def backprojector(self) -> SparseMatrix:
+        """Pixel-driven FBP back-projection matrix ``(H·W, views·bins)`` (linear interpolation
+        between bins, times the geometry's distance weight), built once and disk-cached."""
+        if self._bp is None:
+            key = {**self._geometry_key(), "angles": self.angles.round(12).tolist()}
+            key["kind"] = key["kind"] + "-fbp"
+            self._bp = SparseMatrix(cached_matrix(key, self._build_backprojector))
+        return self._bp
+
+    def _build_backprojector(self) -> sp.csr_matrix:
+        h, w = self.image_shape
+        yy, xx = torch.meshgrid(
+            torch.arange(h, dtype=torch.float64) - h // 2,
+            torch.arange(w, dtype=torch.float64) - w // 2,
+            indexing="ij",
+        )
+        angles = torch.as_tensor(self.angles, dtype=torch.float64)
+        pixels = np.arange(h * w)
+        blocks = []
+        for v in range(len(self.angles)):
+            pos, wt = self._pixel_detector_coords(angles[v : v + 1], xx, yy)
+            pos, wt = pos.reshape(-1).numpy(), wt.reshape(-1).numpy()
+            i0 = np.floor(pos)
+            frac = pos - i0
+            i0 = i0.astype(np.int64)
+            rows, cols, vals = [], [], []
+            for di, wi in ((0, 1 - frac), (1, frac)):
+                idx = i0 + di
+                ok = (idx >= 0) & (idx < self.n_bins) & (wi > 0)
+                rows.append(pixels[ok])
+                cols.append(idx[ok])
+                vals.append((wi * wt)[ok])
+            blocks.append(sp.csr_matrix(
+                (np.concatenate(vals), (np.concatenate(rows), np.concatenate(cols))),
+                shape=(h * w, self.n_bins),
+            ))
+        return sp.hstack(blocks, format="csr")
 
     backend = "sparse"
 
@@ -343,36 +385,10 @@ class _Projector(SamplingOperator):
         return torch.fft.irfft(spec, n=n_pad, dim=-1)[..., : self.n_bins]
 
     def _backproject_pixels(self, q: Tensor, weights: Tensor) -> Tensor:
-        """Pixel-driven back-projection with linear interpolation between bins."""
-        h, w = self.image_shape
+        """Pixel-driven back-projection of filtered views ``q``, each view weighted."""
         b, c, n_views, n_bins = q.shape
-        dev, dt = q.device, q.dtype
-        yy, xx = torch.meshgrid(
-            torch.arange(h, device=dev, dtype=dt) - h // 2,
-            torch.arange(w, device=dev, dtype=dt) - w // 2,
-            indexing="ij",
-        )
-        angles = torch.as_tensor(self.angles, device=dev, dtype=dt)
-        flat = q.reshape(b * c, n_views, n_bins)
-        out = q.new_zeros(b * c, h * w)
-        chunk = max(1, 8_000_000 // max(1, b * c * h * w))
-        for v0 in range(0, n_views, chunk):
-            sl = slice(v0, v0 + chunk)
-            pos, wt = self._pixel_detector_coords(angles[sl], xx, yy)  # (v, H, W) each
-            pos = pos.reshape(pos.shape[0], -1)
-            i0 = torch.floor(pos)
-            frac = pos - i0
-            i0 = i0.long()
-            vals = flat[:, sl, :]
-            acc = 0
-            for di, wi in ((0, 1 - frac), (1, frac)):
-                idx = i0 + di
-                ok = (idx >= 0) & (idx < n_bins)
-                g = torch.gather(vals, 2, idx.clamp(0, n_bins - 1).expand(b * c, -1, -1))
-                acc = acc + g * (wi * ok)
-            wv = (wt.reshape(wt.shape[0], -1) * weights[sl, None])
-            out = out + (acc * wv).sum(1)
-        return out.reshape(b, c, h, w)
+        qw = (q * weights[:, None]).reshape(b, c, n_views * n_bins)
+        return self.backprojector.apply(qw).reshape(b, c, *self.image_shape)
 
 
 # --------------------------------------------------------------------------------------------
