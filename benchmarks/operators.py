@@ -228,7 +228,8 @@ def build_operator(bench: Bench, n: int, views: int):
         try:
             t0 = time.perf_counter()
             cold = ParallelBeamCT.sparse_view(n, views)
-            cold.matrix.pair(dev, torch.float32)
+            cold.matrix.get(dev, torch.float32)
+            cold.matrix.get(dev, torch.float32, transpose=True)
             bench.sync()
             bench.info(
                 "system matrix build (no cache) + torch CSR",
@@ -247,7 +248,8 @@ def build_operator(bench: Bench, n: int, views: int):
     t0 = time.perf_counter()
     op = ParallelBeamCT.sparse_view(n, views)
     m = op.matrix
-    m.pair(dev, torch.float32)
+    m.get(dev, torch.float32)
+    m.get(dev, torch.float32, transpose=True)
     bench.sync()
     dt = time.perf_counter() - t0
     after = set(folder.glob("*.npz")) if folder is not None and folder.exists() else set()
