@@ -76,11 +76,63 @@ def _nearest(name: str, known) -> str:
     return f"unknown method {name!r}{hint} Known: {', '.join(sorted(known))}"
 
 
+def _load_prior(prior: Any, operator: LinearOperator, device: torch.device) -> Any:
+    """A prior object as given, or the shipped prior named (default: by modality)."""
+    if prior is None:
+        prior = "ct-256" if isinstance(operator, _Projector) else "mri-256"
+    if isinstance(prior, str):
+        from medrecon.priors import ScorePrior
+
+        return ScorePrior.load(prior, device=device)
+    return prior
+
+
+def _diffusion(y, operator, method, prior, n_samples, steps, seed, progress, settings):
+    from medrecon.solvers.presets import run_diffusion
+
+    model = _load_prior(prior, operator, y.device)
+    low, width = problem_scale(y, operator)
+    y_n = _normalise_measurement(y, operator, low, width)
+    if steps is not None:
+        settings = {**settings, "steps": steps}
+    t0 = time.perf_counter()
+    samples_n, info = run_diffusion(y_n, operator, model, method, n_samples=n_samples, seed=seed,
+                                    progress=progress, **settings)
+    wall = time.perf_counter() - t0
+    mean_n = samples_n.mean(0)
+    samples = samples_n * width + low
+    std = samples_n.std(0) * width if n_samples > 1 else torch.zeros_like(mean_n.real)
+    if std.is_complex():
+        std = std.abs()
+    info.update({
+        "method": method, "seed": seed, "wall_time_s": round(wall, 4),
+        "prior": getattr(model, "name", type(model).__name__) or type(model).__name__,
+        "data_residual": _residual(operator, mean_n, y_n),
+        "normaliser": {"low": low, "width": width},
+    })
+    return Reconstruction(mean=mean_n * width + low, std=std, samples=samples, info=info)
+
+
+def _normalise_measurement(y: Tensor, operator: LinearOperator, low: float, width: float) -> Tensor:
+    if not low:
+        return y / width
+    channels = y.shape[1] if operator.in_shape[0] is None else operator.in_shape[0]
+    ones = torch.ones((y.shape[0], channels, *operator.in_shape[1:]), dtype=y.real.dtype, device=y.device)
+    return (y - operator(low * ones)) / width
+
+
+def _residual(operator: LinearOperator, x_n: Tensor, y_n: Tensor) -> float:
+    return float(torch.linalg.norm(operator(x_n) - y_n) / torch.linalg.norm(y_n).clamp_min(1e-30))
+
+
 def reconstruct(
     y: Tensor,
     operator: LinearOperator,
-    method: str = "tv",
+    method: str = "ccdf",
     *,
+    prior: Any = None,
+    n_samples: int = 4,
+    steps: int | None = None,
     seed: int = 0,
     progress: bool = False,
     **settings: Any,
@@ -95,9 +147,18 @@ def reconstruct(
     operator : LinearOperator
         The forward model ``A``.
     method : str
-        ``"fbp"``, ``"zero-filled"``, ``"cg"``, ``"tv"`` or ``"l1-wavelet"``.
+        Diffusion: ``"ccdf"`` (default), ``"song"``, ``"dps"``, ``"score-mri"``; classical:
+        ``"fbp"``, ``"zero-filled"``, ``"cg"``, ``"tv"``, ``"l1-wavelet"``.
+    prior : str or prior object, optional
+        Diffusion methods: a shipped prior's name (default ``"ct-256"`` for CT operators,
+        ``"mri-256"`` otherwise) or any object with ``sde`` and ``score(x, t)`` in normalised space.
+    n_samples : int
+        Posterior samples (diffusion), drawn as one batch; ``mean`` is their average and ``std``
+        their pixel-wise standard deviation.
+    steps : int, optional
+        Number of diffusion steps N (default from the method's preset).
     seed : int
-        Recorded in ``info`` (classical methods are deterministic).
+        Seed of every random draw (classical methods are deterministic).
     progress : bool
         Show a progress bar (long methods).
     **settings
@@ -118,8 +179,12 @@ def reconstruct(
     >>> rec.mean.shape
     torch.Size([1, 1, 32, 32])
     """
+    from medrecon.solvers.presets import DIFFUSION_METHODS
+
+    if method in DIFFUSION_METHODS:
+        return _diffusion(y, operator, method, prior, n_samples, steps, seed, progress, settings)
     if method not in METHODS:
-        raise SettingsError(_nearest(method, METHODS))
+        raise SettingsError(_nearest(method, (*METHODS, *DIFFUSION_METHODS)))
     import inspect
 
     func = {"fbp": classical.fbp, "zero-filled": classical.zero_filled, "cg": classical.cg,
@@ -132,15 +197,12 @@ def reconstruct(
         )
     opts = {**METHODS[method], **settings}
     low, width = problem_scale(y, operator)
-    channels = y.shape[1] if operator.in_shape[0] is None else operator.in_shape[0]
-    ones = torch.ones((y.shape[0], channels, *operator.in_shape[1:]), dtype=y.real.dtype, device=y.device)
-    y_n = (y - operator(low * ones)) / width if low else y / width
+    y_n = _normalise_measurement(y, operator, low, width)
     t0 = time.perf_counter()
     if method == "tv":
         opts.setdefault("nonneg", isinstance(operator, _Projector))  # attenuation ≥ 0 (HU ≥ −1024)
     x_n = func(y_n, operator, **opts)
     wall = time.perf_counter() - t0
-    resid = torch.linalg.norm(operator(x_n) - y_n) / torch.linalg.norm(y_n).clamp_min(1e-30)
     mean = x_n * width + low
     info = {
         "method": method,
@@ -148,7 +210,7 @@ def reconstruct(
         "seed": seed,
         "nfe": 0,
         "wall_time_s": round(wall, 4),
-        "data_residual": float(resid),
+        "data_residual": _residual(operator, x_n, y_n),
         "normaliser": {"low": low, "width": width},
     }
     return Reconstruction(mean=mean, info=info)

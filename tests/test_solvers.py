@@ -129,3 +129,21 @@ def test_bad_settings(prior):
         run_diffusion(y, A, prior, "song", lam=2.0)
     with pytest.raises(SettingsError, match="unknown predictor"):
         run_diffusion(y, A, prior, "song", steps=4, predictor="heun")
+
+
+def test_reconstruct_api_with_a_prior_object(prior):
+    """medrecon.reconstruct runs a diffusion method in the caller's units (HU for CT)."""
+    from medrecon import reconstruct
+
+    A = ParallelBeamCT(N, torch.arange(4).double().numpy() * math.pi / 4)
+    x_n = prior.sample(1, torch.Generator().manual_seed(3))
+    hu = x_n * 4096 - 1024
+    rec = reconstruct(A(hu), A, method="ccdf", prior=prior, n_samples=8, steps=60, seed=1)
+    assert rec.mean.shape == hu.shape and rec.std.shape == hu.shape and rec.samples.shape == (8, *hu.shape)
+    assert float(rec.std.min()) >= 0
+    for key in ("method", "settings", "seed", "nfe", "wall_time_s", "data_residual", "prior"):
+        assert key in rec.info
+    assert rec.info["data_residual"] < 0.05
+    assert float((rec.mean - hu).abs().mean()) < float((prior.mean.reshape(1, 1, N, N) * 4096 - 1024 - hu).abs().mean())
+    with pytest.raises(SettingsError, match="did you mean 'dps'"):
+        reconstruct(A(hu), A, method="dsp", prior=prior)
