@@ -16,7 +16,7 @@ import math
 import torch
 from torch import Tensor
 
-from medrecon.errors import SettingsError
+from medrecon.errors import SettingsError, ShapeError
 from medrecon.operators.base import LinearOperator
 from medrecon.operators.diff import FiniteDifference
 from medrecon.solvers.cg import conjugate_gradient
@@ -46,6 +46,10 @@ def operator_norm(A: LinearOperator, like: Tensor, iters: int = 30, seed: int = 
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(like[:1].shape, generator=g, dtype=like.real.dtype if like.is_complex() else like.dtype)
     x = x.to(like.device).to(like.dtype)
+    try:
+        A.normal(x)
+    except ShapeError:  # per-slice masks or maps: iterate on the whole batch
+        x = torch.randn(like.shape, generator=g, dtype=x.real.dtype).to(like.device).to(like.dtype)
     s = 0.0
     for _ in range(iters):
         x = x / torch.linalg.norm(x)

@@ -26,6 +26,7 @@ __all__ = [
     "song_consistency",
     "dps_guidance",
     "sense_gradient",
+    "admm_tv",
     "chain",
 ]
 
@@ -215,4 +216,22 @@ def sense_gradient(
         lam = lam_start + (lam_end - lam_start) * frac
         return x + lam * A.adjoint(y - A(x))
 
+    return step
+
+
+def admm_tv(
+    A: LinearOperator, y: Tensor, lam: float, rho: float, axes: tuple[str, ...] = ("z",),  # noqa: N803
+    cg_iters: int = 1,
+) -> Step:
+    """DiffusionMBIR's conditioning: one ADMM iteration of ``½‖Ax − y‖²/‖A‖² + lam‖D x‖₁`` on the
+    whole volume (slices on the batch axis; D along ``axes``), warm-started at the diffused x,
+    with the splitting variables and duals kept across diffusion steps."""
+    from medrecon.solvers.classical import ADMMTV
+
+    solver = ADMMTV(A, y, lam, rho, axes=axes, cg_iters=cg_iters)
+
+    def step(x: Tensor, t: Tensor, rng: torch.Generator) -> Tensor:
+        return solver.step(x)
+
+    step.solver = solver  # type: ignore[attr-defined]
     return step

@@ -45,25 +45,35 @@ class ScoreCounter:
     model : ScoreModel
     track_grad : bool
         Evaluate with autograd on and keep the graph of the last call (DPS).
+    chunk : int, optional
+        Evaluate the network on at most this many images at a time (volumes slice by slice).
     """
 
-    def __init__(self, model: ScoreModel, track_grad: bool = False):
+    def __init__(self, model: ScoreModel, track_grad: bool = False, chunk: int | None = None):
         self.model = model
         self.sde = model.sde
         self.track_grad = track_grad
+        self.chunk = chunk
         self.nfe = 0
         self.last: tuple[Tensor, Tensor, Tensor] | None = None
+
+    def _eval(self, x: Tensor, t: Tensor) -> Tensor:
+        """The model's score, on at most ``chunk`` images at a time (bounds network memory)."""
+        c = self.chunk or x.shape[0]
+        if c >= x.shape[0]:
+            return self.model.score(x, t)
+        return torch.cat([self.model.score(x[i : i + c], t[i : i + c]) for i in range(0, x.shape[0], c)])
 
     def __call__(self, x: Tensor, t: Tensor) -> Tensor:
         self.nfe += 1 if not x.is_complex() else 2  # real and imaginary parts are two evaluations
         if self.track_grad:
             x = x.detach().requires_grad_(True)
             with torch.enable_grad():
-                s = self.model.score(x, t)
+                s = self._eval(x, t)
             self.last = (x, t, s)
             return s.detach()
         with torch.no_grad():
-            s = self.model.score(x, t)
+            s = self._eval(x, t)
         self.last = None
         return s
 
