@@ -14,7 +14,7 @@ def _blocks(name: str) -> list[str]:
     return re.findall(r"```python\n(.*?)```", (ROOT / name).read_text(), flags=re.S)
 
 
-@pytest.mark.parametrize("doc", ["README.md", "docs/operators.md"])
+@pytest.mark.parametrize("doc", ["README.md", "docs/operators.md", "docs/diffusion.md"])
 def test_doc_examples_run(doc):
     blocks = _blocks(doc)
     assert blocks, f"{doc} has no python examples"
