@@ -12,12 +12,12 @@
   is also the image-domain noise level).
 
 Everything random comes from ``seed`` alone.  :func:`save_simulation` writes the measurement and
-the ground truth in the formats of this package, and ``medrecon simulate`` (:func:`main`) wraps it.
+the ground truth in the formats of this package; ``medrecon simulate`` (:mod:`medrecon.cli.simulate`)
+wraps it.
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 from collections.abc import Sequence
@@ -351,80 +351,8 @@ def save_simulation(
     return written
 
 
-def build_parser() -> argparse.ArgumentParser:
-    """Arguments of ``medrecon simulate``."""
-    p = argparse.ArgumentParser(
-        prog="medrecon simulate", description="Simulate CT sinograms or MRI k-space."
-    )
-    p.add_argument("modality", choices=["ct", "mri"])
-    p.add_argument(
-        "input", help="DICOM folder/file, NIfTI or image folder; 'bundled' = pydicom's CT_small.dcm"
-    )
-    p.add_argument("out_dir")
-    p.add_argument("--name", default="sim")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--overwrite", action="store_true")
-    p.add_argument("--formats", default="native", help="comma list: native, bart, dicom")
-    p.add_argument("--views", type=int, default=180, help="CT: equally spaced views")
-    p.add_argument("--geometry", choices=["parallel", "fan"], default="parallel")
-    p.add_argument("--source-to-isocenter-mm", type=float, default=541.0)
-    p.add_argument("--source-to-detector-mm", type=float, default=949.0)
-    p.add_argument("--noise", choices=["none", "gaussian", "poisson"], default="none")
-    p.add_argument("--sigma", type=float, default=0.0)
-    p.add_argument("--I0", type=float, default=1e5)
-    p.add_argument("--mask", default="equispaced")
-    p.add_argument("--acceleration", type=float, default=4.0)
-    p.add_argument("--center-fraction", type=float, default=0.08)
-    p.add_argument("--coils", type=int, default=1)
-    p.add_argument("--phase-rad", type=float, default=0.0)
-    p.add_argument("--noise-std", type=float, default=0.0)
-    return p
-
-
 def main(argv: Sequence[str] | None = None) -> int:
-    """``medrecon simulate``: load an image, simulate, save; prints the written files."""
-    from medrecon.datasets import load_volume
+    """Deprecated: ``medrecon simulate`` lives in :mod:`medrecon.cli.simulate`; this forwards to it."""
+    from medrecon.cli.simulate import main as cli_main
 
-    a = build_parser().parse_args(argv)
-    vol = load_volume(str(bundled_ct_slice()) if a.input == "bundled" else a.input)
-    formats = [f.strip() for f in a.formats.split(",") if f.strip()]
-    if a.modality == "ct":
-        h, w = vol.shape[1:]
-        n_det = int(math.ceil(math.sqrt(2) * max(h, w)))
-        if a.geometry == "parallel":
-            geom = {
-                "type": "parallel",
-                "angles_rad": (np.arange(a.views) * math.pi / a.views).tolist(),
-                "n_detectors": n_det,
-                "detector_spacing_mm": vol.spacing_mm[2],
-            }
-        else:
-            half_fan = math.asin(
-                (0.5 * math.hypot(h, w) + 1) * vol.spacing_mm[2] / a.source_to_isocenter_mm
-            )
-            geom = {
-                "type": "fan",
-                "angles_rad": (np.arange(a.views) * 2 * math.pi / a.views).tolist(),
-                "n_detectors": n_det,
-                "detector": "equiangular",
-                "detector_spacing_rad": 2 * half_fan / (n_det - 1),
-                "source_to_isocenter_mm": a.source_to_isocenter_mm,
-                "source_to_detector_mm": a.source_to_detector_mm,
-            }
-        meas: Sinogram | KSpace = simulate_ct(
-            vol, geom, noise=a.noise, sigma=a.sigma, I0=a.I0, seed=a.seed
-        )
-    else:
-        meas = simulate_mri(
-            vol,
-            a.mask,
-            acceleration=a.acceleration,
-            center_fraction=a.center_fraction,
-            n_coils=a.coils,
-            phase_rad=a.phase_rad,
-            noise_std=a.noise_std,
-            seed=a.seed,
-        )
-    for f in save_simulation(a.out_dir, a.name, meas, vol, formats=formats, overwrite=a.overwrite):
-        print(f)
-    return 0
+    return cli_main(argv)

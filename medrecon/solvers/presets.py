@@ -212,7 +212,10 @@ def run_diffusion(
         raise SettingsError(f"{method}: the operator must be a SamplingOperator, got {A.name}")
     if n_samples < 1:
         raise SettingsError(f"n_samples must be ≥ 1, got {n_samples}")
-    s = _settings(method, overrides)
+    from medrecon.solvers.tuning import operator_key, tuned_defaults  # card["tuned"][key][method]
+
+    tuned = tuned_defaults(getattr(model, "card", None), A, method)
+    s = _settings(method, {**tuned, **overrides})
     b = y.shape[0]
     if method == "mbir3d":
         # one volume per sample: the TV couples the slices of a volume, not different samples
@@ -231,6 +234,7 @@ def run_diffusion(
         "nfe": nfe,  # network evaluations (each on the whole batch of samples)
         "steps_run": steps_run,
         "n_samples": n_samples,
+        "tuned": operator_key(A) if tuned else None,  # the card's tuned defaults were applied
     }
     return samples, info
 

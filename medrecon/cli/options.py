@@ -1,0 +1,73 @@
+"""Reconstruction options shared by ``medrecon reconstruct`` and ``medrecon batch``."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Any
+
+__all__ = ["add_recon_options", "recon_settings", "show_progress"]
+
+
+def _angles(text: str) -> tuple[float, ...]:
+    try:
+        return tuple(float(v) for v in text.split(",") if v.strip())
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(f"expected comma-separated degrees, got {text!r}") from err
+
+
+def add_recon_options(p: argparse.ArgumentParser, *, batch: bool = False) -> None:
+    """Add the acquisition, method and output options (for a batch: the per-case defaults)."""
+    g = p.add_argument_group("measurement (CT)")
+    g.add_argument("--views", type=int, default=23, help="equally spaced views (default %(default)s)")
+    g.add_argument("--angles", type=_angles, dest="angles_deg", metavar="DEG,DEG,...",
+                   help="explicit view angles in degrees (instead of --views)")
+    g.add_argument("--limited-angle", type=float, metavar="DEG", help="measure only views in [0, DEG)")
+    g.add_argument("--geometry", choices=["parallel", "fan"], default="parallel",
+                   help="beam geometry of a simulated measurement (fan: equiangular, 2π scan)")
+    g.add_argument("--source-to-isocenter-mm", type=float, default=541.0, help="fan beam (default %(default)s)")
+    g.add_argument("--source-to-detector-mm", type=float, default=949.0, help="fan beam (default %(default)s)")
+    g.add_argument("--image-size", type=int, help="measured sinogram: reconstruction grid N×N")
+    g = p.add_argument_group("measurement (MRI)")
+    g.add_argument("--acceleration", type=float, default=4.0, help="undersampling factor (default %(default)s)")
+    g.add_argument("--center-fraction", type=float, default=0.08, help="fully sampled centre (default %(default)s)")
+    g.add_argument("--mask", default="equispaced", help="random | equispaced | gaussian1d | poisson")
+    g = p.add_argument_group("method")
+    g.add_argument("--method", default="tv",
+                   help="fbp | zero-filled | cg | tv | l1-wavelet, or a diffusion method (default %(default)s)")
+    g.add_argument("--prior", help="score prior for diffusion methods (see: medrecon priors list)")
+    g.add_argument("--samples", type=int, help="posterior samples (diffusion methods; gives the uncertainty map)")
+    g.add_argument("--steps", type=int, help="sampler steps (diffusion methods)")
+    g.add_argument("--iters", type=int, help="iterations of iterative classical methods")
+    g.add_argument("--noise", type=float, default=0.0, help="simulated noise, fraction of the measurement RMS")
+    g.add_argument("--seed", type=int, default=0, help="run seed; each case's seed derives from it and its ID")
+    g.add_argument("--device", default="cpu", help="torch device: cpu (default), cuda, cuda:N or auto")
+    g = p.add_argument_group("input and output")
+    g.add_argument("--mode", choices=["auto", "retrospective", "prospective"], default="auto",
+                   help="retrospective: simulate from an image; prospective: measured data (default: by input)")
+    g.add_argument("--slices", help="only these slices: START:STOP or an index")
+    g.add_argument("--downsample", type=int, default=1, help="in-plane block averaging of the input image")
+    g.add_argument("--format", choices=["nifti", "dicom"], default="nifti", dest="output_format")
+    if not batch:
+        g.add_argument("--series-uid", help="the DICOM series to use when the folder holds several")
+        g.add_argument("--reference", help="measured data: reference image for metrics")
+        g.add_argument("--case-id", help="ID used in file names and records (default: a hash of the input path)")
+        g.add_argument("--overwrite", action="store_true", help="replace existing outputs")
+
+
+_FIELDS = ("views", "angles_deg", "limited_angle", "geometry", "source_to_isocenter_mm", "source_to_detector_mm",
+           "image_size", "acceleration", "center_fraction", "mask", "method", "prior", "samples", "steps",
+           "iters", "noise", "seed", "device", "mode", "slices", "downsample", "output_format",
+           "series_uid", "reference", "case_id", "overwrite")
+
+
+def recon_settings(a: argparse.Namespace) -> dict[str, Any]:
+    """The ReconstructConfig keyword arguments the parsed options give."""
+    out = {k: getattr(a, k) for k in _FIELDS if hasattr(a, k)}
+    out["limited_angle_deg"] = out.pop("limited_angle")
+    return out
+
+
+def show_progress() -> bool:
+    """Progress bars when stderr is a terminal."""
+    return sys.stderr.isatty()

@@ -1,0 +1,189 @@
+"""Batch pipelines: manifests, isolation of failing cases (exit 3), completion records and resume
+after a real ``kill -9``, and Dask LocalCluster == local executor."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from medrecon.cli.main import main
+from medrecon.datasets import Volume, load_nifti, save_nifti
+from medrecon.errors import InputError
+from medrecon.pipeline.batch import BatchConfig, run_batch
+from medrecon.pipeline.case import ReconstructConfig, case_seed
+from medrecon.pipeline.manifest import read_cases
+from medrecon.pipeline.records import read_valid_record, record_path, sha256_file
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _phantom(path: Path, n: int = 40, shift: int = 0) -> Path:
+    yy, xx = np.mgrid[:n, :n] - (n - 1) / 2
+    img = np.where((xx - shift) ** 2 + yy**2 < (0.3 * n) ** 2, 40.0, -1000.0).astype(np.float32)
+    img[n // 2 - 2 : n // 2 + 2, n // 3 : n // 3 + 4] = 600.0
+    save_nifti(Volume(img[None], np.diag([0.9, 0.9, 2.0, 1.0]), "CT"), path)
+    return path
+
+
+def _manifest(folder: Path, rows: list[dict[str, str]]) -> Path:
+    path = folder / "cases.csv"
+    with open(path, "w", newline="") as fh:
+        w = csv.DictWriter(fh, fieldnames=sorted({k for r in rows for k in r}))
+        w.writeheader()
+        w.writerows(rows)
+    return path
+
+
+def _good_cases(folder: Path, k: int, **extra: str) -> list[dict[str, str]]:
+    return [{"case_id": f"c{i}", "input": _phantom(folder / f"p{i}.nii.gz", shift=i).name, **extra} for i in range(k)]
+
+
+def _digests(out: Path) -> dict[str, tuple[str, int]]:
+    return {str(p.relative_to(out)): (sha256_file(p), p.stat().st_mtime_ns)
+            for p in sorted((out / "cases").rglob("*")) if p.is_file()}
+
+
+def test_manifest_columns_defaults_and_errors(tmp_path):
+    src = tmp_path / "in"
+    src.mkdir()
+    path = _manifest(src, [*_good_cases(src, 2), {"case_id": "", "input": "p0.nii.gz", "method": "tv", "views": "30"}])
+    specs = read_cases(path, ReconstructConfig(method="fbp", iters=7), tmp_path / "out")
+    assert [s.case_id for s in specs][:2] == ["c0", "c1"] and specs[2].case_id.startswith("case-")
+    assert specs[0].config.input == str(src / "p0.nii.gz") and specs[0].config.out == str(tmp_path / "out" / "cases" / "c0")
+    assert specs[0].config.iters is None  # batch-wide --iters does not reach fbp
+    assert (specs[2].config.method, specs[2].config.views, specs[2].config.iters) == ("tv", 30, 7)
+    for bad, text in [({"input": "a", "colour": "x"}, "unknown manifest column"),
+                      ({"input": "a", "views": "many"}, "cannot read 'many'"),
+                      ({"case_id": "x"}, "needs an 'input' column")]:
+        with pytest.raises(InputError, match=text):
+            read_cases(_manifest(src, [bad]), ReconstructConfig(), tmp_path / "out")
+    with pytest.raises(InputError, match="appears twice"):
+        read_cases(_manifest(src, [{"case_id": "a", "input": "x"}, {"case_id": "a", "input": "y"}]),
+                   ReconstructConfig(), tmp_path)
+    with pytest.raises(InputError, match="case ID '../x'"):
+        read_cases(_manifest(src, [{"case_id": "../x", "input": "x"}]), ReconstructConfig(), tmp_path)
+
+
+def test_folder_source_one_case_per_file(tmp_path):
+    src = tmp_path / "in"
+    src.mkdir()
+    _good_cases(src, 2)
+    specs = read_cases(src, ReconstructConfig(), tmp_path / "out")
+    assert len(specs) == 2 and all(s.case_id.startswith("case-") for s in specs)
+
+
+def test_case_seed_depends_on_run_seed_and_case_only():
+    assert case_seed(0, "c1") == case_seed(0, "c1") != case_seed(1, "c1") != case_seed(0, "c2")
+
+
+def test_batch_with_corrupt_inputs_exit_3_and_report(tmp_path, capsys):
+    src = tmp_path / "Doe_John_study"  # a folder named like a patient: must not leak into reports
+    src.mkdir()
+    (src / "broken.nii.gz").write_bytes(b"\x1f\x8b garbage")
+    np.save(src / "sino.npy", np.full((10, 57), np.nan, np.float32))
+    (src / "sino.json").write_text(json.dumps({"type": "parallel", "angles_rad": list(np.linspace(0, 3, 10)),
+                                               "n_detectors": 57}))
+    rows = [*_good_cases(src, 2), {"case_id": "bad1", "input": "broken.nii.gz"},
+            {"case_id": "bad2", "input": "missing.nii.gz"}, {"case_id": "bad3", "input": "sino.npy"}]
+    out = tmp_path / "out"
+    rc = main(["batch", str(_manifest(src, rows)), "--out", str(out), "--method", "fbp", "--views", "20"])
+    text = capsys.readouterr().out
+    assert rc == 3 and "5 cases: 2 done" in text and "3 failed" in text
+    summary = json.loads((out / "summary.json").read_text())
+    status = {r["case_id"]: r for r in summary["cases"]}
+    assert [status[c]["status"] for c in ("c0", "c1", "bad1", "bad2", "bad3")] == ["done"] * 2 + ["failed"] * 3
+    assert "unreadable NIfTI" in status["bad1"]["reason"] and "no such file" in status["bad2"]["reason"]
+    assert "NaN" in status["bad3"]["reason"]
+    with open(out / "summary.csv") as fh:
+        assert [r["status"] for r in csv.DictReader(fh)] == ["done", "done", "failed", "failed", "failed"]
+    report = (out / "report.html").read_text()
+    for cid in ("bad1", "bad2", "bad3"):
+        assert cid in report
+    assert report.count("<img src='cases/") == 2 and (out / status["c0"]["thumb"]).is_file()
+    for f in (out / "report.html", out / "summary.csv", out / "summary.json", out / "batch.log"):
+        assert "Doe_John" not in f.read_text()
+    assert record_path(out, "c0").is_file() and not record_path(out, "bad1").exists()
+    assert (out / "records" / "bad1.failed.json").is_file()
+
+
+def test_resume_skips_valid_and_redoes_tampered(tmp_path):
+    src = tmp_path / "in"
+    src.mkdir()
+    manifest = _manifest(src, _good_cases(src, 2))
+    cfg = BatchConfig(str(manifest), str(tmp_path / "out"), ReconstructConfig(method="fbp", views=12))
+    first = run_batch(cfg)
+    assert not first.failed and first.reused == 0
+    before = _digests(tmp_path / "out")
+    nii = tmp_path / "out" / "cases" / "c1" / "c1_fbp.nii.gz"
+    nii.write_bytes(nii.read_bytes()[:-10])  # corrupt a finished output
+    second = run_batch(cfg)
+    assert [r["reused"] for r in second.rows] == [True, False]
+    after = _digests(tmp_path / "out")
+    assert {k: v for k, v in after.items() if "/c0/" in k} == {k: v for k, v in before.items() if "/c0/" in k}
+    assert after["cases/c1/c1_fbp.nii.gz"][0] == before["cases/c1/c1_fbp.nii.gz"][0]  # same result again
+    spec = read_cases(manifest, ReconstructConfig(method="fbp", views=13), tmp_path / "out")[0]
+    assert read_valid_record(tmp_path / "out", spec.config) is None  # other settings: recomputed
+
+
+def test_resume_after_kill_9(tmp_path):
+    src = tmp_path / "in"
+    src.mkdir()
+    manifest = _manifest(src, _good_cases(src, 3, method="fbp"))  # ≥ 1 s per case (figure)
+    out = tmp_path / "out"
+    cmd = [sys.executable, "-m", "medrecon.cli.main", "batch", str(manifest), "--out", str(out), "--views", "12"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env)
+    deadline = time.monotonic() + 90
+    while not list((out / "records").glob("*.done.json")) and time.monotonic() < deadline:
+        assert proc.poll() is None, proc.stderr.read().decode()
+        time.sleep(0.05)
+    time.sleep(0.2)  # into the next case
+    assert proc.poll() is None, "batch finished before it could be killed; make the cases slower"
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL
+    done_before = sorted(p.name.split(".")[0] for p in (out / "records").glob("*.done.json"))
+    assert 1 <= len(done_before) < 3
+    # every completion record matches its files; finished cases are not recomputed
+    for cid in done_before:
+        record = json.loads(record_path(out, cid).read_text())
+        for rel, digest in record["outputs"].items():
+            assert sha256_file(out / rel) == digest
+    before = _digests(out)
+    res = run_batch(BatchConfig(str(manifest), str(out), ReconstructConfig(views=12)))
+    assert not res.failed and len(res.rows) == 3
+    assert sorted(r["case_id"] for r in res.rows if r["reused"]) == done_before
+    after = _digests(out)
+    for key, value in before.items():
+        if any(f"cases/{cid}/" in key for cid in done_before):
+            assert after[key] == value, key  # untouched: same bytes, same mtime
+    assert not [p for p in out.rglob("*") if ".tmp" in p.name]
+    for r in res.rows:  # nothing corrupt: every output opens
+        assert load_nifti(out / "cases" / r["case_id"] / f"{r['case_id']}_fbp.nii.gz").shape == (1, 40, 40)
+
+
+def test_dask_localcluster_matches_local(tmp_path):
+    pytest.importorskip("distributed")
+    src = tmp_path / "in"
+    src.mkdir()
+    manifest = _manifest(src, [*_good_cases(src, 2, method="fbp"), {"case_id": "bad", "input": "none.nii.gz"}])
+    local = run_batch(BatchConfig(str(manifest), str(tmp_path / "local"), ReconstructConfig(views=16, noise=0.05)))
+    dask = run_batch(BatchConfig(str(manifest), str(tmp_path / "dask"), ReconstructConfig(views=16, noise=0.05),
+                                 workers=2))
+    assert [r["status"] for r in dask.rows] == [r["status"] for r in local.rows] == ["done"] * 2 + ["failed"]
+    assert dask.rows[2]["reason"] == local.rows[2]["reason"]
+    for r in local.rows[:2]:
+        name = f"{r['case_id']}/{r['case_id']}_fbp.nii.gz"
+        a = load_nifti(tmp_path / "local" / "cases" / name).array
+        b = load_nifti(tmp_path / "dask" / "cases" / name).array
+        np.testing.assert_array_equal(a, b)  # same per-case seeds (noise), same result
+        assert r["psnr"] == next(d["psnr"] for d in dask.rows if d["case_id"] == r["case_id"])
