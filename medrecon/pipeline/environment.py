@@ -45,5 +45,10 @@ def describe() -> list[str]:
         lines.append(f"priors: unavailable ({type(err).__name__}: {err})")
     from medrecon.api import METHODS
 
-    lines.append(f"methods: {', '.join(METHODS)}")
+    try:
+        from medrecon.solvers.presets import DIFFUSION_METHODS
+    except ImportError:
+        DIFFUSION_METHODS = ()  # noqa: N806
+    lines.append(f"methods: {', '.join(METHODS)}" + (f"; diffusion: {', '.join(DIFFUSION_METHODS)}"
+                                                      if DIFFUSION_METHODS else ""))
     return lines

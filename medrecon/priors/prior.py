@@ -111,8 +111,9 @@ def sample_unconditional(
 ) -> Tensor:
     """Unconditional predictor–corrector samples (reverse diffusion + Langevin, ALGORITHMS.md §2).
 
-    A small self-contained sampler for previews and benchmarks; reconstruction uses
-    :mod:`medrecon.solvers`.  The last step returns the Tweedie-denoised mean.
+    Runs the solvers' one sampling loop (:func:`medrecon.solvers.sampler.sample`) with no
+    conditioning; used for previews and the sample grids.  The last step returns the
+    Tweedie-denoised mean.
 
     Parameters
     ----------
@@ -127,44 +128,31 @@ def sample_unconditional(
     corrector_steps : int
         Langevin steps per predictor step (0 disables the corrector).
     generator : torch.Generator, optional
-        Source of randomness.
+        Source of randomness (default: seed 0).
 
     Returns
     -------
     Tensor, shape ``shape``, normalised space
     """
-    if isinstance(sde, VESDE):
-        sde_n: SDE = VESDE(sde.sigma_min, sde.sigma_max, n_steps, sde.eps)
-    else:
-        assert isinstance(sde, VPSDE)
-        sde_n = VPSDE(sde.beta_min, sde.beta_max, n_steps, sde.eps)
-    x = sde_n.prior_sample(shape, generator, device, dtype)
+    import dataclasses
+    from types import SimpleNamespace
+
+    from medrecon.solvers import pieces
+    from medrecon.solvers.sampler import ScoreCounter, sample
+
+    sde_n = dataclasses.replace(sde, n_steps=n_steps)
+    rng = generator if generator is not None else torch.Generator().manual_seed(0)
+    score = ScoreCounter(SimpleNamespace(sde=sde_n, score=score_fn))
+    x = sde_n.prior_sample(shape, rng, device, dtype)
     ts = sde_n.timesteps(n_steps, device=device, dtype=dtype)
-
-    def randn() -> Tensor:
-        return torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
-
-    for t_scalar in ts:
-        t = t_scalar.expand(shape[0])
-        for _ in range(corrector_steps):
-            g = score_fn(x, t)
-            z = randn()
-            if isinstance(sde_n, VPSDE):
-                alpha = 1.0 - float(sde_n.beta(t_scalar.double())) / n_steps
-            else:
-                alpha = 1.0
-            g_norm = g.flatten(1).norm(dim=1).mean()
-            z_norm = z.flatten(1).norm(dim=1).mean()
-            eps = 2.0 * alpha * (snr * z_norm / g_norm.clamp_min(1e-12)) ** 2
-            x = x + eps * g + torch.sqrt(2.0 * eps) * z
-        f, big_g = sde_n.discretize(x, t)
-        g2 = (big_g**2).reshape(-1, 1, 1, 1)
-        x_mean = x - f + g2 * score_fn(x, t)
-        x = x_mean + big_g.reshape(-1, 1, 1, 1) * randn()
+    corrector = (
+        pieces.langevin(score, snr, corrector_steps) if corrector_steps > 0 and snr > 0 else pieces.identity_step
+    )
+    x = sample(x, ts, pieces.reverse_diffusion(score), corrector, pieces.identity_step, rng)
     t_last = ts[-1].expand(shape[0])
     a = sde_n.mean_coeff(t_last).reshape(-1, 1, 1, 1)
     s = sde_n.std(t_last).reshape(-1, 1, 1, 1)
-    return (x_mean + s**2 * score_fn(x_mean, t_last)) / a
+    return (x + s**2 * score(x, t_last)) / a
 
 
 def _check_card(card: dict[str, Any], path: Path) -> None:
