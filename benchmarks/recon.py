@@ -109,16 +109,29 @@ CT_METHODS = ("fbp", "tv", *DIFFUSION)
 MRI_METHODS = ("zero-filled", "tv", "l1-wavelet", *DIFFUSION)
 CONFIGS = [
     *[Config(f"ct-{v}v", "ct", "ct-noiseless", _ct(v), 0.0, CT_METHODS) for v in (10, 23, 60)],
-    *[Config(f"ct-{v}v-noisy", "ct", "ct-noisy", _ct(v), NOISE_REL, CT_METHODS) for v in (10, 23, 60)],
+    *[
+        Config(f"ct-{v}v-noisy", "ct", "ct-noisy", _ct(v), NOISE_REL, CT_METHODS)
+        for v in (10, 23, 60)
+    ],
     Config("mri-4x-equispaced", "mri", "mri", _mri("equispaced", 4), 0.0, MRI_METHODS),
     Config("mri-8x-equispaced", "mri", "mri", _mri("equispaced", 8), 0.0, MRI_METHODS),
     Config("mri-8x-poisson", "mri", "mri", _mri("poisson", 8), 0.0, MRI_METHODS),
-    Config("sense8-8x-equispaced", "mri", "sense", _sense(8, 8), 0.0,
-           ("zero-filled", "cg", "tv", "l1-wavelet", *DIFFUSION)),
+    Config(
+        "sense8-8x-equispaced",
+        "mri",
+        "sense",
+        _sense(8, 8),
+        0.0,
+        ("zero-filled", "cg", "tv", "l1-wavelet", *DIFFUSION),
+    ),
 ]
 # the setting each family's weights are swept on
-SWEEP_CONFIG = {"ct-noiseless": "ct-23v", "ct-noisy": "ct-23v-noisy", "mri": "mri-8x-equispaced",
-                "sense": "sense8-8x-equispaced"}
+SWEEP_CONFIG = {
+    "ct-noiseless": "ct-23v",
+    "ct-noisy": "ct-23v-noisy",
+    "mri": "mri-8x-equispaced",
+    "sense": "sense8-8x-equispaced",
+}
 
 
 # ------------------------------------------------------------------------------------ data
@@ -133,7 +146,9 @@ def cache_dir() -> Path:
     return Path(base) / "bench"
 
 
-def mri_rows(subject_id: np.ndarray, slice_index: np.ndarray, quick: bool) -> tuple[list[int], list[int]]:
+def mri_rows(
+    subject_id: np.ndarray, slice_index: np.ndarray, quick: bool
+) -> tuple[list[int], list[int]]:
     """(report rows, tuning rows): the middle slice of the first subjects tunes; the others report.
 
     Full: the middle slice and the slices 3 positions either side, per remaining subject;
@@ -177,7 +192,7 @@ def load_data(root: Path, quick: bool, crop: int | None) -> dict[str, dict[str, 
         if crop:
             h, w = v["images"].shape[-2:]
             t, left = (h - crop) // 2, (w - crop) // 2
-            v["images"] = v["images"][:, t:t + crop, left:left + crop]
+            v["images"] = v["images"][:, t : t + crop, left : left + crop]
         v["size"] = int(v["images"].shape[-1])
     return out
 
@@ -211,13 +226,20 @@ def normalised(cfg: Config, img: torch.Tensor) -> np.ndarray:
 
 # ------------------------------------------------------------------------------- reconstruct
 def run_method(
-    cfg: Config, A: Any, y: torch.Tensor, method: str, settings: dict[str, Any], prior: Any,  # noqa: N803
-    n_samples: int, steps: int | None, seed: int,
+    cfg: Config,
+    A: Any,
+    y: torch.Tensor,
+    method: str,
+    settings: dict[str, Any],
+    prior: Any,  # noqa: N803
+    n_samples: int,
+    steps: int | None,
+    seed: int,
 ) -> tuple[torch.Tensor, torch.Tensor | None, dict[str, Any], float]:
     """Batched reconstruction in caller units; MRI items pre-scaled to their own normaliser."""
     scale = torch.ones(y.shape[0], *([1] * (y.ndim - 1)))
     if cfg.modality == "mri":
-        scale = torch.tensor([problem_scale(y[i:i + 1], A)[1] for i in range(y.shape[0])])
+        scale = torch.tensor([problem_scale(y[i : i + 1], A)[1] for i in range(y.shape[0])])
         scale = scale.reshape(-1, *([1] * (y.ndim - 1)))
     kw = dict(settings)
     if method in DIFFUSION:
@@ -230,7 +252,9 @@ def run_method(
     return rec.mean * s4, std, rec.info, wall
 
 
-def slice_metrics(cfg: Config, mean: torch.Tensor, std: torch.Tensor | None, x: torch.Tensor) -> dict[str, list[float]]:
+def slice_metrics(
+    cfg: Config, mean: torch.Tensor, std: torch.Tensor | None, x: torch.Tensor
+) -> dict[str, list[float]]:
     """Per-slice metrics (lists over the batch)."""
     rec_n, ref_n = normalised(cfg, mean), normalised(cfg, x)
     rec_c = np.clip(rec_n, 0, 1)
@@ -239,7 +263,9 @@ def slice_metrics(cfg: Config, mean: torch.Tensor, std: torch.Tensor | None, x: 
         out.update({"psnr_soft": [], "ssim_soft": []})
     if std is not None:
         out.update({"coverage_2sigma": [], "spearman": []})
-        std_n = std.detach().cpu().abs().numpy().astype(np.float64) / (HU_WIDTH if cfg.modality == "ct" else 1.0)
+        std_n = std.detach().cpu().abs().numpy().astype(np.float64) / (
+            HU_WIDTH if cfg.modality == "ct" else 1.0
+        )
     for i in range(rec_n.shape[0]):
         out["psnr"].append(psnr(rec_c[i], ref_n[i]))
         out["ssim"].append(ssim(rec_c[i], ref_n[i]))
@@ -256,7 +282,9 @@ def slice_metrics(cfg: Config, mean: torch.Tensor, std: torch.Tensor | None, x: 
 
 
 # ------------------------------------------------------------------------------- weight sweep
-def sweep_weight(cfg: Config, A: Any, x: torch.Tensor, method: str, seed: int, iters: dict[str, Any]) -> dict[str, Any]:  # noqa: N803
+def sweep_weight(
+    cfg: Config, A: Any, x: torch.Tensor, method: str, seed: int, iters: dict[str, Any]
+) -> dict[str, Any]:  # noqa: N803
     """Log-grid search of ``lam`` (half-decade steps from the API default, extended while the
     best value is at an edge, at most ``SWEEP_MAX_EVALS`` runs); objective: mean PSNR."""
     y = measure(cfg, A, x, seed + 1000)
@@ -268,7 +296,9 @@ def sweep_weight(cfg: Config, A: Any, x: torch.Tensor, method: str, seed: int, i
 
     def score(k: int) -> None:
         if k not in tried:
-            mean, _, _, _ = run_method(cfg, A, y, method, {"lam": lam_of(k), **iters}, None, 1, None, seed)
+            mean, _, _, _ = run_method(
+                cfg, A, y, method, {"lam": lam_of(k), **iters}, None, 1, None, seed
+            )
             tried[k] = float(np.mean(slice_metrics(cfg, mean, None, x)["psnr"]))
 
     for k in (-1, 0, 1):
@@ -282,13 +312,21 @@ def sweep_weight(cfg: Config, A: Any, x: torch.Tensor, method: str, seed: int, i
         else:
             break
     best = max(tried, key=tried.__getitem__)
-    return {"lam": lam_of(best), "psnr": round(tried[best], 3),
-            "grid": {f"{lam_of(k):.3g}": round(v, 3) for k, v in sorted(tried.items())}}
+    return {
+        "lam": lam_of(best),
+        "psnr": round(tried[best], 3),
+        "grid": {f"{lam_of(k):.3g}": round(v, 3) for k, v in sorted(tried.items())},
+    }
 
 
 def tuned_weights(
-    configs: list[Config], data: dict[str, dict[str, Any]], methods: list[str], seed: int, use_cache: bool,
-    log: Callable[[str], None], iters: dict[str, Any] | None = None,
+    configs: list[Config],
+    data: dict[str, dict[str, Any]],
+    methods: list[str],
+    seed: int,
+    use_cache: bool,
+    log: Callable[[str], None],
+    iters: dict[str, Any] | None = None,
 ) -> dict[str, dict[str, Any]]:
     """``{family: {method: sweep result}}`` for the families and CS methods in use (cached)."""
     iters = iters or {}
@@ -302,15 +340,21 @@ def tuned_weights(
             continue
         d = data[cfg.modality]
         for method in ("tv", "l1-wavelet"):
-            if method not in methods or not any(c.family == family and method in c.methods for c in configs):
+            if method not in methods or not any(
+                c.family == family and method in c.methods for c in configs
+            ):
                 continue
-            key = f"{family}|{method}|{d['size']}|{','.join(map(str, d['tune']))}|seed{seed}|{iters}"
+            key = (
+                f"{family}|{method}|{d['size']}|{','.join(map(str, d['tune']))}|seed{seed}|{iters}"
+            )
             if key not in cache:
                 t0 = time.perf_counter()
                 A = cfg.build(d["size"])  # noqa: N806
                 cache[key] = sweep_weight(cfg, A, ground_truth(d, d["tune"]), method, seed, iters)
-                log(f"# swept {method} on {cfg.name} (tuning rows {d['tune']}): lam={cache[key]['lam']:.3g} "
-                    f"grid {cache[key]['grid']} ({time.perf_counter() - t0:.0f} s)")
+                log(
+                    f"# swept {method} on {cfg.name} (tuning rows {d['tune']}): lam={cache[key]['lam']:.3g} "
+                    f"grid {cache[key]['grid']} ({time.perf_counter() - t0:.0f} s)"
+                )
                 if use_cache:
                     path.parent.mkdir(parents=True, exist_ok=True)
                     tmp = path.with_suffix(".json.tmp")
@@ -330,12 +374,17 @@ def load_prior(name: str | None, device: str) -> tuple[Any, str]:
     try:
         return ScorePrior.load(name, device=device), ""
     except Exception as err:  # noqa: BLE001 - any failure means "skip with the reason"
-        return None, f"prior {name!r} not available ({type(err).__name__}: {str(err).splitlines()[0][:120]})"
+        return (
+            None,
+            f"prior {name!r} not available ({type(err).__name__}: {str(err).splitlines()[0][:120]})",
+        )
 
 
 # ---------------------------------------------------------------------------------- targets
 def _best(rows: list[dict], cfg: str, methods: tuple[str, ...], key: str = "psnr") -> dict | None:
-    cand = [r for r in rows if r["config"] == cfg and r["method"] in methods and r.get(key) is not None]
+    cand = [
+        r for r in rows if r["config"] == cfg and r["method"] in methods and r.get(key) is not None
+    ]
     return max(cand, key=lambda r: r[key]) if cand else None
 
 
@@ -355,12 +404,24 @@ def check_targets(rows: list[dict]) -> list[dict[str, Any]]:
                 add(f"{cfg}: best diffusion SSIM > TV", None, None)
                 continue
             gain = round(best["psnr"] - tv["psnr"], 2)
-            add(f"{cfg}: best diffusion ({best['method']}) ≥ TV + {margin:g} dB PSNR", gain, gain >= margin)
-            add(f"{cfg}: best diffusion SSIM > TV", round(best["ssim"] - tv["ssim"], 4), best["ssim"] > tv["ssim"])
+            add(
+                f"{cfg}: best diffusion ({best['method']}) ≥ TV + {margin:g} dB PSNR",
+                gain,
+                gain >= margin,
+            )
+            add(
+                f"{cfg}: best diffusion SSIM > TV",
+                round(best["ssim"] - tv["ssim"], 4),
+                best["ssim"] > tv["ssim"],
+            )
             cc = _best(rows, cfg, ("ccdf",))
             if cc:
                 add(f"{cfg}: CCDF ≤ 20 s/slice", cc["s_per_slice"], cc["s_per_slice"] <= 20)
-                add(f"{cfg}: CCDF within 1 dB of best", round(best["psnr"] - cc["psnr"], 2), best["psnr"] - cc["psnr"] <= 1)
+                add(
+                    f"{cfg}: CCDF within 1 dB of best",
+                    round(best["psnr"] - cc["psnr"], 2),
+                    best["psnr"] - cc["psnr"] <= 1,
+                )
     for cfg in ("mri-8x-equispaced", "mri-8x-poisson", "sense8-8x-equispaced"):
         cs, best = _best(rows, cfg, ("tv", "l1-wavelet")), _best(rows, cfg, DIFFUSION)
         ok = None if not cs or not best else best["psnr"] - cs["psnr"] >= 2
@@ -384,20 +445,45 @@ def _fmt(m: float | None, s: float | None, digits: int) -> str:
 def parse_args(argv: list[str] | None) -> argparse.Namespace:  # noqa: D103
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--quick", action="store_true", help="3 slices per modality")
-    p.add_argument("--slices", default=None,
-                   help="N (the first N report slices) or comma-separated val.npz rows (not the tuning rows)")
+    p.add_argument(
+        "--slices",
+        default=None,
+        help="N (the first N report slices) or comma-separated val.npz rows (not the tuning rows)",
+    )
     p.add_argument("--methods", default=",".join(ALL_METHODS))
-    p.add_argument("--configs", default=None, help="comma-separated setting names or prefixes (ct, mri, sense8)")
-    p.add_argument("--steps", type=int, default=None, help="diffusion steps (default: card's tuned value or preset)")
+    p.add_argument(
+        "--configs",
+        default=None,
+        help="comma-separated setting names or prefixes (ct, mri, sense8)",
+    )
+    p.add_argument(
+        "--steps",
+        type=int,
+        default=None,
+        help="diffusion steps (default: card's tuned value or preset)",
+    )
     p.add_argument("--samples", type=int, default=4, help="posterior samples per slice (diffusion)")
     p.add_argument("--prior-ct", default="ct-256")
     p.add_argument("--prior-mri", default="mri-256")
     p.add_argument("--device", default="cpu")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--crop", type=int, default=None, help="centre crop (smoke tests); default full 256²")
-    p.add_argument("--no-cache", action="store_true", help="re-run the TV/L1 sweep and do not write the cache")
-    p.add_argument("--lam", default=None, help="fixed weights instead of the sweep, e.g. tv=1e-4,l1-wavelet=3e-3")
-    p.add_argument("--iters", type=int, default=None, help="TV/L1 iterations (default: the API's 100; smoke tests)")
+    p.add_argument(
+        "--crop", type=int, default=None, help="centre crop (smoke tests); default full 256²"
+    )
+    p.add_argument(
+        "--no-cache", action="store_true", help="re-run the TV/L1 sweep and do not write the cache"
+    )
+    p.add_argument(
+        "--lam",
+        default=None,
+        help="fixed weights instead of the sweep, e.g. tv=1e-4,l1-wavelet=3e-3",
+    )
+    p.add_argument(
+        "--iters",
+        type=int,
+        default=None,
+        help="TV/L1 iterations (default: the API's 100; smoke tests)",
+    )
     return p.parse_args(argv)
 
 
@@ -421,7 +507,9 @@ def _select(data: dict[str, Any], spec: str | None) -> list[int]:
     rows = [int(s) for s in spec.split(",") if s]
     bad = [r for r in rows if r in data["tune"] or not 0 <= r < len(data["images"])]
     if bad:
-        raise SystemExit(f"--slices: rows {bad} are tuning rows or out of range (tuning rows: {data['tune']})")
+        raise SystemExit(
+            f"--slices: rows {bad} are tuning rows or out of range (tuning rows: {data['tune']})"
+        )
     return rows
 
 
@@ -432,7 +520,15 @@ def _run(args: argparse.Namespace) -> dict[str, Any]:
     if unknown:
         raise SystemExit(f"--methods: unknown {unknown}; known: {', '.join(ALL_METHODS)}")
     wanted = args.configs.split(",") if args.configs else None
-    configs = [c for c in CONFIGS if not wanted or any(c.name == w or c.name.startswith(w) for w in wanted)]
+    names = {
+        c.name for c in CONFIGS
+    }  # an exact name selects one setting, anything else is a prefix
+    configs = [
+        c
+        for c in CONFIGS
+        if not wanted
+        or any(c.name == w or (w not in names and c.name.startswith(w)) for w in wanted)
+    ]
     data = load_data(data_root(), args.quick, args.crop)
     if not data:
         raise SystemExit(f"no validation data under {data_root()} (set MEDRECON_DATA)")
@@ -443,18 +539,26 @@ def _run(args: argparse.Namespace) -> dict[str, Any]:
         print(msg, flush=True)
 
     sizes = ", ".join(f"{m} {d['size']}²" for m, d in data.items())
-    log(f"# recon benchmark: data {data_root()}, rows ct={rows_used.get('ct')} mri={rows_used.get('mri')} "
+    log(
+        f"# recon benchmark: data {data_root()}, rows ct={rows_used.get('ct')} mri={rows_used.get('mri')} "
         f"(tuning rows ct={data.get('ct', {}).get('tune')} mri={data.get('mri', {}).get('tune')}), "
-        f"size {sizes}, threads {torch.get_num_threads()}")
+        f"size {sizes}, threads {torch.get_num_threads()}"
+    )
     iters = {"iters": args.iters} if args.iters else {}
-    fixed_lam = {k: {"lam": float(v)} for k, v in (s.split("=") for s in args.lam.split(","))} if args.lam else None
+    fixed_lam = (
+        {k: {"lam": float(v)} for k, v in (s.split("=") for s in args.lam.split(","))}
+        if args.lam
+        else None
+    )
     weights: dict[str, dict[str, Any]] = {}
 
     def weight(cfg: Config, method: str) -> float:
         if fixed_lam is not None:
             return fixed_lam[method]["lam"]
         if cfg.family not in weights:  # swept when first needed, so rows appear early
-            weights.update(tuned_weights([cfg], data, methods, args.seed, not args.no_cache, log, iters))
+            weights.update(
+                tuned_weights([cfg], data, methods, args.seed, not args.no_cache, log, iters)
+            )
         return weights[cfg.family][method]["lam"]
 
     priors: dict[str, tuple[Any, str]] = {}
@@ -487,7 +591,9 @@ def _run(args: argparse.Namespace) -> dict[str, Any]:
                     results.append(row)
                     log(f"# {cfg.name:22s} {method:11s} skipped: {reason}")
                     continue
-            mean, std, info, wall = run_method(cfg, A, y, method, settings, prior, args.samples, args.steps, args.seed)
+            mean, std, info, wall = run_method(
+                cfg, A, y, method, settings, prior, args.samples, args.steps, args.seed
+            )
             m = slice_metrics(cfg, mean.cpu(), None if std is None else std.cpu(), x.cpu())
             for k, v in m.items():
                 vals = [float(a) for a in v if a is not None and not math.isnan(a)]
@@ -495,16 +601,24 @@ def _run(args: argparse.Namespace) -> dict[str, Any]:
                 row[k + "_std"] = round(float(np.std(vals)), 4) if vals else None
             row["s_per_slice"] = round(wall / len(rows), 3)
             row["nfe"] = int(info.get("nfe", 0))
-            row["settings"] = {k: v for k, v in info.get("settings", {}).items() if isinstance(v, int | float | str | bool)}
+            row["settings"] = {
+                k: v
+                for k, v in info.get("settings", {}).items()
+                if isinstance(v, int | float | str | bool)
+            }
             if "tuned" in info:
                 row["tuned_defaults"] = info["tuned"]
             results.append(row)
-            log(f"# {cfg.name:22s} {method:11s} PSNR {row['psnr']:.2f} SSIM {row['ssim']:.4f} "
-                f"{row['s_per_slice']:.2f} s/slice")
+            log(
+                f"# {cfg.name:22s} {method:11s} PSNR {row['psnr']:.2f} SSIM {row['ssim']:.4f} "
+                f"{row['s_per_slice']:.2f} s/slice"
+            )
 
     # table
-    head = (f"{'setting':22s} {'method':11s} {'PSNR dB':>13s} {'SSIM':>15s} {'PSNR soft':>13s} {'SSIM soft':>15s} "
-            f"{'s/slice':>8s} {'NFE':>6s} {'cov±2σ':>7s} {'Spearman':>8s}")
+    head = (
+        f"{'setting':22s} {'method':11s} {'PSNR dB':>13s} {'SSIM':>15s} {'PSNR soft':>13s} {'SSIM soft':>15s} "
+        f"{'s/slice':>8s} {'NFE':>6s} {'cov±2σ':>7s} {'Spearman':>8s}"
+    )
     print(head)
     print("-" * len(head))
     for r in results:
@@ -513,15 +627,23 @@ def _run(args: argparse.Namespace) -> dict[str, Any]:
             continue
         cov = f"{r['coverage_2sigma']:.3f}" if r.get("coverage_2sigma") is not None else "–"
         sp = f"{r['spearman']:.3f}" if r.get("spearman") is not None else "–"
-        print(f"{r['config']:22s} {r['method']:11s} {_fmt(r['psnr'], r['psnr_std'], 2):>13s} "
-              f"{_fmt(r['ssim'], r['ssim_std'], 4):>15s} {_fmt(r.get('psnr_soft'), r.get('psnr_soft_std'), 2):>13s} "
-              f"{_fmt(r.get('ssim_soft'), r.get('ssim_soft_std'), 4):>15s} {r['s_per_slice']:8.2f} {r['nfe']:6d} "
-              f"{cov:>7s} {sp:>8s}")
+        print(
+            f"{r['config']:22s} {r['method']:11s} {_fmt(r['psnr'], r['psnr_std'], 2):>13s} "
+            f"{_fmt(r['ssim'], r['ssim_std'], 4):>15s} {_fmt(r.get('psnr_soft'), r.get('psnr_soft_std'), 2):>13s} "
+            f"{_fmt(r.get('ssim_soft'), r.get('ssim_soft_std'), 4):>15s} {r['s_per_slice']:8.2f} {r['nfe']:6d} "
+            f"{cov:>7s} {sp:>8s}"
+        )
     if fixed_lam is not None:
         print(f"TV / L1-wavelet weights fixed by --lam: {args.lam}")
     else:
-        print("TV / L1-wavelet weights (swept on the tuning rows, not the reported ones): "
-              + "; ".join(f"{fam} {m} lam={w['lam']:.3g}" for fam, ws in weights.items() for m, w in ws.items()))
+        print(
+            "TV / L1-wavelet weights (swept on the tuning rows, not the reported ones): "
+            + "; ".join(
+                f"{fam} {m} lam={w['lam']:.3g}"
+                for fam, ws in weights.items()
+                for m, w in ws.items()
+            )
+        )
     targets = check_targets(results)
     print("targets (relative to the baselines of this run):")
     for t in targets:
@@ -531,7 +653,9 @@ def _run(args: argparse.Namespace) -> dict[str, Any]:
     print(f"# wall time {wall:.0f} s")
     out = {
         "bench": "recon",
-        "device": args.device if args.device != "cpu" else f"cpu ({platform.processor() or platform.machine()})",
+        "device": args.device
+        if args.device != "cpu"
+        else f"cpu ({platform.processor() or platform.machine()})",
         "threads": torch.get_num_threads(),
         "quick": bool(args.quick),
         "size": {m: d["size"] for m, d in data.items()},

@@ -34,15 +34,25 @@ from medrecon.solvers.tuning import DEFAULT_SPACES, store_tuned_defaults, tune  
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:  # noqa: D103
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--setting", default="ct-23v", help=f"one of {', '.join(c.name for c in recon.CONFIGS)}")
+    p.add_argument(
+        "--setting", default="ct-23v", help=f"one of {', '.join(c.name for c in recon.CONFIGS)}"
+    )
     p.add_argument("--method", default="ccdf")
-    p.add_argument("--prior", default=None, help="registry name or card path (default ct-256 / mri-256)")
-    p.add_argument("--images", type=int, default=None, help="use the first N tuning rows (default all)")
+    p.add_argument(
+        "--prior", default=None, help="registry name or card path (default ct-256 / mri-256)"
+    )
+    p.add_argument(
+        "--images", type=int, default=None, help="use the first N tuning rows (default all)"
+    )
     p.add_argument("--budget", type=int, default=12, help="reconstructions to spend")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--samples", type=int, default=1, help="posterior samples per reconstruction")
-    p.add_argument("--space", default=None, help="JSON search space (see _space; default DEFAULT_SPACES[method])")
-    p.add_argument("--fixed", default=None, help='JSON settings held fixed, e.g. \'{"steps": 50}\'')
+    p.add_argument(
+        "--space",
+        default=None,
+        help="JSON search space (see _space; default DEFAULT_SPACES[method])",
+    )
+    p.add_argument("--fixed", default=None, help="JSON settings held fixed, e.g. '{\"steps\": 50}'")
     p.add_argument("--crop", type=int, default=None)
     p.add_argument("--device", default="cpu")
     p.add_argument("--store", default=None, help="model card to write the winner into")
@@ -58,7 +68,9 @@ def _space(text: str | None, method: str) -> dict[str, Any]:
     for k, v in json.loads(text).items():
         if isinstance(v, dict):
             out[k] = list(v["choices"])
-        elif isinstance(v, list) and (v[-1] == "log" or (len(v) == 2 and all(isinstance(a, float) for a in v))):
+        elif isinstance(v, list) and (
+            v[-1] == "log" or (len(v) == 2 and all(isinstance(a, float) for a in v))
+        ):
             out[k] = tuple(v)
         else:
             out[k] = v
@@ -92,37 +104,69 @@ def _run(args: argparse.Namespace) -> dict[str, Any]:
     x = recon.ground_truth(d, rows)
 
     def noise(y: torch.Tensor, i: int) -> torch.Tensor:
-        return recon.measure(cfg, A, x[i:i + 1], args.seed + i) if cfg.noise else y
+        return recon.measure(cfg, A, x[i : i + 1], args.seed + i) if cfg.noise else y
 
     space = _space(args.space, args.method)
     fixed = json.loads(args.fixed) if args.fixed else None
     peak = recon.HU_WIDTH if cfg.modality == "ct" else 1.0
     t0 = time.perf_counter()
-    res = tune(prior, lambda i: A, x.to(args.device), space, args.budget, args.seed, method=args.method,
-               data_range=peak, noise=noise, n_samples=args.samples, fixed=fixed,
-               log=lambda m: print(f"# {m}", flush=True))
+    res = tune(
+        prior,
+        lambda i: A,
+        x.to(args.device),
+        space,
+        args.budget,
+        args.seed,
+        method=args.method,
+        data_range=peak,
+        noise=noise,
+        n_samples=args.samples,
+        fixed=fixed,
+        log=lambda m: print(f"# {m}", flush=True),
+    )
     wall = time.perf_counter() - t0
     keys = sorted({k for t in res["trials"] for k in t["settings"]})
-    head = " ".join(f"{k:>8s}" for k in keys) + f" {'PSNR dB':>8s} {'images':>6s} {'s/run':>7s} {'NFE':>5s}"
-    print(f"tuning {args.method} on {cfg.name} ({res['operator_key']}), rows {rows}, fixed {fixed or {}}")
+    head = (
+        " ".join(f"{k:>8s}" for k in keys)
+        + f" {'PSNR dB':>8s} {'images':>6s} {'s/run':>7s} {'NFE':>5s}"
+    )
+    print(
+        f"tuning {args.method} on {cfg.name} ({res['operator_key']}), rows {rows}, fixed {fixed or {}}"
+    )
     print(head)
     print("-" * len(head))
     for t in res["trials"]:
-        mark = " <- best" if t["settings"] == res["best"] else (" (defaults)" if t["settings"] == res["defaults"] else "")
+        mark = (
+            " <- best"
+            if t["settings"] == res["best"]
+            else (" (defaults)" if t["settings"] == res["defaults"] else "")
+        )
         vals = " ".join(f"{t['settings'].get(k, ''):>8}" for k in keys)
         print(f"{vals} {t['psnr']:8.2f} {t['n_images']:6d} {t['seconds']:7.1f} {t['nfe']:5d}{mark}")
     gain = res["best_psnr"] - res["defaults_psnr"]
-    print(f"best {res['best']} {res['best_psnr']:.2f} dB vs defaults {res['defaults']} {res['defaults_psnr']:.2f} dB "
-          f"(+{gain:.2f} dB), {res['runs']} runs, {wall:.0f} s")
+    print(
+        f"best {res['best']} {res['best_psnr']:.2f} dB vs defaults {res['defaults']} {res['defaults_psnr']:.2f} dB "
+        f"(+{gain:.2f} dB), {res['runs']} runs, {wall:.0f} s"
+    )
     stored = None
     if args.store and gain > 0:
-        store_tuned_defaults(args.store, res["operator_key"], {args.method: {**(fixed or {}), **res["best"]}})
+        store_tuned_defaults(
+            args.store, res["operator_key"], {args.method: {**(fixed or {}), **res["best"]}}
+        )
         stored = str(args.store)
         print(f"stored in {stored} under tuned/{res['operator_key']}/{args.method}")
-    out = {"bench": "tune", "device": args.device if args.device != "cpu" else f"cpu ({platform.machine()})",
-           "threads": torch.get_num_threads(), "setting": cfg.name, "rows": rows, "prior": name,
-           "stored": stored, "wall_s": round(wall, 1), "results": res["trials"],
-           **{k: v for k, v in res.items() if k != "trials"}}
+    out = {
+        "bench": "tune",
+        "device": args.device if args.device != "cpu" else f"cpu ({platform.machine()})",
+        "threads": torch.get_num_threads(),
+        "setting": cfg.name,
+        "rows": rows,
+        "prior": name,
+        "stored": stored,
+        "wall_s": round(wall, 1),
+        "results": res["trials"],
+        **{k: v for k, v in res.items() if k != "trials"},
+    }
     print(json.dumps(out), flush=True)
     return out
 

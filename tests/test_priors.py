@@ -7,6 +7,7 @@ import math
 import os
 import signal
 import threading
+import time
 from dataclasses import replace
 from pathlib import Path
 
@@ -325,7 +326,17 @@ def test_resume_takes_the_same_next_step(tmp_path, toy_npz):
 
 def test_sigterm_checkpoints_and_stops(tmp_path, toy_npz):
     cfg = tiny_config(tmp_path, toy_npz, max_steps=10**6, checkpoint_every_s=1e9)
-    timer = threading.Timer(1.5, os.kill, (os.getpid(), signal.SIGTERM))
+    before = signal.getsignal(signal.SIGTERM)
+
+    def send_when_handled() -> None:
+        # a loaded host may take longer than any fixed delay to reach train()'s handler: wait for it
+        deadline = time.monotonic() + 120
+        while signal.getsignal(signal.SIGTERM) is before and time.monotonic() < deadline:
+            time.sleep(0.05)
+        time.sleep(0.5)
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    timer = threading.Thread(target=send_when_handled)
     timer.start()
     r = train(cfg)
     timer.join()

@@ -19,18 +19,10 @@ from pathlib import Path
 from typing import Any
 
 from medrecon.pipeline.case import ReconstructConfig
+from medrecon.priors.prior import sha256_file
 
 __all__ = ["sha256_file", "config_hash", "write_record", "read_valid_record", "clean_partial",
            "record_path", "failure_path"]
-
-
-def sha256_file(path: str | Path) -> str:
-    """Hex sha256 of a file's bytes."""
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def config_hash(cfg: ReconstructConfig) -> str:

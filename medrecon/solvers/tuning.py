@@ -37,7 +37,12 @@ __all__ = ["DEFAULT_SPACES", "operator_key", "tune", "store_tuned_defaults", "tu
 #: search spaces per method: a list = choices; (low, high) = uniform; (low, high, "log") = log-uniform
 DEFAULT_SPACES: dict[str, dict[str, Any]] = {
     "song": {"lam": (0.5, 1.0), "snr": (0.04, 0.4, "log"), "steps": [50, 100, 200]},
-    "ccdf": {"lam": (0.5, 1.0), "snr": (0.04, 0.4, "log"), "t0": (0.1, 0.6), "steps": [50, 100, 200]},
+    "ccdf": {
+        "lam": (0.5, 1.0),
+        "snr": (0.04, 0.4, "log"),
+        "t0": (0.1, 0.6),
+        "steps": [50, 100, 200],
+    },
     "dps": {"zeta": (0.1, 3.0, "log"), "steps": [50, 100, 200]},
     "score-mri": {"snr": (0.04, 0.4, "log"), "steps": [50, 100, 200]},
 }
@@ -97,6 +102,8 @@ def _psnr(x: Tensor, ref: Tensor, data_range: float) -> float:
     a = x.abs() if x.is_complex() else x
     b = ref.abs() if ref.is_complex() else ref
     mse = float(((a.double() - b.double()) ** 2).mean())
+    if not math.isfinite(mse):
+        return float("-inf")  # a diverged run ranks last
     return float("inf") if mse == 0 else 10 * math.log10(data_range**2 / mse)
 
 
@@ -178,17 +185,23 @@ def tune(
     from medrecon.solvers.presets import PRESETS
 
     if method not in PRESETS:
-        raise SettingsError(f"tune: unknown diffusion method {method!r}; known: {', '.join(PRESETS)}")
+        raise SettingsError(
+            f"tune: unknown diffusion method {method!r}; known: {', '.join(PRESETS)}"
+        )
     space = dict(DEFAULT_SPACES[method] if space is None else space)
     for k in fixed or {}:
         space.pop(k, None)
     if images.ndim != 4 or images.shape[0] < 1:
-        raise SettingsError(f"tune: images must be (n, 1, H, W) with n ≥ 1; got shape {tuple(images.shape)}")
+        raise SettingsError(
+            f"tune: images must be (n, 1, H, W) with n ≥ 1; got shape {tuple(images.shape)}"
+        )
     if budget < 1 or eta < 2:
         raise SettingsError(f"tune: budget must be ≥ 1 and eta ≥ 2; got {budget}, {eta}")
     say = log or (lambda _msg: None)
     n = images.shape[0]
-    peak = float(data_range) if data_range is not None else float(images.max() - images.min()) or 1.0
+    peak = (
+        float(data_range) if data_range is not None else float(images.max() - images.min()) or 1.0
+    )
     ops = [operator_factory(i) for i in range(n)]
     key = operator_key(ops[0])
     card = getattr(prior, "card", None)
@@ -196,7 +209,7 @@ def tune(
     start = {k: defaults.get(k, _preset_field(k)) for k in space}
     meas = []
     for i in range(n):
-        xi = images[i:i + 1]
+        xi = images[i : i + 1]
         y = ops[i](xi.to(torch.complex64 if ops[i].in_complex else xi.dtype))
         meas.append(noise(y, i) if noise is not None else y)
 
@@ -209,6 +222,7 @@ def tune(
             break
         m = max(1, math.ceil(m / eta))
     rungs = rungs[-3:] if len(rungs) > 3 else rungs
+
     # choose the number of configurations so that the total runs fit the budget
     def cost(k: int) -> int:
         total, alive = 0, k
@@ -233,11 +247,20 @@ def tune(
             if i in scores[c]:
                 continue
             t0 = time.perf_counter()
-            rec = reconstruct(meas[i], ops[i], method, prior=prior, n_samples=n_samples, seed=seed,
-                              **{**(fixed or {}), **configs[c]})
-            scores[c][i] = _psnr(rec.mean, images[i:i + 1], peak)
+            rec = reconstruct(
+                meas[i],
+                ops[i],
+                method,
+                prior=prior,
+                n_samples=n_samples,
+                seed=seed,
+                **{**(fixed or {}), **configs[c]},
+            )
+            scores[c][i] = _psnr(rec.mean, images[i : i + 1], peak)
             runs += 1
-            tr = trials.setdefault(c, {"settings": configs[c], "seconds": 0.0, "nfe": rec.info.get("nfe", 0)})
+            tr = trials.setdefault(
+                c, {"settings": configs[c], "seconds": 0.0, "nfe": rec.info.get("nfe", 0)}
+            )
             tr["seconds"] += time.perf_counter() - t0
         v = float(np.mean([scores[c][i] for i in range(upto)]))
         trials[c].update({"psnr": round(v, 3), "n_images": upto})
@@ -246,8 +269,10 @@ def tune(
     alive = list(range(len(configs)))
     for r, upto in enumerate(rungs):
         vals = {c: evaluate(c, upto) for c in alive}
-        say(f"tune {method} {key}: rung {r} ({upto} image(s)), {len(alive)} configs, best "
-            f"{max(vals.values()):.2f} dB")
+        say(
+            f"tune {method} {key}: rung {r} ({upto} image(s)), {len(alive)} configs, best "
+            f"{max(vals.values()):.2f} dB"
+        )
         if r == len(rungs) - 1:
             break
         keep = max(1, math.ceil(len(alive) / eta))
@@ -279,12 +304,16 @@ def _preset_field(name: str) -> Any:
 
     fields = {f.name: f.default for f in dataclasses.fields(DiffusionSettings)}
     if name not in fields or name == "extra":
-        raise SettingsError(f"tune: {name!r} is not a diffusion setting; known: {', '.join(sorted(fields))}")
+        raise SettingsError(
+            f"tune: {name!r} is not a diffusion setting; known: {', '.join(sorted(fields))}"
+        )
     return fields[name]
 
 
 def store_tuned_defaults(
-    card_path: str | Path, operator_key: str, settings: dict[str, dict[str, Any]],  # noqa: F811
+    card_path: str | Path,
+    operator_key: str,
+    settings: dict[str, dict[str, Any]],  # noqa: F811
 ) -> dict[str, Any]:
     """Write ``card["tuned"][operator_key][method] = {...}`` into a model card, atomically.
 
@@ -324,7 +353,9 @@ def store_tuned_defaults(
             )
         bad = sorted(set(values) - names)
         if bad:
-            raise SettingsError(f"store_tuned_defaults: {', '.join(bad)} are not diffusion settings")
+            raise SettingsError(
+                f"store_tuned_defaults: {', '.join(bad)} are not diffusion settings"
+            )
     tuned = card.setdefault("tuned", {})
     entry = tuned.setdefault(operator_key, {})
     for method, values in settings.items():
