@@ -17,7 +17,7 @@ import pytest
 
 from medrecon.cli.main import main
 from medrecon.datasets import Volume, load_nifti, save_nifti
-from medrecon.errors import InputError
+from medrecon.errors import InputError, SettingsError
 from medrecon.pipeline.batch import BatchConfig, run_batch
 from medrecon.pipeline.case import ReconstructConfig, case_seed
 from medrecon.pipeline.manifest import read_cases
@@ -187,3 +187,18 @@ def test_dask_localcluster_matches_local(tmp_path):
         b = load_nifti(tmp_path / "dask" / "cases" / name).array
         np.testing.assert_array_equal(a, b)  # same per-case seeds (noise), same result
         assert r["psnr"] == next(d["psnr"] for d in dask.rows if d["case_id"] == r["case_id"])
+
+
+def test_dask_joins_an_existing_scheduler(tmp_path):
+    """``--scheduler tcp://…`` joins a cluster someone else started (here a LocalCluster)."""
+    distributed = pytest.importorskip("distributed")
+    src = tmp_path / "in"
+    src.mkdir()
+    manifest = _manifest(src, _good_cases(src, 2, method="fbp"))
+    with distributed.LocalCluster(n_workers=1, threads_per_worker=1, processes=True, dashboard_address=None) as cl:
+        res = run_batch(BatchConfig(str(manifest), str(tmp_path / "out"), ReconstructConfig(views=16),
+                                    scheduler=cl.scheduler_address))
+    assert [r["status"] for r in res.rows] == ["done", "done"]
+    with pytest.raises(SettingsError, match="cannot connect"):
+        run_batch(BatchConfig(str(manifest), str(tmp_path / "out2"), ReconstructConfig(views=16),
+                              scheduler="tcp://127.0.0.1:9"))
