@@ -144,6 +144,27 @@ def test_batch_pacs_to_pacs(pacs, protocol, capsys, tmp_path):
     assert after == {series_uid: 28, derived[0]["uid"]: 3}
 
 
+def test_batch_with_a_prior_writes_reconstruction_and_uncertainty_series(pacs, capsys, tmp_path):
+    """A diffusion method with the shipped prior (few steps, 2 samples): the reconstruction and
+    its uncertainty map go back as two new series of the original study."""
+    from medrecon.priors.registry import shipped_registry
+
+    if "ct-256" not in shipped_registry().names():
+        pytest.skip("the ct-256 prior is not shipped in this checkout")
+    assert pacs_main(["push", pacs.dicomweb_url, str(GE)]) == 0
+    study_uid, series_uid = _ge_study(pacs)
+    args = ["batch", pacs.dicomweb_url, "--method", "ccdf", "--prior", "ct-256", "--steps", "6",
+            "--samples", "2", "--views", "12", *TINY]
+    assert pacs_main(args) == 0
+    capsys.readouterr()
+    derived = {s["description"]: s for s in pacs.series_in_study(study_uid) if s["uid"] != series_uid}
+    assert set(derived) == {"medrecon ccdf prior=ct-256 reconstruction", "medrecon ccdf prior=ct-256 uncertainty (std)"}
+    assert all(s["n_instances"] == 3 for s in derived.values())
+    assert pacs_main(args) == 0  # a re-run stores nothing twice
+    after = {s["uid"]: s["n_instances"] for s in pacs.series_in_study(study_uid)}
+    assert sorted(after.values()) == [3, 3, 28]
+
+
 def test_wrong_password_is_a_clear_error_without_the_password(pacs, monkeypatch, capsys):
     wrong = "not-the-Pa55word-42"
     monkeypatch.setenv("MEDRECON_PACS_PASSWORD", wrong)

@@ -65,10 +65,14 @@ def _parser() -> argparse.ArgumentParser:
     b.add_argument("url", help="source PACS: " + URL_HELP)
     b.add_argument("--sink", help="PACS to store results in (default: the source)")
     b.add_argument("--query", default="", help='e.g. "ModalitiesInStudy=CT&StudyDate=20240101-"')
-    b.add_argument("--method", default="fbp", help="fbp | tv | cg | zero-filled | l1-wavelet (default fbp)")
+    b.add_argument("--method", default="fbp",
+                   help="fbp | tv | cg | zero-filled | l1-wavelet | ccdf | song | dps | mbir3d (default fbp)")
     b.add_argument("--views", type=int, default=23, help="CT: simulated parallel-beam views (default 23)")
     b.add_argument("--acceleration", type=float, default=4.0, help="MRI: undersampling factor")
     b.add_argument("--iters", type=int, help="iterations of iterative methods")
+    b.add_argument("--prior", help="diffusion methods: prior name (default: the modality's shipped prior)")
+    b.add_argument("--samples", type=int, help="diffusion methods: posterior samples (default 4)")
+    b.add_argument("--steps", type=int, help="diffusion methods: steps N")
     b.add_argument("--max-size", type=int, help="downsample in-plane to at most this many pixels")
     b.add_argument("--max-slices", type=int, help="reconstruct only this many central slices")
     b.add_argument("--report", help="JSON report of the batch (cases by hashed ID)")
@@ -145,6 +149,7 @@ def _run(a: argparse.Namespace) -> int:
         print(f"stored {res.stored} instances ({res.already_present} already present)")
         return 0
     settings = RetroSettings(method=a.method, views=a.views, acceleration=a.acceleration, iters=a.iters,
+                             prior=a.prior, samples=a.samples, steps=a.steps,
                              max_size=a.max_size, max_slices=a.max_slices)
     rep = pacs_batch(a.url, a.sink, a.query, settings=settings, report=a.report, retry=retry,
                      work_dir=a.work_dir)

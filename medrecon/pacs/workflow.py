@@ -64,7 +64,10 @@ class RetroSettings:
     iters : int or None
         Iterations of iterative methods (None: the method's default).
     prior : str or None
-        Prior name (diffusion methods, later); named in SeriesDescription.
+        Prior name of a diffusion method (default: the modality's shipped prior); named in
+        SeriesDescription.
+    samples, steps : int or None
+        Diffusion methods: posterior samples (the uncertainty series is their std) and steps N.
     max_size : int or None
         Block-average in-plane so that neither side exceeds this (quick looks, tests).
     max_slices : int or None
@@ -80,6 +83,8 @@ class RetroSettings:
     noise: float = 0.0
     iters: int | None = None
     prior: str | None = None
+    samples: int | None = None
+    steps: int | None = None
     max_size: int | None = None
     max_slices: int | None = None
     seed: int = 0
@@ -262,6 +267,8 @@ def _reconstruct_volume(vol: Any, s: RetroSettings) -> tuple[np.ndarray, np.ndar
             noise = torch.complex(noise, torch.randn(y.shape, generator=g, dtype=y.real.dtype)) / math.sqrt(2)
         y = y + s.noise * rms * noise
     kw: dict[str, Any] = {} if s.iters is None else {"iters": s.iters}
+    if _gives_std(s.method):
+        kw = {"prior": s.prior, "n_samples": s.samples or 4, "steps": s.steps}
     rec = reconstruct(y, A, method=s.method, seed=s.seed, **kw)
     mean = rec.mean.abs() if rec.mean.is_complex() else rec.mean
     std = None if rec.std is None else rec.std[:, 0].numpy().astype(np.float32)
