@@ -165,6 +165,23 @@ def test_batch_with_a_prior_writes_reconstruction_and_uncertainty_series(pacs, c
     assert sorted(after.values()) == [3, 3, 28]
 
 
+def test_medrecon_batch_from_pacs_to_pacs(pacs, capsys, tmp_path):
+    """``medrecon batch --source URL --sink URL`` runs one case per series of the query."""
+    from medrecon.cli.main import main
+
+    assert pacs_main(["push", pacs.dicomweb_url, str(GE)]) == 0
+    study_uid, series_uid = _ge_study(pacs)
+    argv = ["batch", "--source", pacs.dicomweb_url, "--query", "ModalitiesInStudy=CT", "--sink", pacs.dicomweb_url,
+            "--out", str(tmp_path / "run"), "--method", "fbp", "--views", "12"]
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    assert "1 series done, 0 failed" in out and series_uid not in out
+    derived = [s for s in pacs.series_in_study(study_uid) if s["uid"] != series_uid]
+    assert len(derived) == 1 and derived[0]["description"] == "medrecon fbp prior=none reconstruction"
+    rep = json.loads((tmp_path / "run" / "pacs-report.json").read_text())
+    assert rep["n_ok"] == 1
+
+
 def test_wrong_password_is_a_clear_error_without_the_password(pacs, monkeypatch, capsys):
     wrong = "not-the-Pa55word-42"
     monkeypatch.setenv("MEDRECON_PACS_PASSWORD", wrong)
