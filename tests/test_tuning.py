@@ -49,14 +49,16 @@ def test_tune_is_at_least_as_good_as_the_preset(prior):
         fixed={"steps": 15},
     )
     assert res["operator_key"] == operator_key(A) == "parallel-4" and res["method"] == "song"
-    assert res["defaults"] == {"lam": 1.0, "snr": 0.16} and res["fixed"] == {"steps": 15}
+    assert res["defaults"] == {"lam": 1.0, "snr": 0.16, "steps": 15} and res["fixed"] == {
+        "steps": 15
+    }
     assert res["best_psnr"] >= res["defaults_psnr"]
     assert res["runs"] <= 6 + 2 and len(res["trials"]) > 2  # the budget buys several configurations
 
     def score(settings):
         recs = [
             reconstruct(
-                A(hu[i : i + 1]), A, "song", prior=prior, n_samples=1, seed=0, steps=15, **settings
+                A(hu[i : i + 1]), A, "song", prior=prior, n_samples=1, seed=0, **settings
             ).mean
             for i in range(2)
         ]

@@ -166,8 +166,8 @@ def tune(
     Returns
     -------
     dict
-        ``method``, ``operator_key``, ``best`` (settings), ``best_psnr``, ``defaults`` (the
-        settings it started from), ``defaults_psnr``, ``n_images``, ``trials`` (settings, PSNR,
+        ``method``, ``operator_key``, ``best`` (settings, the fixed ones included), ``best_psnr``,
+        ``defaults`` (the settings it started from, with the fixed ones), ``defaults_psnr``, ``fixed``, ``n_images``, ``trials`` (settings, PSNR,
         images used, seconds, NFE per reconstruction), ``runs`` (reconstructions spent), ``seconds``.
 
     Examples
@@ -235,7 +235,9 @@ def tune(
     while cost(n_conf + 1) <= budget and n_conf < 10_000:
         n_conf += 1
     rng = np.random.default_rng(seed)
-    configs = [start] + [_draw(space, rng) for _ in range(max(0, n_conf - 1))]
+    held = dict(fixed or {})
+    start = {**held, **start}
+    configs = [start] + [{**held, **_draw(space, rng)} for _ in range(max(0, n_conf - 1))]
     scores: dict[int, dict[int, float]] = {c: {} for c in range(len(configs))}
     trials: dict[int, dict[str, Any]] = {}
     runs = 0
@@ -248,13 +250,7 @@ def tune(
                 continue
             t0 = time.perf_counter()
             rec = reconstruct(
-                meas[i],
-                ops[i],
-                method,
-                prior=prior,
-                n_samples=n_samples,
-                seed=seed,
-                **{**(fixed or {}), **configs[c]},
+                meas[i], ops[i], method, prior=prior, n_samples=n_samples, seed=seed, **configs[c]
             )
             scores[c][i] = _psnr(rec.mean, images[i : i + 1], peak)
             runs += 1
