@@ -258,14 +258,9 @@ def _reconstruct_volume(vol: Any, s: RetroSettings) -> tuple[np.ndarray, np.ndar
         A = MaskedFourier(mri_mask(s.mask, (h, w), s.acceleration, s.center_fraction, seed=s.seed))  # noqa: N806
     else:
         raise SettingsError(f"series modality {vol.modality!r}: only CT and MR series can be reconstructed")
-    y = A(x)
-    if s.noise > 0:
-        g = torch.Generator().manual_seed(s.seed)
-        rms = y.abs().pow(2).mean().sqrt()
-        noise = torch.randn(y.shape, generator=g, dtype=y.real.dtype)
-        if y.is_complex():
-            noise = torch.complex(noise, torch.randn(y.shape, generator=g, dtype=y.real.dtype)) / math.sqrt(2)
-        y = y + s.noise * rms * noise
+    from medrecon.pipeline.problems import add_noise  # the batch pipeline's noise model
+
+    y = add_noise(A(x), s.noise, torch.Generator().manual_seed(s.seed))
     kw: dict[str, Any] = {} if s.iters is None else {"iters": s.iters}
     if _gives_std(s.method):
         kw = {"prior": s.prior, "n_samples": s.samples or 4, "steps": s.steps}

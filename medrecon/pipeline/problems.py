@@ -99,7 +99,8 @@ def _subset(vol: Volume, cfg: ReconstructConfig) -> Volume:
     return Volume(arr, affine, vol.modality, dict(vol.meta))
 
 
-def _add_noise(y: Tensor, fraction: float, gen: torch.Generator) -> Tensor:
+def add_noise(y: Tensor, fraction: float, gen: torch.Generator) -> Tensor:
+    """Gaussian measurement noise of std ``fraction`` × the measurement's RMS (complex: per part /√2)."""
     if fraction <= 0:
         return y
     rms = y.abs().pow(2).mean().sqrt()
@@ -139,7 +140,7 @@ def _retrospective(cfg: ReconstructConfig, seed: int) -> Problem:
         title = f"MRI {cfg.acceleration:g}x {cfg.mask} mask"
         unit, display, initial = "a.u.", (0.0, scale), "zero-filled"
     with torch.no_grad():
-        y = _add_noise(A(x), cfg.noise, gen)
+        y = add_noise(A(x), cfg.noise, gen)
     return Problem(y, A, x, vol, unit, display, initial, title, scale)
 
 

@@ -88,7 +88,7 @@ def run_tune(cfg: TuneConfig, *, prior: Any = None, log=None) -> dict[str, Any]:
     from medrecon.operators import MaskedFourier, mri_mask
     from medrecon.pipeline.case import ReconstructConfig
     from medrecon.pipeline.geometry import ct_case_operator
-    from medrecon.pipeline.problems import _add_noise, _subset
+    from medrecon.pipeline.problems import _subset, add_noise
     from medrecon.pipeline.records import atomic_json
     from medrecon.solvers.tuning import store_tuned_defaults, tune
 
@@ -110,7 +110,7 @@ def run_tune(cfg: TuneConfig, *, prior: Any = None, log=None) -> dict[str, Any]:
         A = MaskedFourier(mri_mask(cfg.mask, (h, w), cfg.acceleration, cfg.center_fraction, seed=cfg.seed))  # noqa: N806
 
     def noise(y: torch.Tensor, i: int) -> torch.Tensor:
-        return _add_noise(y, cfg.noise, torch.Generator().manual_seed(cfg.seed + i))
+        return add_noise(y, cfg.noise, torch.Generator().manual_seed(cfg.seed + i))
 
     res = tune(prior, lambda i: A, images, budget=cfg.budget, seed=cfg.seed, method=cfg.method,
                noise=noise if cfg.noise > 0 else None, n_samples=cfg.samples,
