@@ -111,3 +111,23 @@ def test_bad_settings():
     A = MaskedFourier(torch.ones(8, 8))
     with pytest.raises(SettingsError, match="nonneg"):
         tv(A(torch.rand(1, 1, 8, 8)), A, nonneg=True)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.complex64, torch.complex128])
+def test_cg_stops_at_rounding_level_on_a_singular_system(dtype):
+    """A projection (eigenvalues 0 and 1) is solved in one step; afterwards the residual is
+    rounding noise partly in the null space, where a naive CG divides by a zero curvature and
+    blows up.  The solver must stay at the solution for any number of iterations."""
+    from medrecon.solvers.cg import conjugate_gradient
+
+    g = torch.Generator().manual_seed(0)
+    keep = (torch.rand(1, 1, 16, 16, generator=g) > 0.5).to(dtype)
+
+    def normal(v):  # masked orthonormal FFT: Fᴴ M F, a projection
+        return torch.fft.ifft2(keep * torch.fft.fft2(v, norm="ortho"), norm="ortho").to(dtype)
+
+    rhs = normal(torch.randn(1, 1, 16, 16, generator=g).to(dtype))
+    x = conjugate_gradient(normal, rhs, iters=50, tol=0.0)
+    assert torch.isfinite(x).all()
+    assert float((normal(x) - rhs).abs().max()) < 1e3 * torch.finfo(rhs.real.dtype).eps * float(rhs.abs().max())
+    assert float(x.abs().max()) < 10 * float(rhs.abs().max())

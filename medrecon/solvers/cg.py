@@ -37,6 +37,9 @@ def conjugate_gradient(
         Maximum iterations.
     tol : float
         Stop when every item's residual norm falls below ``tol`` times its right-hand side's.
+        The tolerance is floored at ``10·eps`` of the dtype: below that the residual is rounding
+        noise, partly outside the range of a singular ``normal`` (e.g. a masked-Fourier
+        projection), and further steps would divide by a curvature of zero.
     precond : callable, optional
         An approximate inverse of ``normal`` (Hermitian positive definite), e.g. a Jacobi
         diagonal: preconditioned CG.
@@ -50,18 +53,25 @@ def conjugate_gradient(
     z = precond(r) if precond is not None else r
     p = z.clone()
     rz = _dot(r, z)
-    stop = (tol**2) * _dot(rhs, rhs)
+    eps = torch.finfo(rz.dtype).eps
+    stop = (max(tol, 10 * eps) ** 2) * _dot(rhs, rhs)
     tiny = torch.finfo(rz.dtype).tiny
+    done = torch.zeros_like(rz, dtype=torch.bool)
+    curvature = torch.zeros_like(rz)  # largest Rayleigh quotient pᴴNp/pᴴp seen, per item
     for _ in range(iters):
-        done = _dot(r, r) <= stop
+        done = done | (_dot(r, r) <= stop)
         if bool(done.all()):
             break
         ap = normal(p)
-        alpha = torch.where(done, torch.zeros_like(rz), rz / _dot(p, ap).clamp_min(tiny))
+        pap, pp = _dot(p, ap), _dot(p, p)
+        curvature = torch.maximum(curvature, pap / pp.clamp_min(tiny))
+        # breakdown: p lies (to rounding) in the null space of a singular normal operator
+        done = done | (pap <= 10 * eps * curvature * pp)
+        alpha = torch.where(done, torch.zeros_like(rz), rz / pap.clamp_min(tiny))
         x = x + alpha * p
         r = r - alpha * ap
         z = precond(r) if precond is not None else r
         rz_new = _dot(r, z)
-        p = z + (rz_new / rz.clamp_min(tiny)) * p
-        rz = rz_new
+        p = torch.where(done, p, z + (rz_new / rz.clamp_min(tiny)) * p)
+        rz = torch.where(done, rz, rz_new)
     return x
