@@ -324,6 +324,46 @@ def test_resume_takes_the_same_next_step(tmp_path, toy_npz):
         train(replace(part, sigma_max=30.0, max_steps=6))
 
 
+def _torchrun(out: Path, data: Path, *extra: str) -> dict:
+    """``medrecon train`` under torchrun with two CPU processes (gloo), tiny settings."""
+    import subprocess
+    import sys
+
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           "-m", "medrecon.priors.train", "--data", str(data), "--modality", "ct",
+           "--size", "tiny", "--sigma-max", "20", "--patch-size", "16", "--batch-size", "2",
+           "--lr", "1e-3", "--warmup-steps", "1", "--out-dir", str(out), "--validate-every-s", "0",
+           "--sample-every-s", "0", "--progress", "false", "--log-every", "1", "--threads", "1", *extra]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    p = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
+    assert p.returncode == 0, p.stderr[-3000:]
+    lines = [ln for ln in p.stdout.splitlines() if ln.startswith("{")]
+    assert len(lines) == 1, p.stdout  # rank 0 alone reports
+    return json.loads(lines[0])
+
+
+def test_ddp_two_cpu_processes_train_resume_exactly_and_stop_together(tmp_path, toy_npz):
+    """The DDP path, run for real on CPU (gloo): two ranks draw different batches, the
+    checkpoint holds both ranks' streams, 4 steps + resume to 6 equals 6 straight, and a time
+    limit stops both ranks at the same step (a rank stopping alone would hang the other)."""
+    straight = _torchrun(tmp_path / "a", toy_npz, "--max-steps", "6")
+    assert straight["step"] == 6
+    ck_a = load_checkpoint(tmp_path / "a" / "last.pt")
+    ranks = ck_a["rank_states"]
+    assert len(ranks) == 2 and not torch.equal(ranks[0]["noise_rng"], ranks[1]["noise_rng"])
+    assert not torch.equal(ranks[0]["sampler"]["gen"], ranks[1]["sampler"]["gen"])
+    assert _torchrun(tmp_path / "b", toy_npz, "--max-steps", "4")["step"] == 4
+    assert _torchrun(tmp_path / "b", toy_npz, "--max-steps", "6")["step"] == 6
+    ck_b = load_checkpoint(tmp_path / "b" / "last.pt")
+    for key in ("model", "ema"):
+        for k, v in ck_a[key].items():
+            assert torch.equal(v, ck_b[key][k]), (key, k)
+    log = (tmp_path / "b" / "loss.csv").read_text().splitlines()
+    assert [ln.split(",")[0] for ln in log[1:]] == ["1", "2", "3", "4", "5", "6"]
+    timed = _torchrun(tmp_path / "c", toy_npz, "--max-steps", "100000", "--max-time-s", "0")
+    assert timed["stopped_by"] == "max_time" and timed["step"] == 1
+
+
 def test_sigterm_checkpoints_and_stops(tmp_path, toy_npz):
     cfg = tiny_config(tmp_path, toy_npz, max_steps=10**6, checkpoint_every_s=1e9)
     before = signal.getsignal(signal.SIGTERM)

@@ -21,8 +21,12 @@ What a run does
   PSNR on validation slices), ``samples_<step>.png`` (EMA preview samples), a tqdm bar.
 * ``init_from`` starts from shipped weights (model and EMA); the optimiser is re-initialised
   because shipped priors do not carry it.
-* Multi-GPU: launched by ``torchrun`` (``WORLD_SIZE > 1``) it wraps the net in DDP; each rank
-  draws its own batches, rank 0 writes files.
+* Multi-GPU: launched by ``torchrun`` (``WORLD_SIZE > 1``) it wraps the net in DDP (NCCL on
+  GPUs, gloo on CPUs); each rank draws its own batches of ``batch_size`` (the effective batch is
+  ``world × batch_size``), rank 0 writes files.  Checkpoints hold every rank's data position and
+  noise RNG, so a resume with the same number of processes is exact; another number resumes the
+  weights and optimiser with fresh streams.  Stopping (signal, ``max_time_s``) and clock-driven
+  checkpoints are agreed by all ranks, so no rank is left waiting in an all-reduce.
 """
 
 from __future__ import annotations
@@ -503,6 +507,17 @@ def _cfg_from_dict(d: dict[str, Any]) -> dict[str, Any]:
     return d
 
 
+def _agree(world: int, *flags: bool) -> tuple[bool, ...]:
+    """Each flag OR-ed over all ranks (one tiny all-reduce under DDP)."""
+    if world == 1:
+        return tuple(bool(f) for f in flags)
+    t = torch.tensor([float(f) for f in flags])
+    if torch.distributed.get_backend() == "nccl":
+        t = t.cuda()
+    torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
+    return tuple(bool(v) for v in t.tolist())
+
+
 def _ddp() -> tuple[int, int]:
     ws = int(os.environ.get("WORLD_SIZE", "1"))
     if ws > 1 and not torch.distributed.is_initialized():
@@ -566,9 +581,19 @@ def train(config: TrainConfig) -> dict[str, Any]:
         net.load_state_dict(ck["model"])
         ema.load_state_dict(ck["ema"])
         opt.load_state_dict(ck["optimizer"])
-        sampler.load_state_dict(ck["sampler"])
-        noise_gen.set_state(ck["noise_rng"])
         step, wall = int(ck["step"]), float(ck["wall_s"])
+        ranks = ck.get("rank_states") or [{"sampler": ck["sampler"], "noise_rng": ck["noise_rng"]}]
+        if len(ranks) == world:  # exact resume: every rank continues its own data and noise
+            sampler.load_state_dict(ranks[rank]["sampler"])
+            noise_gen.set_state(ranks[rank]["noise_rng"])
+        else:  # another number of processes: fresh, distinct streams from the step on
+            sampler = PatchSampler(images, config.batch_size, config.patch_size,
+                                   config.seed * 1000 + rank + 7919 * step)
+            noise_gen.manual_seed(config.seed * 1000 + 500 + rank + 7919 * step)
+            if rank == 0:
+                print(f"train: {ckpath} was written by {len(ranks)} process(es), this run has {world}: "
+                      "resuming the weights and optimiser with new data/noise streams (not bit-exact)",
+                      file=sys.stderr)
         _truncate_log(out / "loss.csv", step)
     elif config.init_from:
         init = ScorePrior.load(config.init_from)
@@ -587,6 +612,12 @@ def train(config: TrainConfig) -> dict[str, Any]:
     )
 
     def checkpoint(keep: bool = False) -> Path:
+        # collective under DDP: every rank's data position and noise RNG go into the file
+        mine = {"sampler": sampler.state_dict(), "noise_rng": noise_gen.get_state()}
+        ranks = [mine]
+        if world > 1:
+            ranks = [None] * world
+            torch.distributed.all_gather_object(ranks, mine)
         state = {
             "format": CKPT_FORMAT,
             "config": {**asdict(config), "data": list(config.data)},
@@ -597,6 +628,7 @@ def train(config: TrainConfig) -> dict[str, Any]:
             "optimizer": opt.state_dict(),
             "sampler": sampler.state_dict(),
             "noise_rng": noise_gen.get_state(),
+            "rank_states": ranks,
             "torch_version": str(torch.__version__),
         }
         if rank == 0:
@@ -670,7 +702,12 @@ def train(config: TrainConfig) -> dict[str, Any]:
                         bar.set_postfix(loss=f"{acc_loss / acc_n:.4f}")
                     acc_loss, acc_n = 0.0, 0
                 keep = bool(config.snapshot_every_steps) and step % config.snapshot_every_steps == 0
-                if keep or now - t_last_ck >= config.checkpoint_every_s:
+                # decisions taken on the clock or a signal are agreed by all ranks (DDP): a rank
+                # that stopped or checkpointed alone would leave the others waiting forever
+                timed_out = config.max_time_s is not None and now - t_start >= config.max_time_s
+                ck_due, stop_now = _agree(world, now - t_last_ck >= config.checkpoint_every_s,
+                                          stop.flag or timed_out)
+                if keep or ck_due:
                     checkpoint(keep)
                     t_last_ck = now
                 if (
@@ -688,11 +725,8 @@ def train(config: TrainConfig) -> dict[str, Any]:
                 ):
                     _preview(ema, config, out / f"samples_{step:07d}.png")
                     t_last_sample = time.monotonic()
-                if stop.flag:
-                    stopped_by = "signal"
-                    break
-                if config.max_time_s is not None and now - t_start >= config.max_time_s:
-                    stopped_by = "max_time"
+                if stop_now:
+                    stopped_by = "max_time" if timed_out else "signal"
                     break
             checkpoint(keep=False)
     finally:
@@ -941,6 +975,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(path)
         return 0
     summary = train(cfg)
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+        if int(os.environ.get("RANK", "0")) != 0:
+            return 0
     print(json.dumps(summary))
     return 0
 
