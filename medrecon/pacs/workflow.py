@@ -246,21 +246,12 @@ def _reconstruct_volume(vol: Any, s: RetroSettings) -> tuple[np.ndarray, np.ndar
     import torch
 
     from medrecon.api import reconstruct
-    from medrecon.operators import MaskedFourier, ParallelBeamCT, mri_mask
+    from medrecon.pipeline.problems import retrospective_operator, simulate_measurement
 
     x = torch.from_numpy(np.ascontiguousarray(vol.array, dtype=np.float32))[:, None]
-    h, w = x.shape[-2:]
-    if vol.modality == "CT":
-        if s.views < 1:
-            raise SettingsError(f"views must be >= 1, got {s.views}")
-        A = ParallelBeamCT.sparse_view((h, w), s.views)  # noqa: N806
-    elif vol.modality == "MR":
-        A = MaskedFourier(mri_mask(s.mask, (h, w), s.acceleration, s.center_fraction, seed=s.seed))  # noqa: N806
-    else:
-        raise SettingsError(f"series modality {vol.modality!r}: only CT and MR series can be reconstructed")
-    from medrecon.pipeline.problems import add_noise  # the batch pipeline's noise model
-
-    y = add_noise(A(x), s.noise, torch.Generator().manual_seed(s.seed))
+    A = retrospective_operator(x.shape[-2:], vol.modality, seed=s.seed, views=s.views, mask=s.mask,  # noqa: N806
+                               acceleration=s.acceleration, center_fraction=s.center_fraction)
+    y = simulate_measurement(x, A, s.noise, s.seed)
     kw: dict[str, Any] = {} if s.iters is None else {"iters": s.iters}
     if _gives_std(s.method):
         kw = {"prior": s.prior, "n_samples": s.samples or 4, "steps": s.steps}

@@ -27,7 +27,8 @@ if TYPE_CHECKING:
     from medrecon.datasets.types import Volume
     from medrecon.pipeline.case import ReconstructConfig
 
-__all__ = ["Problem", "input_kind", "build_problem", "parse_slices"]
+__all__ = ["Problem", "input_kind", "build_problem", "parse_slices", "retrospective_operator", "simulate_measurement",
+           "add_noise"]
 
 KSPACE_SUFFIXES = (".h5", ".hdf5", ".cfl", ".hdr")
 SINOGRAM_SUFFIXES = (".npy", ".npz")
@@ -114,34 +115,65 @@ def _retrospective(cfg: ReconstructConfig, seed: int) -> Problem:
     from medrecon.datasets import load_volume
     from medrecon.datasets.simulate import bundled_ct_slice
     from medrecon.metrics import SOFT_TISSUE_HU
-    from medrecon.operators import MaskedFourier, mri_mask
-    from medrecon.pipeline.geometry import ct_case_operator
 
     src = str(bundled_ct_slice()) if cfg.input is None else cfg.input
     kw = {"series_uid": cfg.series_uid} if cfg.series_uid else {}
     vol = _subset(load_volume(src, **kw), cfg)
     x = torch.from_numpy(np.ascontiguousarray(vol.array, dtype=np.float32))[:, None]  # (Z, 1, H, W)
-    h, w = x.shape[-2:]
-    gen = torch.Generator().manual_seed(seed)
+    A = retrospective_operator(  # noqa: N806
+        x.shape[-2:], cfg.modality, seed=seed, views=cfg.views, geometry=cfg.geometry,
+        angles_deg=cfg.angles_deg, limited_angle_deg=cfg.limited_angle_deg, pixel_mm=vol.spacing_mm[2],
+        source_to_isocenter_mm=cfg.source_to_isocenter_mm, source_to_detector_mm=cfg.source_to_detector_mm,
+        mask=cfg.mask, acceleration=cfg.acceleration, center_fraction=cfg.center_fraction,
+    )
     if cfg.modality == "ct":
-        A = ct_case_operator(  # noqa: N806
-            (h, w), kind=cfg.geometry, views=cfg.views, angles_deg=cfg.angles_deg,
-            limited_angle_deg=cfg.limited_angle_deg, pixel_mm=vol.spacing_mm[2],
-            source_to_isocenter_mm=cfg.source_to_isocenter_mm, source_to_detector_mm=cfg.source_to_detector_mm,
-        )
         n = int(np.count_nonzero(A.mask.cpu().numpy())) if hasattr(A, "mask") else cfg.views
         what = f"{n} views" if cfg.limited_angle_deg is None else f"{cfg.limited_angle_deg:g}° limited angle"
         title = f"CT {cfg.geometry} beam, {what}"
         unit, display, initial, scale = "HU", SOFT_TISSUE_HU, "fbp", 1.0
     else:
-        mask = mri_mask(cfg.mask, (h, w), cfg.acceleration, cfg.center_fraction, seed=seed)
-        A = MaskedFourier(mask)  # noqa: N806
         scale = float(np.percentile(np.abs(vol.array), 99.5)) or 1.0
         title = f"MRI {cfg.acceleration:g}x {cfg.mask} mask"
         unit, display, initial = "a.u.", (0.0, scale), "zero-filled"
-    with torch.no_grad():
-        y = add_noise(A(x), cfg.noise, gen)
+    y = simulate_measurement(x, A, cfg.noise, seed)
     return Problem(y, A, x, vol, unit, display, initial, title, scale)
+
+
+def retrospective_operator(
+    shape: tuple[int, int], modality: str, *, seed: int, views: int = 23, geometry: str = "parallel",
+    angles_deg: tuple[float, ...] | None = None, limited_angle_deg: float | None = None,
+    pixel_mm: float = 1.0, source_to_isocenter_mm: float = 541.0, source_to_detector_mm: float = 949.0,
+    mask: str = "equispaced", acceleration: float = 4.0, center_fraction: float = 0.08,
+) -> Any:
+    """The operator that simulates a measurement from an image of ``shape`` (H, W).
+
+    ``modality`` "ct" (also DICOM's "CT"): :func:`~medrecon.pipeline.geometry.ct_case_operator`
+    with the geometry arguments; "mri" (also "MR"): a :class:`~medrecon.operators.MaskedFourier`
+    with an ``mri_mask(mask, shape, acceleration, center_fraction, seed=seed)``.  The one place
+    where the batch pipeline, the CLI and the PACS workflow choose a retrospective operator.
+    """
+    from medrecon.operators import MaskedFourier, mri_mask
+    from medrecon.pipeline.geometry import ct_case_operator
+
+    h, w = (int(v) for v in shape)
+    kind = {"ct": "ct", "mri": "mri", "mr": "mri"}.get(str(modality).lower())
+    if kind == "ct":
+        if angles_deg is None and limited_angle_deg is None and views < 1:
+            raise SettingsError(f"views must be >= 1, got {views}")
+        return ct_case_operator(
+            (h, w), kind=geometry, views=views, angles_deg=angles_deg, limited_angle_deg=limited_angle_deg,
+            pixel_mm=pixel_mm, source_to_isocenter_mm=source_to_isocenter_mm,
+            source_to_detector_mm=source_to_detector_mm,
+        )
+    if kind == "mri":
+        return MaskedFourier(mri_mask(mask, (h, w), acceleration, center_fraction, seed=seed))
+    raise SettingsError(f"modality {modality!r}: only CT and MR(I) images can be reconstructed")
+
+
+def simulate_measurement(x: Tensor, A: Any, noise: float, seed: int) -> Tensor:  # noqa: N803
+    """``A x`` plus :func:`add_noise` of relative level ``noise``, seeded."""
+    with torch.no_grad():
+        return add_noise(A(x), noise, torch.Generator().manual_seed(seed))
 
 
 def _sinogram_problem(cfg: ReconstructConfig) -> Problem:
