@@ -72,8 +72,10 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--prior", default="ct-256")
     p.add_argument("--max-memory-gib", type=float, default=8.0)
     p.add_argument("--methods", default="tv3d,slicewise,mbir3d")
+    p.add_argument("--threads", type=int, default=2,
+                   help="torch threads (1: run two benchmark processes side by side on 2 cores)")
     a = p.parse_args(argv)
-    torch.set_num_threads(2)
+    torch.set_num_threads(a.threads)
     size = a.size or (64 if a.quick else 256)
     n_slices = a.slices or (8 if a.quick else 32)
     steps = a.steps or (40 if a.quick else 300)
@@ -122,7 +124,7 @@ def main(argv: list[str] | None = None) -> dict:
             continue
         print(f"{r['method']:<10} {r['psnr']:8.2f} {r['ssim']:6.3f} {r['z_coherence_hu']:14.1f} "
               f"{r['seconds']:8.1f} {r['peak_rss_gib']:12.2f}")
-    result = {"bench": "mbir3d", "device": "cpu", "size": size, "slices": n_slices, "views": a.views,
+    result = {"bench": "mbir3d", "device": "cpu", "threads": a.threads, "size": size, "slices": n_slices, "views": a.views,
               "steps": steps, "t0": a.t0, "prior": prior_note, "results": rows}
     print(json.dumps(result))
     return result
