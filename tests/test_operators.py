@@ -380,6 +380,12 @@ def test_bad_settings_raise_clear_errors():
     op = MaskedFourier(torch.ones(3, 8, 8))
     with pytest.raises(ShapeError, match="per slice for 3 slices"):
         op(torch.zeros(2, 1, 8, 8))
+    # a batch of k volumes of 3 slices (posterior samples) applies the masks to each volume
+    op = MaskedFourier(mri_mask("random", (8, 8), 2, seed=0)[None].repeat(3, 1, 1) * torch.rand(3, 1, 1).round())
+    x6 = torch.randn(6, 1, 8, 8, dtype=torch.complex64)
+    torch.testing.assert_close(op(x6), torch.cat([op(x6[:3]), op(x6[3:])]))
+    sense = MultiCoilMRI(_maps(2, 8)[None].repeat(3, 1, 1, 1), torch.ones(3, 8, 8))
+    torch.testing.assert_close(sense.adjoint(sense(x6)), torch.cat([sense.adjoint(sense(v)) for v in (x6[:3], x6[3:])]))
     with pytest.raises(ShapeError, match="real floating"):
         ParallelBeamCT(8, np.array([0.0]))(torch.zeros(1, 1, 8, 8, dtype=torch.complex64))
     with pytest.raises(ShapeError, match="floating-point"):

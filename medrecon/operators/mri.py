@@ -58,6 +58,21 @@ def _mask_tensor(mask: Tensor | np.ndarray, who: str) -> Tensor:
     return (m != 0).reshape(m.shape if m.ndim == 2 else (m.shape[0], 1, *m.shape[1:]))
 
 
+def per_slice(w: Tensor, batch: int, what: str) -> Tensor:
+    """Per-slice weights ``w`` (Z, ...) for a batch of ``batch`` items.
+
+    A batch of ``k·Z`` items is ``k`` volumes of ``Z`` slices one after the other (posterior
+    samples, as ``y.repeat(k, ...)`` stacks them): ``w`` repeats ``k`` times.  A single set
+    (``Z = 1``) broadcasts.
+    """
+    z = w.shape[0]
+    if z in (1, batch):
+        return w
+    if batch % z:
+        raise ShapeError(f"{what} is per slice for {z} slices; the input's batch {batch} is not a multiple of it")
+    return w.repeat(batch // z, *([1] * (w.ndim - 1)))
+
+
 class CoilExpand(LinearOperator):
     """Multiply an image by each coil sensitivity: ``(B, 1, H, W) -> (B, coils, H, W)``.
 
@@ -76,10 +91,7 @@ class CoilExpand(LinearOperator):
         super().__init__((1, h, w), (coils, h, w), in_complex=True, out_complex=True)
 
     def _check_batch(self, x: Tensor) -> Tensor:
-        maps = match_tensor(self.maps, x)
-        if maps.shape[0] not in (1, x.shape[0]):
-            raise ShapeError(f"CoilExpand: maps are per slice for {maps.shape[0]} slices, input has batch {x.shape[0]}")
-        return maps
+        return per_slice(match_tensor(self.maps, x), x.shape[0], "CoilExpand: maps")
 
     def _forward(self, x: Tensor) -> Tensor:
         return self._check_batch(x) * x
@@ -98,9 +110,7 @@ class _Cartesian(SamplingOperator):
 
     def _m(self, z: Tensor) -> Tensor:
         m = match_tensor(self.mask, z)
-        if m.ndim == 4 and m.shape[0] not in (1, z.shape[0]):
-            raise ShapeError(f"{self.name}: mask is per slice for {m.shape[0]} slices, input has batch {z.shape[0]}")
-        return m
+        return per_slice(m, z.shape[0], f"{self.name}: mask") if m.ndim == 4 else m
 
     def _forward(self, x: Tensor) -> Tensor:
         return self.reduce(self.T._forward(x))
