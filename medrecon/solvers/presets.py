@@ -76,9 +76,11 @@ class DiffusionSettings:
     admm_cg_iters : int
         mbir3d: CG steps of the ADMM x-update per diffusion step (DiffusionMBIR's fast code: 1).
     chunk : int, optional
-        Network evaluations on at most this many slices at a time.
-    max_memory : float, optional
-        Memory budget in bytes; sets ``chunk`` (see :func:`chunk_for_budget`).
+        Network evaluations on at most this many slices at a time (wins over ``max_memory``).
+    max_memory : float or None
+        Memory budget in bytes, 4 GiB by default for every method; sets ``chunk`` (see
+        :func:`chunk_for_budget`), so that a volume's slices (or many samples) pass the network
+        in chunks rather than all at once.  None: one batch, however large.
     """
 
     steps: int = 1000
@@ -98,7 +100,7 @@ class DiffusionSettings:
     tv_axes: tuple[str, ...] = ("z",)
     admm_cg_iters: int = 1
     chunk: int | None = None
-    max_memory: float | None = None
+    max_memory: float | None = 4 * 2**30
     extra: dict[str, Any] = field(default_factory=dict)
 
 
@@ -248,7 +250,7 @@ def _chain(
     like = A.adjoint(yr)
     if not A.in_complex:
         like = like.real if like.is_complex() else like
-    chunk = s.chunk if s.max_memory is None else chunk_for_budget(s.max_memory, like)
+    chunk = s.chunk if s.chunk is not None or s.max_memory is None else chunk_for_budget(s.max_memory, like)
     score = ScoreCounter(model, track_grad=(method == "dps"), chunk=chunk)
     score.sde = sde
     rng = torch.Generator(device="cpu").manual_seed(seed)
