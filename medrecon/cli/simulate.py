@@ -60,6 +60,6 @@ def run(a: argparse.Namespace) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """``medrecon simulate`` on its own (also reachable as ``medrecon.datasets.simulate.main``)."""
+    """``medrecon simulate`` on its own."""
     a = _configure(argparse.ArgumentParser(prog="medrecon simulate")).parse_args(argv)
     return run(a)

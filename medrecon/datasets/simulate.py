@@ -39,7 +39,6 @@ __all__ = [
     "smooth_phase",
     "save_simulation",
     "bundled_ct_slice",
-    "main",
 ]
 
 MU_WATER_PER_MM = 0.0192  # about 70 keV
@@ -349,10 +348,3 @@ def save_simulation(
             truth, out / f"{name}_truth_dicom", method="ground truth", overwrite=overwrite
         )
     return written
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    """Deprecated: ``medrecon simulate`` lives in :mod:`medrecon.cli.simulate`; this forwards to it."""
-    from medrecon.cli.simulate import main as cli_main
-
-    return cli_main(argv)

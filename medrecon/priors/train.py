@@ -878,7 +878,7 @@ CARD_INFO: dict[str, dict[str, Any]] = {
         "modality": "mri",
         "resolution": [256, 256],
         "units": "magnitude / (99.5th percentile of the volume) -> [0, 1]",
-        "design": "VE-SDE (sigma_min 0.01, sigma_max 110, about the largest pairwise L2 distance "
+        "design": "VE-SDE (sigma_min 0.01, sigma_max 110 ~ the largest pairwise L2 distance, 111.9, "
         "between the normalised 256x256 training slices), 'S' U-Net (3.15 M parameters, "
         "attention only at the lowest level), trained on random 64x64 patches (batch 16) with "
         "flips and 90-degree rotations on a 2-core CPU; fully convolutional apart from that "

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 
+from medrecon.cli.simulate import main
 from medrecon.datasets import (
     Volume,
     load_bart_kspace,
@@ -18,7 +19,6 @@ from medrecon.datasets import (
 )
 from medrecon.datasets.simulate import (
     birdcage_coil_maps,
-    main,
     save_simulation,
     simulate_ct,
     simulate_mri,
