@@ -69,6 +69,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--steps", type=int, default=None, help="diffusion grid N (CCDF start at t0)")
     p.add_argument("--t0", type=float, default=0.3)
     p.add_argument("--samples", type=int, default=1)
+    p.add_argument("--snr", type=float, default=0.16, help="Langevin corrector snr (0: predictor only)")
     p.add_argument("--prior", default="ct-256")
     p.add_argument("--max-memory-gib", type=float, default=8.0)
     p.add_argument("--methods", default="tv3d,slicewise,mbir3d")
@@ -106,17 +107,17 @@ def main(argv: list[str] | None = None) -> dict:
             continue
         elif m == "slicewise":
             rec = reconstruct(y, A, method="ccdf", prior=prior, n_samples=a.samples, steps=steps, t0=a.t0,
-                              progress=True)
+                              snr=a.snr, max_memory=a.max_memory_gib * 2**30, progress=True)
         elif m == "mbir3d":
             rec = reconstruct(y, A, method="mbir3d", prior=prior, n_samples=a.samples, steps=steps, t0=a.t0,
-                              max_memory=a.max_memory_gib * 2**30, progress=True)
+                              snr=a.snr, max_memory=a.max_memory_gib * 2**30, progress=True)
         else:
             raise SystemExit(f"unknown method {m}")
         rows.append({"method": m, **metrics(rec.mean, vol), "seconds": round(time.perf_counter() - t0, 1),
                      "peak_rss_gib": round(_peak_rss_gib(), 2), "nfe": rec.info.get("nfe", 0)})
 
     print(f"mbir3d benchmark: {n_slices} slices × {size}², {a.views} views, N={steps}, t0={a.t0}, "
-          f"samples={a.samples}; prior: {prior_note}")
+          f"snr={a.snr}, samples={a.samples}; prior: {prior_note}")
     print(f"{'method':<10} {'PSNR dB':>8} {'SSIM':>6} {'mean|Dz e| HU':>14} {'seconds':>8} {'peak RSS GiB':>12}")
     for r in rows:
         if "skipped" in r:
@@ -125,7 +126,7 @@ def main(argv: list[str] | None = None) -> dict:
         print(f"{r['method']:<10} {r['psnr']:8.2f} {r['ssim']:6.3f} {r['z_coherence_hu']:14.1f} "
               f"{r['seconds']:8.1f} {r['peak_rss_gib']:12.2f}")
     result = {"bench": "mbir3d", "device": "cpu", "threads": a.threads, "size": size, "slices": n_slices, "views": a.views,
-              "steps": steps, "t0": a.t0, "prior": prior_note, "results": rows}
+              "steps": steps, "t0": a.t0, "snr": a.snr, "prior": prior_note, "results": rows}
     print(json.dumps(result))
     return result
 
