@@ -36,3 +36,36 @@ def test_operators_benchmark_quick_smoke(capsys, tmp_path, monkeypatch):
     assert {"op", "case"} <= set(data["results"][0])
     assert any(line.startswith("operation") and "speed-up" in line for line in lines)  # table
     assert torch.get_num_threads() == threads  # the thread count is restored
+
+
+def test_prior_designs_compares_checkpoints(capsys, tmp_path):
+    """Two tiny runs (VE, VP) through the trainer, compared on the same slices: a table, then
+    JSON with one row per checkpoint, each at its own step and design."""
+    import numpy as np
+
+    from medrecon.priors.train import TrainConfig, train
+
+    g = np.random.default_rng(0)
+    imgs = np.full((6, 32, 32), -1000.0)
+    for im in imgs:
+        cy, cx = g.uniform(10, 22, 2)
+        yy, xx = np.mgrid[:32, :32]
+        im[(yy - cy) ** 2 + (xx - cx) ** 2 < 60] = 40.0
+    data = tmp_path / "toy.npz"
+    np.savez(data, images=imgs.astype(np.int16))
+    cks = []
+    for sde in ("ve", "vp"):
+        cfg = TrainConfig(run=f"toy-{sde}", data=(str(data),), modality="ct", size="tiny", sde=sde, sigma_max=20.0,
+                          patch_size=16, batch_size=2, warmup_steps=1, max_steps=2, out_dir=str(tmp_path / sde),
+                          validate_every_s=0, sample_every_s=0, progress=False, threads=1)
+        train(cfg)
+        cks.append(str(tmp_path / sde / "last.pt"))
+    threads = torch.get_num_threads()
+    out = _load("prior_designs").main([*cks, "--val", str(data), "--every", "2", "--threads", "1"])
+    torch.set_num_threads(threads)
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert json.loads(lines[-1]) == json.loads(json.dumps(out))
+    assert out["slices"] == 3 and [r["run"] for r in out["results"]] == ["toy-ve", "toy-vp"]
+    assert out["results"][1]["design"].startswith("VP tiny") and all(r["step"] == 2 for r in out["results"])
+    assert all(np.isfinite(r["psnr_sigma0.1"]) for r in out["results"])
+    assert any(line.startswith("toy-vp") for line in lines)
