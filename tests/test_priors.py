@@ -401,6 +401,11 @@ def test_export_and_init_from_shipped_weights(tmp_path, toy_npz):
     r = train(cfg2)
     ck = load_checkpoint(Path(cfg2.out_dir) / "last.pt")
     assert r["step"] == 1 and ck["optimizer"]["state"][0]["step"] == 1  # fresh optimiser
+    # the exported card counts the steps the initial weights had already had
+    card2 = ScorePrior.load(export_prior(Path(cfg2.out_dir) / "last.pt", tmp_path / "w2", "toy-32b"))
+    training = card2.card["training"]
+    assert training["steps"] == 3 and "2 earlier steps" in training["resumed_from"]
+    assert training["wall_time_s"] >= prior.card["training"]["wall_time_s"]
 
 
 def test_reserved_and_bad_data_refused(tmp_path):

@@ -470,13 +470,19 @@ def export_prior(
     net = ScoreNet(network_spec(cfg.size), cfg.build_sde(), cfg.sigma_data)
     net.load_state_dict(ck["ema"])
     prior = ScorePrior(net, cfg.normaliser())
+    earlier = ck.get("earlier", {"steps": 0, "wall_time_s": 0.0})
     training = {
-        "steps": ck["step"],
-        "wall_time_s": round(ck["wall_s"], 1),
+        "steps": earlier["steps"] + ck["step"],
+        "wall_time_s": round(earlier["wall_time_s"] + ck["wall_s"], 1),
         "weights": "EMA of the network weights",
         "optimiser_state_shipped": False,
         "config": ck["config"],
     }
+    if earlier["steps"]:
+        training["resumed_from"] = (
+            f"{earlier['steps']} earlier steps ({ck['config'].get('init_from')}); this run "
+            f"{ck['step']} steps with a re-initialised AdamW"
+        )
     extra: dict[str, Any] = dict(card or {})
     extra["training"] = {**training, **extra.get("training", {})}
     path = prior.save(directory, name, dtype=dtype, card=extra, overwrite=overwrite)
@@ -564,6 +570,7 @@ def train(config: TrainConfig) -> dict[str, Any]:
     sampler = PatchSampler(images, config.batch_size, config.patch_size, config.seed * 1000 + rank)
     noise_gen = torch.Generator(device=device).manual_seed(config.seed * 1000 + 500 + rank)
     step, wall = 0, 0.0
+    earlier = {"steps": 0, "wall_time_s": 0.0}  # training the init_from weights had already had
     ckpath = out / "last.pt"
     if config.resume and ckpath.exists():
         ck = load_checkpoint(ckpath)
@@ -582,6 +589,7 @@ def train(config: TrainConfig) -> dict[str, Any]:
         ema.load_state_dict(ck["ema"])
         opt.load_state_dict(ck["optimizer"])
         step, wall = int(ck["step"]), float(ck["wall_s"])
+        earlier = dict(ck.get("earlier", earlier))
         ranks = ck.get("rank_states") or [{"sampler": ck["sampler"], "noise_rng": ck["noise_rng"]}]
         if len(ranks) == world:  # exact resume: every rank continues its own data and noise
             sampler.load_state_dict(ranks[rank]["sampler"])
@@ -602,6 +610,11 @@ def train(config: TrainConfig) -> dict[str, Any]:
         net.unet.load_state_dict(init.net.unet.state_dict())
         ema.load_state_dict(net.state_dict())
         # shipped weights carry no optimiser state: AdamW starts fresh (warm-up again)
+        before = init.card.get("training", {})
+        earlier = {
+            "steps": int(before.get("steps", 0)),
+            "wall_time_s": float(before.get("wall_time_s", 0.0)),
+        }
     model: torch.nn.Module = net
     if world > 1:
         model = torch.nn.parallel.DistributedDataParallel(net)
@@ -629,6 +642,7 @@ def train(config: TrainConfig) -> dict[str, Any]:
             "sampler": sampler.state_dict(),
             "noise_rng": noise_gen.get_state(),
             "rank_states": ranks,
+            "earlier": earlier,
             "torch_version": str(torch.__version__),
         }
         if rank == 0:

@@ -37,10 +37,13 @@ __all__ = ["DEFAULT_SPACES", "operator_key", "tune", "store_tuned_defaults", "tu
 #: search spaces per method: a list = choices; (low, high) = uniform; (low, high, "log") = log-uniform
 DEFAULT_SPACES: dict[str, dict[str, Any]] = {
     "song": {"lam": (0.5, 1.0), "snr": (0.04, 0.4, "log"), "steps": [50, 100, 200]},
+    # CCDF: the start (FBP / zero-filled / CG-SENSE vs TV) matters as much as t0: from a TV image
+    # a small t0 (σ(t0) of a few per cent) is enough, from FBP streaks it is not
     "ccdf": {
+        "init": ["auto", "tv"],
         "lam": (0.5, 1.0),
         "snr": (0.04, 0.4, "log"),
-        "t0": (0.1, 0.6),
+        "t0": (0.08, 0.6),
         "steps": [50, 100, 200],
     },
     "dps": {"zeta": (0.1, 3.0, "log"), "steps": [50, 100, 200]},
