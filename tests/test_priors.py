@@ -22,6 +22,7 @@ from medrecon.priors import (
     ScoreNet,
     ScorePrior,
     ct_normaliser,
+    fit_high_noise,
     mri_normaliser,
     network_spec,
     sde_from_dict,
@@ -173,6 +174,59 @@ def test_complex_input_uses_real_and_imaginary_parts():
         torch.testing.assert_close(s.imag, prior.score(xi, t))
         d = prior.denoise(torch.complex(xr, xi), t)
     assert d.is_complex() and d.shape == xr.shape
+
+
+@pytest.mark.parametrize("sde", [VESDE(0.01, 20.0), VPSDE(0.1, 20.0)], ids=["ve", "vp"])
+def test_high_noise_blend_follows_its_formula(sde):
+    """With ``high_noise`` on the card the score is ``w·net + (1 − w)·gauss``, w = 1/(1 +
+    (σ/σ_c)⁴) with σ = std/a, gauss the score of N(mean, var) diffused to t; the imaginary part
+    of a complex image uses mean 0.  Without the entry the score is the network's."""
+    prior = tiny_prior(sde).eval()
+    g = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for prm in prior.net.parameters():  # the output layer starts at zero: make it speak
+            prm.add_(0.05 * torch.randn(prm.shape, generator=g))
+    x = torch.randn(2, 1, 16, 16, generator=g, dtype=torch.float64)
+    hn = {"mean": 0.3, "var": 0.02, "sigma_c": 0.5}
+    for sigma in (0.05, 0.5, 5.0):
+        t = sigma_to_t(sde, sigma).double().expand(2)
+        a, std = sde.mean_coeff(t).reshape(-1, 1, 1, 1), sde.std(t).reshape(-1, 1, 1, 1)
+        w = 1 / (1 + (std / a / hn["sigma_c"]) ** 4)
+        with torch.no_grad():
+            prior.card.pop("high_noise", None)
+            net = prior.score(x, t)
+            assert float(net.abs().max()) > 0
+            prior.card["high_noise"] = hn
+            got = prior.score(x, t)
+            z = prior.score(torch.complex(x, -x), t)
+            prior.card.pop("high_noise")
+            net_im = prior.score(-x, t)
+        for part, xs, net_part, mean in ((got, x, net, 0.3), (z.real, x, net, 0.3), (z.imag, -x, net_im, 0.0)):
+            want = w * net_part - (1 - w) * (xs - a * mean) / (a**2 * hn["var"] + std**2)
+            torch.testing.assert_close(part, want, rtol=1e-6, atol=1e-6 * float(want.abs().max()))
+    assert 0.49 < float(1 / (1 + 1.0**4)) < 0.51  # σ = σ_c: an even blend
+
+
+def test_fit_high_noise_finds_where_the_gaussian_wins():
+    """An untrained network is worse than the data mean at every noise level (σ_c is the
+    first level), a perfect one never is (None: blend off); mean and variance are the
+    training images'."""
+    g = torch.Generator().manual_seed(0)
+    train = 0.3 + 0.1 * torch.randn(6, 16, 16, generator=g)
+    val = 0.3 + 0.1 * torch.randn(3, 16, 16, generator=g)
+    res = fit_high_noise(tiny_prior().eval(), train, val, sigmas=(0.5, 1.0, 4.0))
+    assert res["sigma_c"] == 0.5 and res["mean"] == pytest.approx(float(train.double().mean()), abs=1e-5)
+    assert res["var"] == pytest.approx(float(train.double().var()), rel=1e-4)
+    assert len(res["measured"]["rmse_net"]) == 3
+
+    class Oracle(ScorePrior):  # Tweedie gives the clean image back: nothing beats it
+        def denoise_sigma(self, y, sigma):
+            return self._clean
+
+    oracle = Oracle(tiny_prior().net, ct_normaliser(), {"high_noise": {"mean": 0, "var": 1, "sigma_c": 1}})
+    oracle._clean = val.unsqueeze(1)
+    res = fit_high_noise(oracle, train, val, sigmas=(0.5, 1.0), batch=3)
+    assert res["sigma_c"] is None and oracle.card["high_noise"]["sigma_c"] == 1  # card restored
 
 
 def test_prior_rejects_wrong_shape():

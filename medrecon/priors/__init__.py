@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from medrecon.priors.networks import NETWORK_SIZES, NetworkSpec, ScoreNet, build_unet, network_spec
 from medrecon.priors.normalise import CT_HU_WINDOW, Normaliser, ct_normaliser, mri_normaliser
-from medrecon.priors.prior import ScorePrior, sample_unconditional, sigma_to_t, tweedie_denoise
+from medrecon.priors.prior import ScorePrior, fit_high_noise, sample_unconditional, sigma_to_t, tweedie_denoise
 from medrecon.priors.sde import SDE, VESDE, VPSDE, sde_from_dict
 
 __all__ = [
@@ -28,6 +28,7 @@ __all__ = [
     "mri_normaliser",
     "ScorePrior",
     "sample_unconditional",
+    "fit_high_noise",
     "sigma_to_t",
     "tweedie_denoise",
 ]

@@ -10,6 +10,16 @@ image is scored as two real images — its real and its imaginary part, stacked 
 each scored by the same network — and recombined as ``score(Re x) + i score(Im x)`` (Chung & Ye,
 score-MRI, Alg. 3).  :meth:`ScorePrior.score` and :meth:`ScorePrior.denoise` do this for any
 complex input.
+
+High noise levels (``card["high_noise"]``): a network trained briefly (or on patches) estimates
+the noise least well where the noise is largest, and in the score ``F/std`` that error grows with
+``std``; the Tweedie estimate can then be worse than the data mean.  At such levels the score of
+the data is close to that of a Gaussian with the data's mean and variance (the data distribution
+is small next to the noise), so a card may carry ``{"mean", "var", "sigma_c"}`` and the score
+becomes ``w s_net + (1 − w) s_gauss`` with ``w = 1 / (1 + (σ/σ_c)⁴)``, σ the noise level of
+``x/a(t)``.  :func:`fit_high_noise` measures ``σ_c`` as the noise level above which the Gaussian
+estimate beats the network on validation images.  The imaginary part of a complex image uses
+mean 0.
 """
 
 from __future__ import annotations
@@ -37,6 +47,7 @@ __all__ = [
     "tweedie_denoise",
     "sample_unconditional",
     "sha256_file",
+    "fit_high_noise",
 ]
 
 CARD_FORMAT = "medrecon-prior-1"
@@ -155,6 +166,75 @@ def sample_unconditional(
     return (x + s**2 * score(x, t_last)) / a
 
 
+@torch.no_grad()
+def fit_high_noise(
+    prior: ScorePrior,
+    train: Tensor,
+    val: Tensor,
+    sigmas: tuple[float, ...] = (0.5, 1.0, 2.0, 3.0, 5.0, 8.0, 12.0, 20.0),
+    seed: int = 0,
+    batch: int = 4,
+) -> dict[str, Any]:
+    """Measure the high-noise Gaussian blend of a prior (see the module docstring).
+
+    Parameters
+    ----------
+    prior : ScorePrior
+        Its network is measured alone (any ``high_noise`` entry of its card is ignored here).
+    train : Tensor, shape (N, H, W)
+        Training images in normalised space: give the Gaussian's mean and variance.
+    val : Tensor, shape (M, H, W)
+        Held-out images in normalised space: RMSE of both Tweedie estimates at each sigma.
+    sigmas : tuple of float
+        Noise levels (normalised units), increasing.
+
+    Returns
+    -------
+    dict
+        ``mean``, ``var``, ``sigma_c`` (log-interpolated noise level where the Gaussian estimate
+        becomes at least as good as the network; None when the network wins at every sigma,
+        which turns the blend off) and ``measured`` (sigma, rmse_net, rmse_gauss).
+    """
+    mean, var = float(train.double().mean()), float(train.double().var())
+    gen = torch.Generator().manual_seed(seed)
+    saved = prior.card.pop("high_noise", None)
+    try:
+        e_net, e_g = [], []
+        for s in sigmas:
+            se_n = se_g = 0.0
+            for i in range(0, len(val), batch):
+                x = val[i : i + batch].unsqueeze(1).float()
+                y = x + s * torch.randn(x.shape, generator=gen)
+                se_n += float((prior.denoise_sigma(y, s) - x).pow(2).sum())
+                se_g += float((mean + var / (var + s**2) * (y - mean) - x).pow(2).sum())
+            e_net.append(math.sqrt(se_n / val.numel()))
+            e_g.append(math.sqrt(se_g / val.numel()))
+    finally:
+        if saved is not None:
+            prior.card["high_noise"] = saved
+    sigma_c = None
+    for k, (n, g) in enumerate(zip(e_net, e_g, strict=True)):
+        if g <= n:
+            if k == 0:
+                sigma_c = float(sigmas[0])
+            else:  # where log(rmse_net / rmse_gauss) crosses 0, interpolated in log sigma
+                r0, r1 = math.log(e_net[k - 1] / e_g[k - 1]), math.log(n / g)
+                f = r0 / (r0 - r1)
+                sigma_c = math.exp(math.log(sigmas[k - 1]) + f * (math.log(sigmas[k]) - math.log(sigmas[k - 1])))
+            break
+    return {
+        "mean": round(mean, 5),
+        "var": round(var, 6),
+        "sigma_c": None if sigma_c is None else round(sigma_c, 3),
+        "measured": {
+            "sigma": list(sigmas),
+            "rmse_net": [round(v, 4) for v in e_net],
+            "rmse_gauss": [round(v, 4) for v in e_g],
+            "val_images": int(val.shape[0]),
+        },
+    }
+
+
 def _check_card(card: dict[str, Any], path: Path) -> None:
     missing = [
         k for k in ("format", "architecture", "sde", "normaliser", "sha256") if k not in card
@@ -192,6 +272,14 @@ class ScorePrior(nn.Module):
         self.card: dict[str, Any] = dict(card or {})
 
     @property
+    def high_noise(self) -> dict[str, float] | None:
+        """The card's high-noise Gaussian blend ``{"mean", "var", "sigma_c"}`` or None."""
+        hn = self.card.get("high_noise")
+        if not hn or hn.get("sigma_c") is None:
+            return None
+        return {k: float(hn[k]) for k in ("mean", "var", "sigma_c")}
+
+    @property
     def sde(self) -> SDE:
         """The forward SDE."""
         return self.net.sde
@@ -202,7 +290,7 @@ class ScorePrior(nn.Module):
         return str(self.card.get("name", ""))
 
     # --- evaluation ---------------------------------------------------------------------
-    def _real_score(self, x: Tensor, t: Tensor) -> Tensor:
+    def _real_score(self, x: Tensor, t: Tensor, mean: Tensor | float | None = None) -> Tensor:
         p = next(self.net.parameters())
         if x.device != p.device:
             raise ShapeError(
@@ -216,8 +304,20 @@ class ScorePrior(nn.Module):
         t = torch.as_tensor(t, device=x.device)
         if t.ndim == 0:
             t = t.expand(x.shape[0])
-        out = self.net.score(x.to(p.dtype), t.to(p.dtype))
-        return out.to(x.dtype)
+        out = self.net.score(x.to(p.dtype), t.to(p.dtype)).to(x.dtype)
+        hn = self.high_noise
+        if hn is None:
+            return out
+        td = t.to(torch.float64)
+        a = self.sde.mean_coeff(td)
+        std = self.sde.std(td)
+        w = 1.0 / (1.0 + (std / a / hn["sigma_c"]) ** 4)
+        mu = hn["mean"] if mean is None else mean
+        shape = (-1, *([1] * (x.ndim - 1)))
+        # score of N(mu, var·I) diffused to t: −(x − a mu) / (a² var + std²)
+        gauss = -(x - (a * mu).reshape(shape).to(x.dtype)) / (a**2 * hn["var"] + std**2).reshape(shape).to(x.dtype)
+        w = w.reshape(shape).to(x.dtype)
+        return w * out + (1 - w) * gauss
 
     def score(self, x: Tensor, t: Tensor | float) -> Tensor:
         """Score ``∇ log p_t(x)`` in normalised space.
@@ -237,7 +337,11 @@ class ScorePrior(nn.Module):
         if x.is_complex():
             b = x.shape[0]
             tt = t.expand(b) if t.ndim == 0 else t
-            s = self._real_score(torch.cat([x.real, x.imag]), torch.cat([tt, tt]))
+            hn = self.high_noise
+            mean = None
+            if hn is not None:  # the real part has the data's mean, the imaginary part 0
+                mean = torch.cat([torch.full((b,), hn["mean"]), torch.zeros(b)]).double().to(x.device)
+            s = self._real_score(torch.cat([x.real, x.imag]), torch.cat([tt, tt]), mean)
             return torch.complex(s[:b], s[b:])
         return self._real_score(x, t)
 

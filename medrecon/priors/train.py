@@ -53,7 +53,7 @@ from torch import Tensor
 from medrecon.errors import InputError, SettingsError
 from medrecon.priors.networks import ScoreNet, network_spec
 from medrecon.priors.normalise import Normaliser, ct_normaliser, mri_normaliser
-from medrecon.priors.prior import ScorePrior, sample_unconditional, tweedie_denoise
+from medrecon.priors.prior import ScorePrior, fit_high_noise, sample_unconditional, tweedie_denoise
 from medrecon.priors.sde import SDE, VESDE, VPSDE
 
 __all__ = ["TrainConfig", "train", "load_slices", "PatchSampler", "PRESETS", "data_root", "main"]
@@ -491,6 +491,15 @@ def export_prior(
         val = load_slices([validate_on], cfg.modality)
         res = validate(back.net, val, batch=4)
         card_now = json.loads(path.read_text())
+        # the Gaussian blend at high noise (prior.py): mean/var of the training images, the
+        # crossover noise level measured on (at most 8 of) the validation images
+        high = fit_high_noise(back, load_slices(cfg.data, cfg.modality), val[:: max(1, len(val) // 8)][:8])
+        card_now["high_noise"] = {
+            **high,
+            "how": "score = w·network + (1 − w)·Gaussian(mean, var) score, w = 1/(1 + (σ/sigma_c)^4); "
+            "sigma_c = the noise level above which the Gaussian Tweedie estimate beats the network's "
+            "on the validation images (medrecon.priors.prior.fit_high_noise)",
+        }
         card_now["validation"] = {
             **card_now.get("validation", {}),
             "data": "/".join(Path(validate_on).parts[-2:]),
