@@ -330,6 +330,10 @@ def test_shipped_priors_load():
             and os.path.getsize(reg.card_path(name).with_suffix(".safetensors")) <= 20e6
         )
         assert prior.score(torch.rand(1, 1, 32, 32), 0.5).shape == (1, 1, 32, 32)
+        # the high-noise blend was measured at export (sigma_c, and the curves it came from)
+        hn = prior.high_noise
+        assert hn is not None and hn["sigma_c"] > 0 and 0 < hn["var"] < 1
+        assert len(card["high_noise"]["measured"]["rmse_net"]) == len(card["high_noise"]["measured"]["sigma"])
 
 
 # --- trainer --------------------------------------------------------------------------------
