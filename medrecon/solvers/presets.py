@@ -225,17 +225,21 @@ def run_diffusion(
     tuned = tuned_defaults(getattr(model, "card", None), A, method)
     s = _settings(method, {**tuned, **overrides})
     b = y.shape[0]
+    start = s.start if s.start != "auto" else ("ccdf" if method in ("ccdf", "mbir3d") else "noise")
+    # the initial estimate is deterministic: computed once, shared by every sample
+    x_init = _initial_estimate(y, A, s.init) if start == "ccdf" else None
     if method == "mbir3d":
         # one volume per sample: the TV couples the slices of a volume, not different samples
         outs, nfe, steps_run = [], 0, 0
         for k in range(n_samples):
-            x, n_k, steps_run = _chain(y, A, model, method, s, seed * 1_000_003 + k, progress)
+            x, n_k, steps_run = _chain(y, A, model, method, s, seed * 1_000_003 + k, progress, x_init)
             outs.append(x)
             nfe += n_k
         samples = torch.stack(outs)
     else:
         yr = y.repeat(n_samples, *([1] * (y.ndim - 1)))
-        x, nfe, steps_run = _chain(yr, A, model, method, s, seed, progress)
+        xr = None if x_init is None else x_init.repeat(n_samples, *([1] * (x_init.ndim - 1)))
+        x, nfe, steps_run = _chain(yr, A, model, method, s, seed, progress, xr)
         samples = x.reshape(n_samples, b, *x.shape[1:])
     info = {
         "settings": {k: v for k, v in dataclasses.asdict(s).items() if k != "extra"},
@@ -249,9 +253,10 @@ def run_diffusion(
 
 def _chain(
     yr: Tensor, A: SamplingOperator, model: ScoreModel, method: str, s: DiffusionSettings,  # noqa: N803
-    seed: int, progress: bool,
+    seed: int, progress: bool, x0: Tensor | None,
 ) -> tuple[Tensor, int, int]:
-    """One run of the sampler on a batch; returns (final images, NFE, steps run)."""
+    """One run of the sampler on a batch from noise, or (CCDF start) from the initial estimate
+    ``x0`` of each item forward-diffused to t₀; returns (final images, NFE, steps run)."""
     sde = dataclasses.replace(model.sde, n_steps=s.steps)
     like = A.adjoint(yr)
     if not A.in_complex:
@@ -262,10 +267,8 @@ def _chain(
     rng = torch.Generator(device="cpu").manual_seed(seed)
     schedule = sde.timesteps(s.steps, device=yr.device, dtype=like.real.dtype)
     exact = s.exact_dc if s.exact_dc is not None else not isinstance(A, MaskedFourierType)
-    start = s.start if s.start != "auto" else ("ccdf" if method in ("ccdf", "mbir3d") else "noise")
 
-    if start == "ccdf":
-        x0 = _initial_estimate(yr, A, s.init)
+    if x0 is not None:
         schedule = schedule[schedule <= s.t0 + 1e-9]
         t_start = schedule[:1].expand(x0.shape[0])
         a = sde.mean_coeff(t_start.double()).reshape(-1, *([1] * (x0.ndim - 1))).to(like.real.dtype)
