@@ -87,8 +87,9 @@ def _load_prior(prior: Any, operator: LinearOperator, device: torch.device) -> A
     return prior
 
 
-def _diffusion(y, operator, method, prior, n_samples, steps, seed, progress, settings):
+def _diffusion(y, operator, method, prior, n_samples, steps, seed, progress, calibrated, settings):
     from medrecon.solvers.presets import run_diffusion
+    from medrecon.solvers.tuning import std_scale
 
     model = _load_prior(prior, operator, y.device)
     low, width = problem_scale(y, operator)
@@ -104,7 +105,12 @@ def _diffusion(y, operator, method, prior, n_samples, steps, seed, progress, set
     std = samples_n.std(0) * width if n_samples > 1 else torch.zeros_like(mean_n.real)
     if std.is_complex():
         std = std.abs()
+    scale, how = std_scale(getattr(model, "card", None), operator, method, n_samples, info["settings"])
+    if not calibrated:
+        scale, how = 1.0, "off (calibrated=False)"
+    std = std * scale
     info.update({
+        "std_scale": round(scale, 4), "std_calibration": how,
         "method": method, "seed": seed, "wall_time_s": round(wall, 4),
         "prior": getattr(model, "name", type(model).__name__) or type(model).__name__,
         "data_residual": _residual(operator, mean_n, y_n),
@@ -135,6 +141,7 @@ def reconstruct(
     steps: int | None = None,
     seed: int = 0,
     progress: bool = False,
+    calibrated: bool = True,
     **settings: Any,
 ) -> Reconstruction:
     """Reconstruct an image from measurements ``y = A x``.
@@ -161,6 +168,11 @@ def reconstruct(
         Seed of every random draw (classical methods are deterministic).
     progress : bool
         Show a progress bar (long methods).
+    calibrated : bool
+        Diffusion: multiply ``std`` by the factor the prior's card stores for this operator and
+        method (measured on held-out images, :func:`medrecon.solvers.tuning.calibrate`) when the
+        run uses the calibrated settings; ``info["std_scale"]`` and ``info["std_calibration"]``
+        say which factor was applied and why.  False: the raw spread of the samples.
     **settings
         Method settings overriding :data:`METHODS` (e.g. ``lam``, ``iters``).
 
@@ -182,7 +194,7 @@ def reconstruct(
     from medrecon.solvers.presets import DIFFUSION_METHODS
 
     if method in DIFFUSION_METHODS:
-        return _diffusion(y, operator, method, prior, n_samples, steps, seed, progress, settings)
+        return _diffusion(y, operator, method, prior, n_samples, steps, seed, progress, calibrated, settings)
     if method not in METHODS:
         raise SettingsError(_nearest(method, (*METHODS, *DIFFUSION_METHODS)))
     import inspect

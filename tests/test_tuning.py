@@ -139,3 +139,69 @@ def test_stored_defaults_are_picked_up(tmp_path, prior):
     with pytest.raises(SettingsError, match="method"):
         store_tuned_defaults(card, key, {"nope": {"steps": 3}})
     assert json.loads(card.read_text()) == saved  # a rejected update leaves the card as it was
+
+
+# ----------------------------------------------------------------------------- calibration
+def test_calibration_of_an_exact_posterior_sampler(prior):
+    """Song with λ = 1 samples the analytic posterior; with n samples, |x̄ − x| / std is then
+    sqrt(1 + 1/n) times a Student-t variable with n − 1 degrees of freedom (x̄ − x has variance
+    σ²(1 + 1/n); the sample std is σ·sqrt(χ²/(n − 1))), so the fitted factor must come out near
+    c* = sqrt(1 + 1/n)·t_{n−1}(0.975)/2 = 1.25 for n = 8.  Tolerance ±25 %: 24 images × 64
+    correlated pixels make the 95 % quantile uncertain by about ±10 % (spread of the quantile of
+    ~24 independent images), and 40 sampler steps add a few per cent of bias."""
+    from scipy.stats import t as student_t
+
+    from medrecon.solvers.tuning import calibrate
+
+    A = ParallelBeamCT.sparse_view(N, 4)
+    hu = _hu(prior, 24, 3)
+    prior.card = {}
+    res = calibrate(prior, lambda i: A, hu, method="song", n_samples=8, settings={"steps": 40, "lam": 1.0})
+    want = (1 + 1 / 8) ** 0.5 * float(student_t.ppf(0.975, 7)) / 2
+    assert res["operator_key"] == "parallel-4" and res["n_samples"] == 8 and res["n_images"] == 24
+    assert abs(res["std_scale"] / want - 1) < 0.25, (res["std_scale"], want)
+    assert res["coverage_calibrated"] >= 0.95 - 1e-9 and res["coverage_raw"] < res["coverage_calibrated"]
+    assert res["settings"]["steps"] == 40 and res["settings"]["lam"] == 1.0
+
+
+def test_calibration_is_stored_and_applied(tmp_path, prior):
+    """store_calibration writes card["calibration"][key][method]; reconstruct multiplies std by the
+    factor only for runs with the calibrated settings, converts it to other sample counts by the
+    t-quantile ratio, and says what it did in info; calibrated=False gives the raw spread."""
+    from scipy.stats import t as student_t
+
+    from medrecon.solvers.tuning import calibrate, std_scale, store_calibration
+
+    torch.manual_seed(0)
+    net = ScoreNet(network_spec("tiny"), VESDE(0.01, 10.0))
+    card = ScorePrior(net, ct_normaliser(), {"modality": "ct"}).save(tmp_path, "tiny-ct", dtype=torch.float32)
+    A = ParallelBeamCT.sparse_view(N, 4)
+    prior.card = {}
+    hu = _hu(prior, 3, 5)
+    res = calibrate(prior, lambda i: A, hu, method="song", n_samples=4, settings={"steps": 12})
+    store_calibration(card, res)
+    store_tuned_defaults(card, "parallel-4", {"song": {"snr": 0.1}})  # the other writer keeps it
+    saved = json.loads(card.read_text())
+    entry = saved["calibration"]["parallel-4"]["song"]
+    assert entry["std_scale"] == res["std_scale"] and entry["n_samples"] == 4 and saved["tuned"]
+    prior.card = ScorePrior.load(card).card
+    y = A(hu[:1])
+    # the tuned snr changed the spread-relevant settings since the fit: not applied
+    rec = reconstruct(y, A, "song", prior=prior, n_samples=4, seed=1, steps=12)
+    assert rec.info["std_scale"] == 1.0 and "snr differ" in rec.info["std_calibration"]
+    same = {"steps": 12, "snr": 0.16}
+    raw = reconstruct(y, A, "song", prior=prior, n_samples=4, seed=1, calibrated=False, **same)
+    cal = reconstruct(y, A, "song", prior=prior, n_samples=4, seed=1, **same)
+    assert raw.info["std_scale"] == 1.0 and cal.info["std_scale"] == pytest.approx(res["std_scale"], abs=1e-4)
+    torch.testing.assert_close(cal.std, raw.std * res["std_scale"], rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(cal.mean, raw.mean)  # only the uncertainty map changes
+    c8, how = std_scale(prior.card, A, "song", 8, {**raw.info["settings"]})
+    ratio = float(student_t.ppf(0.975, 7) / student_t.ppf(0.975, 3))
+    assert c8 == pytest.approx(res["std_scale"] * ratio) and "4 samples" in how
+    assert std_scale(prior.card, A, "song", 1, raw.info["settings"])[0] == 1.0
+    assert std_scale(prior.card, A, "ccdf", 4, raw.info["settings"]) == (1.0, "none stored for parallel-4/ccdf")
+    prior.card = {}
+    with pytest.raises(SettingsError, match="n_samples"):
+        calibrate(prior, lambda i: A, hu, method="song", n_samples=1)
+    with pytest.raises(SettingsError, match="lacks"):
+        store_calibration(card, {"std_scale": 2.0})

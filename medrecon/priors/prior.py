@@ -270,6 +270,19 @@ class ScorePrior(nn.Module):
         self.net = net
         self.normaliser = normaliser
         self.card: dict[str, Any] = dict(card or {})
+        self._layout = torch.contiguous_format
+
+    def _use_layout(self, x: Tensor) -> None:
+        """Weights in channels-last layout for gradient-free evaluation on the CPU, the default
+        layout otherwise.  Measured on the 2-core development CPU ("S" net, 256², batch 4):
+        channels-last is 16 % faster per image without gradients (0.375 vs 0.446 s) and 17 %
+        slower with them (DPS: 3.86 vs 3.30 s per forward + backward), so the layout follows
+        the call; a switch copies the 3 M weights once."""
+        grad = torch.is_grad_enabled() and x.requires_grad
+        want = torch.channels_last if (x.device.type == "cpu" and not grad) else torch.contiguous_format
+        if want is not self._layout:
+            self.net.to(memory_format=want)
+            self._layout = want
 
     @property
     def high_noise(self) -> dict[str, float] | None:
@@ -304,6 +317,7 @@ class ScorePrior(nn.Module):
         t = torch.as_tensor(t, device=x.device)
         if t.ndim == 0:
             t = t.expand(x.shape[0])
+        self._use_layout(x)
         out = self.net.score(x.to(p.dtype), t.to(p.dtype)).to(x.dtype)
         hn = self.high_noise
         if hn is None:

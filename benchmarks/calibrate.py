@@ -1,0 +1,146 @@
+"""Calibrate a diffusion method's uncertainty map on validation *tuning* slices, per setting.
+
+For each measurement setting of ``benchmarks/recon.py`` (``--settings ct-23v,mri-8x-equispaced``)
+runs :func:`medrecon.solvers.tuning.calibrate` on the tuning rows (CT rows 7 and 24 of
+``ct/val.npz``, the middle slices of the first two MRI subjects; never the slices recon.py
+reports): the factor ``c`` with ``|error| ≤ 2·c·std`` on ``--level`` of the pixels.  A CT setting
+pools its noiseless measurements with those of its ``-noisy`` twin (same operator, so the same
+card entry must serve both; ``--no-noisy`` to fit on noiseless data only).  Settings: the prior
+card's tuned defaults, then ``--fixed`` (use the ``--steps`` recon.py will run with, e.g.
+``'{"steps": 100}'``: the factor is only applied to runs with the calibrated settings).  Prints a
+table and one JSON line; ``--store CARD`` writes each factor to
+``card["calibration"][operator_key][method]``.
+
+    python benchmarks/calibrate.py --settings ct-23v --fixed '{"steps": 100}'
+    python benchmarks/calibrate.py --settings ct,mri --fixed '{"steps": 100}' --store medrecon/priors/weights/ct-256.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import recon  # noqa: E402  (the sibling benchmark script: data, settings and noise)
+
+from medrecon.priors import ScorePrior  # noqa: E402
+from medrecon.solvers.tuning import calibrate, store_calibration  # noqa: E402
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:  # noqa: D103
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--settings", default="ct-23v", help="recon.py setting names or prefixes (noiseless ones)")
+    p.add_argument("--method", default="ccdf")
+    p.add_argument("--prior-ct", default="ct-256", help="registry name or card path")
+    p.add_argument("--prior-mri", default="mri-256", help="registry name or card path")
+    p.add_argument("--samples", type=int, default=4, help="posterior samples per reconstruction")
+    p.add_argument("--level", type=float, default=0.95, help="share of pixels inside ±2·c·std")
+    p.add_argument("--fixed", default=None, help="JSON settings, e.g. '{\"steps\": 100}'")
+    p.add_argument("--no-noisy", action="store_true", help="CT: do not pool the noisy twin")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--crop", type=int, default=None)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--store", action="store_true", help="write the factors into the priors' cards")
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    """Calibrate, print the table and the JSON line; return the JSON dict."""
+    args = parse_args(argv)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        return _run(args)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _selected(spec: str) -> list[recon.Config]:
+    names = {c.name for c in recon.CONFIGS}
+    wanted = [w.strip() for w in spec.split(",") if w.strip()]
+    unknown = [w for w in wanted if not any(c.startswith(w) for c in names)]
+    if unknown:
+        raise SystemExit(f"--settings: unknown {', '.join(unknown)}; known: {', '.join(sorted(names))}")
+    return [
+        c for c in recon.CONFIGS
+        if not c.name.endswith("-noisy")
+        and any(c.name == w or (w not in names and c.name.startswith(w)) for w in wanted)
+    ]
+
+
+def _run(args: argparse.Namespace) -> dict[str, Any]:
+    by_name = {c.name: c for c in recon.CONFIGS}
+    data = recon.load_data(recon.data_root(), True, args.crop)
+    fixed = json.loads(args.fixed) if args.fixed else {}
+    priors: dict[str, Any] = {}
+    results, t_all = [], time.perf_counter()
+    for cfg in _selected(args.settings):
+        if cfg.modality not in data:
+            print(f"# {cfg.name}: no {cfg.modality} validation data under {recon.data_root()}, skipped")
+            continue
+        d = data[cfg.modality]
+        name = args.prior_ct if cfg.modality == "ct" else args.prior_mri
+        if name not in priors:
+            priors[name] = ScorePrior.load(name, device=args.device)
+        A = cfg.build(d["size"])  # noqa: N806
+        x = recon.ground_truth(d, d["tune"]).to(args.device)
+        twin = by_name.get(f"{cfg.name}-noisy")
+        pooled = twin is not None and not args.no_noisy
+        n = x.shape[0]
+        images = torch.cat([x, x]) if pooled else x
+
+        def noise(y: torch.Tensor, i: int, twin=twin, n=n, x=x, A=A) -> torch.Tensor:  # noqa: N803
+            return recon.measure(twin, A, x[i - n : i - n + 1], args.seed + i) if i >= n else y
+
+        res = calibrate(
+            priors[name], lambda i, A=A: A, images, method=args.method, n_samples=args.samples,
+            settings=fixed, noise=noise if pooled else None, level=args.level, seed=args.seed,
+            log=lambda m: print(f"# {m}", flush=True),
+        )
+        res.update(setting=cfg.name, pooled_noisy=pooled, prior=name, rows=d["tune"])
+        if args.store:
+            store_calibration(_card_path(name), res)
+            res["stored"] = True
+        results.append(res)
+    head = f"{'setting':22s} {'key':12s} {'method':6s} {'c':>7s} {'cov raw':>8s} {'cov cal':>8s} {'Spearman':>8s} {'s':>6s}"
+    print(head)
+    print("-" * len(head))
+    for r in results:
+        print(
+            f"{r['setting'] + (' (+noisy)' if r['pooled_noisy'] else ''):22s} {r['operator_key']:12s} "
+            f"{r['method']:6s} {r['std_scale']:7.3f} {r['coverage_raw']:8.3f} {r['coverage_calibrated']:8.3f} "
+            f"{r['spearman_raw']:8.3f} {r['seconds']:6.0f}"
+        )
+    out = {
+        "bench": "calibrate",
+        "device": args.device if args.device != "cpu" else f"cpu ({platform.machine()})",
+        "threads": torch.get_num_threads(),
+        "samples": args.samples,
+        "level": args.level,
+        "fixed": fixed,
+        "results": results,
+        "wall_s": round(time.perf_counter() - t_all, 1),
+    }
+    print(json.dumps(out), flush=True)
+    return out
+
+
+def _card_path(name: str) -> Path:
+    """The card file of a registry name or a card path."""
+    p = Path(name)
+    if p.suffix == ".json" and p.is_file():
+        return p
+    from medrecon.priors.registry import shipped_registry
+
+    return shipped_registry().card_path(name)
+
+
+if __name__ == "__main__":
+    main()
