@@ -82,3 +82,27 @@ def test_recon_benchmark_smoke(capsys, tmp_path, monkeypatch):
     assert any(line.startswith("setting") for line in lines)  # the table
     assert all(t["ok"] is None for t in data["targets"])  # no diffusion rows: nothing to judge
     assert torch.get_num_threads() == threads  # the thread count is restored
+
+
+def test_calibrate_benchmark_stores_a_factor(capsys, tmp_path):
+    """benchmarks/calibrate.py on 32² crops with a tiny untrained prior: pools the noisy twin of a
+    CT setting, fits the factor on the tuning rows only and writes it into the card it was given."""
+    from medrecon.priors import ScoreNet, ScorePrior, ct_normaliser, network_spec
+    from medrecon.priors.sde import VESDE
+
+    torch.manual_seed(0)
+    net = ScoreNet(network_spec("tiny"), VESDE(0.01, 10.0))
+    card = ScorePrior(net, ct_normaliser(), {"modality": "ct"}).save(tmp_path, "tiny-ct", dtype=torch.float32)
+    _load()  # registers the recon module the calibrate script imports
+    spec = importlib.util.spec_from_file_location("_bench_cal", REPO / "benchmarks" / "calibrate.py")
+    cal = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(cal)
+    out = cal.main(["--settings", "ct-23v", "--crop", "32", "--samples", "2", "--prior-ct", str(card),
+                    "--fixed", '{"steps": 4, "init": "fbp"}', "--store"])
+    line = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert line == json.loads(json.dumps(out)) and line["bench"] == "calibrate"
+    (res,) = line["results"]
+    assert res["pooled_noisy"] and res["n_images"] == 4 and res["rows"] == [7, 24]
+    assert res["std_scale"] > 0 and res["coverage_calibrated"] >= 0.95
+    stored = json.loads(card.read_text())["calibration"]["parallel-23"]["ccdf"]
+    assert stored["std_scale"] == res["std_scale"] and stored["settings"]["steps"] == 4

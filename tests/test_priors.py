@@ -498,3 +498,27 @@ def test_docs_python_examples_run():
     for code in blocks:
         with torch.no_grad():
             exec(compile(code, "docs/priors.md", "exec"), {})
+
+
+def test_score_layout_follows_gradients(tmp_path):
+    """Without gradients the CPU net runs in channels-last layout (faster there), with gradients
+    (DPS) in the default layout; the score is the same either way, and a prior whose layout was
+    switched still saves bit-exact weights."""
+    torch.manual_seed(0)
+    prior = ScorePrior(ScoreNet(network_spec("tiny"), VESDE(0.01, 10.0)), ct_normaliser(), {"modality": "ct"})
+    x, t = torch.rand(2, 1, 16, 16), torch.tensor([0.3, 0.7])
+    with torch.no_grad():
+        s_fast = prior.score(x, t)
+    conv = next(m for m in prior.net.modules() if isinstance(m, torch.nn.Conv2d) and m.kernel_size == (3, 3) and m.in_channels > 1)
+    assert conv.weight.is_contiguous(memory_format=torch.channels_last) and not conv.weight.is_contiguous()
+    xg = x.clone().requires_grad_(True)
+    s_grad = prior.score(xg, t)
+    (g,) = torch.autograd.grad(s_grad.sum(), xg)
+    assert conv.weight.is_contiguous() and torch.isfinite(g).all()
+    torch.testing.assert_close(s_fast, s_grad.detach(), rtol=1e-4, atol=1e-5)
+    with torch.no_grad():
+        prior.score(x, t)  # back to channels-last before saving
+    card = prior.save(tmp_path, "layout", dtype=torch.float32)
+    back = ScorePrior.load(card)
+    for (k, a), (_, b) in zip(prior.net.state_dict().items(), back.net.state_dict().items(), strict=True):
+        assert torch.equal(a, b), k
