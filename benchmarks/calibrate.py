@@ -53,26 +53,16 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:  # noqa: D103
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     """Calibrate, print the table and the JSON line; return the JSON dict."""
-    args = parse_args(argv)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(2)
-    try:
-        return _run(args)
-    finally:
-        torch.set_num_threads(threads)
+    return recon.with_two_threads(_run, parse_args(argv))
 
 
 def _selected(spec: str) -> list[recon.Config]:
-    names = {c.name for c in recon.CONFIGS}
-    wanted = [w.strip() for w in spec.split(",") if w.strip()]
-    unknown = [w for w in wanted if not any(c.startswith(w) for c in names)]
-    if unknown:
-        raise SystemExit(f"--settings: unknown {', '.join(unknown)}; known: {', '.join(sorted(names))}")
-    return [
-        c for c in recon.CONFIGS
-        if not c.name.endswith("-noisy")
-        and any(c.name == w or (w not in names and c.name.startswith(w)) for w in wanted)
-    ]
+    """The noiseless settings ``spec`` names (a CT setting brings its noisy twin itself)."""
+    configs = [c for c in recon.select_configs(spec) if not c.name.endswith("-noisy")]
+    if not configs:
+        known = ", ".join(c.name for c in recon.CONFIGS)
+        raise SystemExit(f"--settings: {spec!r} names no noiseless setting; known: {known}")
+    return configs
 
 
 def _run(args: argparse.Namespace) -> dict[str, Any]:

@@ -493,13 +493,30 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:  # noqa: D103
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     """Run the benchmark; print the table and the JSON line; return the JSON dict."""
     args = parse_args(argv)
+    torch.manual_seed(args.seed)
+    return with_two_threads(_run, args)
+
+
+def with_two_threads(run: Callable[[argparse.Namespace], Any], args: argparse.Namespace) -> Any:
+    """``run(args)`` with torch on 2 threads (the machine the targets are stated for), restoring
+    the caller's thread count afterwards (the benchmarks also run inside the test process)."""
     threads = torch.get_num_threads()
     torch.set_num_threads(2)
-    torch.manual_seed(args.seed)
     try:
-        return _run(args)
+        return run(args)
     finally:
         torch.set_num_threads(threads)
+
+
+def select_configs(spec: str | None) -> list[Config]:
+    """The settings a comma-separated ``spec`` names, in table order: an exact name selects one
+    setting, anything else is a prefix (``ct``, ``mri``); empty = all."""
+    wanted = [w.strip() for w in spec.split(",") if w.strip()] if spec else []
+    names = {c.name for c in CONFIGS}
+    return [
+        c for c in CONFIGS
+        if not wanted or any(c.name == w or (w not in names and c.name.startswith(w)) for w in wanted)
+    ]
 
 
 def _select(data: dict[str, Any], spec: str | None) -> list[int]:
@@ -522,16 +539,7 @@ def _run(args: argparse.Namespace) -> dict[str, Any]:
     unknown = sorted(set(methods) - set(ALL_METHODS))
     if unknown:
         raise SystemExit(f"--methods: unknown {unknown}; known: {', '.join(ALL_METHODS)}")
-    wanted = args.configs.split(",") if args.configs else None
-    names = {
-        c.name for c in CONFIGS
-    }  # an exact name selects one setting, anything else is a prefix
-    configs = [
-        c
-        for c in CONFIGS
-        if not wanted
-        or any(c.name == w or (w not in names and c.name.startswith(w)) for w in wanted)
-    ]
+    configs = select_configs(args.configs)
     data = load_data(data_root(), args.quick, args.crop)
     if not data:
         raise SystemExit(f"no validation data under {data_root()} (set MEDRECON_DATA)")

@@ -79,13 +79,7 @@ def _space(text: str | None, method: str) -> dict[str, Any]:
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     """Tune, print the table and the JSON line; return the JSON dict."""
-    args = parse_args(argv)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(2)
-    try:
-        return _run(args)
-    finally:
-        torch.set_num_threads(threads)
+    return recon.with_two_threads(_run, parse_args(argv))
 
 
 def _run(args: argparse.Namespace) -> dict[str, Any]:
