@@ -105,9 +105,10 @@ def _diffusion(y, operator, method, prior, n_samples, steps, seed, progress, cal
     std = samples_n.std(0) * width if n_samples > 1 else torch.zeros_like(mean_n.real)
     if std.is_complex():
         std = std.abs()
-    scale, how = std_scale(getattr(model, "card", None), operator, method, n_samples, info["settings"])
-    if not calibrated:
-        scale, how = 1.0, "off (calibrated=False)"
+    scale, how = (
+        std_scale(getattr(model, "card", None), operator, method, n_samples, info["settings"])
+        if calibrated else (1.0, "off (calibrated=False)")
+    )
     std = std * scale
     info.update({
         "std_scale": round(scale, 4), "std_calibration": how,

@@ -116,6 +116,12 @@ def _draw(space: dict[str, Any], rng: np.random.Generator) -> dict[str, Any]:
     return out
 
 
+def _measure(A: LinearOperator, x: Tensor, noise: Callable[[Tensor, int], Tensor] | None, i: int) -> Tensor:  # noqa: N803
+    """``A x`` of image ``i`` (complex for a complex operator), with ``noise(y, i)`` if given."""
+    y = A(x.to(torch.complex64 if A.in_complex else x.dtype))
+    return noise(y, i) if noise is not None else y
+
+
 def _psnr(x: Tensor, ref: Tensor, data_range: float) -> float:
     a = x.abs() if x.is_complex() else x
     b = ref.abs() if ref.is_complex() else ref
@@ -225,11 +231,7 @@ def tune(
     card = getattr(prior, "card", None)
     defaults = {**PRESETS[method], **tuned_defaults(card, ops[0], method)}
     start = {k: defaults.get(k, _preset_field(k)) for k in space}
-    meas = []
-    for i in range(n):
-        xi = images[i : i + 1]
-        y = ops[i](xi.to(torch.complex64 if ops[i].in_complex else xi.dtype))
-        meas.append(noise(y, i) if noise is not None else y)
+    meas = [_measure(ops[i], images[i : i + 1], noise, i) for i in range(n)]
 
     # successive halving schedule: rung sizes in images and surviving configurations
     rungs: list[int] = []
@@ -464,8 +466,7 @@ def calibrate(
         A = operator_factory(i)  # noqa: N806
         key = operator_key(A)
         xi = images[i : i + 1]
-        y = A(xi.to(torch.complex64 if A.in_complex else xi.dtype))
-        y = noise(y, i) if noise is not None else y
+        y = _measure(A, xi, noise, i)
         rec = reconstruct(
             y, A, method, prior=prior, n_samples=n_samples, seed=seed, calibrated=False, **(settings or {})
         )
