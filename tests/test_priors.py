@@ -466,6 +466,53 @@ def test_export_and_init_from_shipped_weights(tmp_path, toy_npz):
     assert training["wall_time_s"] >= prior.card["training"]["wall_time_s"]
 
 
+@pytest.mark.parametrize(
+    "means, patience, delta, stop",
+    [
+        ([30.0, 30.5, 31.0], 1, 0.02, False),  # still improving
+        ([30.0, 31.0, 30.99], 1, 0.02, True),  # the last one fell short of the best earlier one
+        ([30.0, 31.0, 31.01], 1, 0.02, True),  # better, but by less than min_delta
+        ([30.0, 31.0, 30.0, 31.01], 2, 0.02, True),  # two without +0.02 dB over 31.0
+        ([30.0, 31.0, 30.0, 31.03], 2, 0.02, False),
+        ([30.0, 31.0], 2, 0.02, False),  # too few validations to judge
+        ([30.0, 29.0, 28.0], 0, 0.02, False),  # patience 0: never
+    ],
+)
+def test_validation_plateau_rule(means, patience, delta, stop):
+    from medrecon.priors.train import validation_plateau
+
+    # two noise levels whose mean is the given value
+    rows = [{"step": i, "wall_s": 0.0, "psnr_sigma0.1": m + 1, "psnr_sigma0.2": m - 1} for i, m in enumerate(means)]
+    assert validation_plateau(rows, patience, delta) is stop
+
+
+def test_training_stops_on_a_validation_plateau_and_export_keeps_measurements(tmp_path, toy_npz):
+    """patience=1 with an unreachable min_delta: the second validation ends the run (at the next
+    step, the one all ranks agree on); the exported card carries the validation curve, and a
+    re-export keeps the tuned settings and calibrations made on the replaced card."""
+    from medrecon.priors.train import read_val_log
+
+    cfg = tiny_config(tmp_path, toy_npz, max_steps=50, val_data=str(toy_npz), val_slices=2,
+                      validate_every_s=1e-9, patience=1, min_delta_db=1000.0)
+    r = train(cfg)
+    rows = read_val_log(Path(cfg.out_dir) / "val.csv")
+    # (step 3 validates too: the stop is taken after the step's bookkeeping)
+    assert r["stopped_by"] == "plateau" and [int(x["step"]) for x in rows] == [1, 2, 3] and r["step"] == 3
+    card = export_prior(Path(cfg.out_dir) / "last.pt", tmp_path / "w", "toy-32",
+                        card={"modality": "ct", "resolution": [32, 32]}, validate_on=str(toy_npz))
+    saved = json.loads(card.read_text())
+    curve = saved["validation"]["during_training"]
+    assert [x["step"] for x in curve["rows"]] == [1, 2, 3] and "sigma0.1" in curve["rows"][0]
+    saved["tuned"] = {"parallel-4": {"ccdf": {"t0": 0.3}}}
+    saved["calibration"] = {"parallel-4": {"ccdf": {"std_scale": 2.0, "weights_sha256": saved["sha256"]}}}
+    card.write_text(json.dumps(saved))
+    again = json.loads(export_prior(Path(cfg.out_dir) / "last.pt", tmp_path / "w", "toy-32",
+                                    card={"modality": "ct"}, overwrite=True).read_text())
+    assert again["tuned"] == saved["tuned"] and again["calibration"] == saved["calibration"]
+    with pytest.raises(SettingsError, match="patience"):
+        tiny_config(tmp_path, toy_npz, patience=-1)
+
+
 def test_reserved_and_bad_data_refused(tmp_path):
     with pytest.raises(SettingsError, match="reserved"):
         TrainConfig(data=("ct/val.npz",))

@@ -200,6 +200,11 @@ def test_calibration_is_stored_and_applied(tmp_path, prior):
     assert c8 == pytest.approx(res["std_scale"] * ratio) and "4 samples" in how
     assert std_scale(prior.card, A, "song", 1, raw.info["settings"])[0] == 1.0
     assert std_scale(prior.card, A, "ccdf", 4, raw.info["settings"]) == (1.0, "none stored for parallel-4/ccdf")
+    assert entry["weights_sha256"] == saved["sha256"]
+    # a factor measured on other weights (a re-exported prior) is not applied
+    other = {**prior.card, "sha256": "f" * 64}
+    c_other, how_other = std_scale(other, A, "song", 4, {**raw.info["settings"]})
+    assert c_other == 1.0 and "other weights" in how_other
     prior.card = {}
     with pytest.raises(SettingsError, match="n_samples"):
         calibrate(prior, lambda i: A, hu, method="song", n_samples=1)

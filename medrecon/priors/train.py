@@ -116,6 +116,12 @@ class TrainConfig:
         Number of validation slices used during training.
     validate_every_s : float
         Seconds between validations (0: never).
+    patience : int
+        Stop when the last ``patience`` validations (``val.csv``, kept across resumes) all fall
+        short of the best earlier one by ``min_delta_db`` (0: never stop on validation).
+    min_delta_db : float
+        Smallest gain of the mean validation PSNR (dB, over the noise levels) that counts as
+        improving.
     sample_every_s : float
         Seconds between preview sample grids (0: never).
     sample_size : int
@@ -159,6 +165,8 @@ class TrainConfig:
     val_data: str | None = None
     val_slices: int = 8
     validate_every_s: float = 1800.0
+    patience: int = 0
+    min_delta_db: float = 0.02
     sample_every_s: float = 1800.0
     sample_size: int = 64
     sample_steps: int = 100
@@ -179,6 +187,11 @@ class TrainConfig:
         if self.patch_size is not None and (self.patch_size < 8 or self.patch_size % 8):
             raise SettingsError(
                 f"TrainConfig: patch_size must be a multiple of 8 (>= 8); got {self.patch_size}"
+            )
+        if self.patience < 0 or self.min_delta_db < 0:
+            raise SettingsError(
+                f"TrainConfig: patience and min_delta_db must be >= 0; got {self.patience}, "
+                f"{self.min_delta_db}"
             )
         if self.batch_size < 1 or self.max_steps < 0:
             raise SettingsError("TrainConfig: batch_size must be >= 1 and max_steps >= 0")
@@ -485,6 +498,17 @@ def export_prior(
         )
     extra: dict[str, Any] = dict(card or {})
     extra["training"] = {**training, **extra.get("training", {})}
+    replaced = Path(directory) / f"{name}.json"
+    if overwrite and replaced.exists():
+        # measurements made on the prior (tuned solver settings; uncertainty calibrations, which
+        # carry the sha256 of the weights they hold for) survive a re-export of new weights
+        try:
+            before_card = json.loads(replaced.read_text())
+        except (OSError, json.JSONDecodeError, UnicodeDecodeError) as err:
+            raise InputError(replaced, f"cannot read the model card being replaced ({err})") from err
+        for k in ("tuned", "calibration"):
+            if k in before_card and k not in extra:
+                extra[k] = before_card[k]
     path = prior.save(directory, name, dtype=dtype, card=extra, overwrite=overwrite)
     if validate_on:
         back = ScorePrior.load(path)
@@ -510,6 +534,17 @@ def export_prior(
                 k.replace("psnr_sigma", "sigma"): round(v, 2) for k, v in res.items()
             },
         }
+        history = read_val_log(Path(checkpoint).parent / "val.csv")
+        if history:  # the run's validation curve (first val_slices slices, during training)
+            card_now["validation"]["during_training"] = {
+                "slices": ck["config"].get("val_slices"),
+                "steps_offset": earlier["steps"],
+                "rows": [
+                    {"step": int(r["step"]) + earlier["steps"],
+                     **{k.replace("psnr_sigma", "sigma"): r[k] for k in r if k.startswith("psnr")}}
+                    for r in history if r["step"] <= ck["step"]
+                ],
+            }
         path.write_text(json.dumps(card_now, indent=2) + "\n")
     return path
 
@@ -612,6 +647,7 @@ def train(config: TrainConfig) -> dict[str, Any]:
                       "resuming the weights and optimiser with new data/noise streams (not bit-exact)",
                       file=sys.stderr)
         _truncate_log(out / "loss.csv", step)
+        _truncate_log(out / "val.csv", step)
     elif config.init_from:
         init = ScorePrior.load(config.init_from)
         if init.net.spec != net.spec or init.sde.to_dict() != sde.to_dict():
@@ -680,6 +716,7 @@ def train(config: TrainConfig) -> dict[str, Any]:
     t_last_ck = t_last_val = t_last_sample = t_start
     acc_loss, acc_n, gnorm = 0.0, 0, 0.0
     stopped_by, last_loss = "max_steps", float("nan")
+    plateau = False  # set on rank 0 by a validation, agreed by all ranks at the next step
     try:
         with _Stop() as stop:
             t_prev = time.monotonic()
@@ -728,8 +765,9 @@ def train(config: TrainConfig) -> dict[str, Any]:
                 # decisions taken on the clock or a signal are agreed by all ranks (DDP): a rank
                 # that stopped or checkpointed alone would leave the others waiting forever
                 timed_out = config.max_time_s is not None and now - t_start >= config.max_time_s
-                ck_due, stop_now = _agree(world, now - t_last_ck >= config.checkpoint_every_s,
-                                          stop.flag or timed_out)
+                ck_due, stop_now, plateau_agreed = _agree(
+                    world, now - t_last_ck >= config.checkpoint_every_s, stop.flag or timed_out, plateau
+                )
                 if keep or ck_due:
                     checkpoint(keep)
                     t_last_ck = now
@@ -741,6 +779,9 @@ def train(config: TrainConfig) -> dict[str, Any]:
                 ):
                     _log_val(out / "val.csv", step, wall, validate(ema, val_images))
                     t_last_val = time.monotonic()
+                    plateau = bool(config.patience) and validation_plateau(
+                        read_val_log(out / "val.csv"), config.patience, config.min_delta_db
+                    )
                 if (
                     rank == 0
                     and config.sample_every_s
@@ -748,8 +789,10 @@ def train(config: TrainConfig) -> dict[str, Any]:
                 ):
                     _preview(ema, config, out / f"samples_{step:07d}.png")
                     t_last_sample = time.monotonic()
-                if stop_now:
-                    stopped_by = "max_time" if timed_out else "signal"
+                if stop_now or plateau_agreed:  # agreed flags only: every rank leaves at one step
+                    stopped_by = "plateau" if plateau_agreed and not stop_now else (
+                        "max_time" if timed_out else "signal"
+                    )
                     break
             checkpoint(keep=False)
     finally:
@@ -774,6 +817,27 @@ def _truncate_log(path: Path, step: int) -> None:
     lines = path.read_text().splitlines()
     keep = [ln for ln in lines if not ln[:1].isdigit() or int(ln.split(",")[0]) <= step]
     path.write_text("\n".join(keep) + ("\n" if keep else ""))
+
+
+def read_val_log(path: str | Path) -> list[dict[str, float]]:
+    """Rows of a run's ``val.csv`` (step, wall_s, psnr_sigma...) as dicts; ``[]`` when absent."""
+    path = Path(path)
+    if not path.exists():
+        return []
+    with open(path, newline="") as f:
+        try:
+            return [{k: float(v) for k, v in row.items()} for row in csv.DictReader(f)]
+        except (TypeError, ValueError) as err:
+            raise InputError(path, f"unreadable validation log ({err})") from err
+
+
+def validation_plateau(rows: Sequence[dict[str, float]], patience: int, min_delta_db: float) -> bool:
+    """True when none of the last ``patience`` validations beats the best earlier one by
+    ``min_delta_db`` (mean PSNR over the noise levels of a row)."""
+    if patience < 1 or len(rows) <= patience:
+        return False
+    score = [float(np.mean([v for k, v in r.items() if k.startswith("psnr")])) for r in rows]
+    return max(score[-patience:]) < max(score[:-patience]) + min_delta_db
 
 
 def _log_val(path: Path, step: int, wall: float, res: dict[str, float]) -> None:
@@ -815,6 +879,8 @@ PRESETS: dict[str, dict[str, Any]] = {
         ema_decay=0.999,
         val_data="ct/val.npz",
         val_slices=8,
+        patience=3,  # stop after three validations (an hour at 20 min) without +0.02 dB
+        min_delta_db=0.02,
     ),
     "mri-256": dict(
         run="mri-256",
@@ -831,6 +897,8 @@ PRESETS: dict[str, dict[str, Any]] = {
         ema_decay=0.999,
         val_data="mri/val.npz",
         val_slices=8,
+        patience=3,  # stop after three validations (an hour at 20 min) without +0.02 dB
+        min_delta_db=0.02,
     ),
 }
 

@@ -504,7 +504,9 @@ def calibrate(
 
 def store_calibration(card_path: str | Path, result: dict[str, Any]) -> dict[str, Any]:
     """Write a :func:`calibrate` result to ``card["calibration"][operator_key][method]``, atomically
-    (other entries are kept).  Returns the card as written."""
+    (other entries are kept), with the sha256 of the weights it was measured on (so that a
+    re-export of the prior with new weights does not silently reuse it).  Returns the card as
+    written."""
     path = Path(card_path)
     card = _read_card(path)
     need = ("method", "operator_key", "std_scale", "level", "n_samples", "settings")
@@ -512,6 +514,8 @@ def store_calibration(card_path: str | Path, result: dict[str, Any]) -> dict[str
     if missing:
         raise SettingsError(f"store_calibration: the result lacks {', '.join(missing)} (use calibrate())")
     entry = {k: v for k, v in result.items() if k not in ("method", "operator_key")}
+    if card.get("sha256"):  # a factor holds for the weights it was measured on
+        entry["weights_sha256"] = card["sha256"]
     card.setdefault("calibration", {}).setdefault(result["operator_key"], {})[result["method"]] = entry
     _write_card(path, card)
     return card
@@ -527,7 +531,8 @@ def std_scale(
     is Gaussian and the samples scatter by a fixed fraction of it, ``|error| / std`` of ``n``
     samples is that fraction times a t variable with ``n − 1`` degrees of freedom.  The factor is
     applied only when ``settings`` (the run's) agree with the calibrated ones on
-    :data:`SPREAD_SETTINGS`.
+    :data:`SPREAD_SETTINGS`, and when it was measured on the card's weights (``weights_sha256``
+    equal to the card's ``sha256``, where both are recorded).
     """
     from scipy.stats import t as student_t
 
@@ -537,6 +542,12 @@ def std_scale(
         return 1.0, f"none stored for {key}/{method}"
     if n_samples < 2:
         return 1.0, "one sample: no spread to calibrate"
+    measured_on, weights = entry.get("weights_sha256"), (card or {}).get("sha256")
+    if measured_on and weights and measured_on != weights:
+        return 1.0, (
+            f"not applied: {key}/{method} was calibrated on other weights (sha256 {measured_on[:12]}…, "
+            f"these are {weights[:12]}…); re-run benchmarks/calibrate.py --store"
+        )
     differ = sorted(k for k, v in entry.get("settings", {}).items() if not _same(settings.get(k), v))
     if differ:
         return 1.0, f"not applied: {', '.join(differ)} differ from the calibrated settings of {key}/{method}"
