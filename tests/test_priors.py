@@ -504,11 +504,15 @@ def test_training_stops_on_a_validation_plateau_and_export_keeps_measurements(tm
     curve = saved["validation"]["during_training"]
     assert [x["step"] for x in curve["rows"]] == [1, 2, 3] and "sigma0.1" in curve["rows"][0]
     saved["tuned"] = {"parallel-4": {"ccdf": {"t0": 0.3}}}
-    saved["calibration"] = {"parallel-4": {"ccdf": {"std_scale": 2.0, "weights_sha256": saved["sha256"]}}}
+    saved["calibration"] = {"parallel-4": {"ccdf": {"std_scale": 2.0, "weights_sha256": saved["sha256"]},
+                                           "song": {"std_scale": 3.0}}}  # older entry, no hash
     card.write_text(json.dumps(saved))
     again = json.loads(export_prior(Path(cfg.out_dir) / "last.pt", tmp_path / "w", "toy-32",
                                     card={"modality": "ct"}, overwrite=True).read_text())
-    assert again["tuned"] == saved["tuned"] and again["calibration"] == saved["calibration"]
+    assert again["tuned"] == saved["tuned"]
+    kept = again["calibration"]["parallel-4"]
+    assert kept["ccdf"] == saved["calibration"]["parallel-4"]["ccdf"]
+    assert kept["song"] == {"std_scale": 3.0, "weights_sha256": saved["sha256"]}  # made on those weights
     with pytest.raises(SettingsError, match="patience"):
         tiny_config(tmp_path, toy_npz, patience=-1)
 

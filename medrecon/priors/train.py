@@ -509,6 +509,10 @@ def export_prior(
         for k in ("tuned", "calibration"):
             if k in before_card and k not in extra:
                 extra[k] = before_card[k]
+        for methods in extra.get("calibration", {}).values():  # entries older than the hash field
+            for entry in methods.values():
+                if before_card.get("sha256"):
+                    entry.setdefault("weights_sha256", before_card["sha256"])
     path = prior.save(directory, name, dtype=dtype, card=extra, overwrite=overwrite)
     if validate_on:
         back = ScorePrior.load(path)
