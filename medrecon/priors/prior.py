@@ -25,7 +25,6 @@ mean 0.
 from __future__ import annotations
 
 import hashlib
-import json
 import math
 import os
 from collections.abc import Callable
@@ -38,6 +37,7 @@ from torch import Tensor, nn
 from medrecon.errors import InputError, SettingsError, ShapeError
 from medrecon.priors.networks import NetworkSpec, ScoreNet
 from medrecon.priors.normalise import Normaliser
+from medrecon.priors.registry import read_card, write_card
 from medrecon.priors.sde import SDE, VESDE, VPSDE, sde_from_dict
 
 __all__ = [
@@ -464,9 +464,7 @@ class ScorePrior(nn.Module):
                 "sha256": sha256_file(wpath),
             }
         )
-        tmpc = cpath.with_suffix(".json.tmp")
-        tmpc.write_text(json.dumps(full, indent=2) + "\n")
-        os.replace(tmpc, cpath)
+        write_card(cpath, full)
         self.card = full
         return cpath
 
@@ -502,12 +500,7 @@ class ScorePrior(nn.Module):
             cpath = shipped_registry().card_path(str(name_or_path))
         if not cpath.is_file():
             raise InputError(cpath, "model card not found")
-        try:
-            card = json.loads(cpath.read_text())
-        except (json.JSONDecodeError, UnicodeDecodeError) as err:
-            raise InputError(cpath, f"model card is not valid JSON ({err})") from err
-        if not isinstance(card, dict):
-            raise InputError(cpath, "model card is not a JSON object")
+        card = read_card(cpath)
         _check_card(card, cpath)
         wpath = cpath.parent / card.get("weights", cpath.with_suffix(".safetensors").name)
         if not wpath.is_file():

@@ -10,14 +10,41 @@ from __future__ import annotations
 
 import difflib
 import json
+import os
 from pathlib import Path
 from typing import Any
 
 from medrecon.errors import InputError, SettingsError
 
-__all__ = ["WEIGHTS_DIR", "PriorRegistry", "shipped_registry"]
+__all__ = ["WEIGHTS_DIR", "PriorRegistry", "read_card", "shipped_registry", "write_card"]
 
 WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"
+
+
+def read_card(path: str | Path) -> dict[str, Any]:
+    """A model card (JSON object) from ``path``; :class:`InputError` naming it when it is missing,
+    unreadable, not JSON or not an object."""
+    path = Path(path)
+    try:
+        card = json.loads(path.read_text())
+    except FileNotFoundError as err:
+        raise InputError(path, "model card not found") from err
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise InputError(path, f"cannot read model card ({err})") from err
+    if not isinstance(card, dict):
+        raise InputError(path, "model card is not a JSON object")
+    return card
+
+
+def write_card(path: str | Path, card: dict[str, Any]) -> None:
+    """Replace a model card atomically (a temporary file in the same folder, then a rename),
+    keeping the permissions of the file it replaces."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(card, indent=2) + "\n")
+    if path.exists():
+        os.chmod(tmp, path.stat().st_mode & 0o777)
+    os.replace(tmp, path)
 
 
 class PriorRegistry:
@@ -63,11 +90,7 @@ class PriorRegistry:
 
     def card(self, name: str) -> dict[str, Any]:
         """Return the model card of ``name`` as a dict."""
-        path = self.card_path(name)
-        try:
-            return json.loads(path.read_text())
-        except (OSError, json.JSONDecodeError) as err:
-            raise InputError(path, f"cannot read model card ({err})") from err
+        return read_card(self.card_path(name))
 
 
 def shipped_registry(directory: str | Path | None = None) -> PriorRegistry:

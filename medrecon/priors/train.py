@@ -54,6 +54,7 @@ from medrecon.errors import InputError, SettingsError
 from medrecon.priors.networks import ScoreNet, network_spec
 from medrecon.priors.normalise import Normaliser, ct_normaliser, mri_normaliser
 from medrecon.priors.prior import ScorePrior, fit_high_noise, sample_unconditional, tweedie_denoise
+from medrecon.priors.registry import read_card, write_card
 from medrecon.priors.sde import SDE, VESDE, VPSDE
 
 __all__ = ["TrainConfig", "train", "load_slices", "PatchSampler", "PRESETS", "data_root", "main"]
@@ -502,23 +503,19 @@ def export_prior(
     if overwrite and replaced.exists():
         # measurements made on the prior (tuned solver settings; uncertainty calibrations, which
         # carry the sha256 of the weights they hold for) survive a re-export of new weights
-        try:
-            before_card = json.loads(replaced.read_text())
-        except (OSError, json.JSONDecodeError, UnicodeDecodeError) as err:
-            raise InputError(replaced, f"cannot read the model card being replaced ({err})") from err
-        for k in ("tuned", "calibration"):
-            if k in before_card and k not in extra:
-                extra[k] = before_card[k]
-        for methods in extra.get("calibration", {}).values():  # entries older than the hash field
-            for entry in methods.values():
-                if before_card.get("sha256"):
+        before_card = read_card(replaced)
+        kept = {k: before_card[k] for k in ("tuned", "calibration") if k in before_card and k not in extra}
+        if before_card.get("sha256"):
+            for methods in kept.get("calibration", {}).values():  # entries older than the hash field
+                for entry in methods.values():
                     entry.setdefault("weights_sha256", before_card["sha256"])
+        extra.update(kept)
     path = prior.save(directory, name, dtype=dtype, card=extra, overwrite=overwrite)
     if validate_on:
         back = ScorePrior.load(path)
         val = load_slices([validate_on], cfg.modality)
         res = validate(back.net, val, batch=4)
-        card_now = json.loads(path.read_text())
+        card_now = read_card(path)
         # the Gaussian blend at high noise (prior.py): mean/var of the training images, the
         # crossover noise level measured on (at most 8 of) the validation images
         high = fit_high_noise(back, load_slices(cfg.data, cfg.modality), val[:: max(1, len(val) // 8)][:8])
@@ -549,7 +546,7 @@ def export_prior(
                     for r in history if r["step"] <= ck["step"]
                 ],
             }
-        path.write_text(json.dumps(card_now, indent=2) + "\n")
+        write_card(path, card_now)
     return path
 
 
@@ -793,10 +790,11 @@ def train(config: TrainConfig) -> dict[str, Any]:
                 ):
                     _preview(ema, config, out / f"samples_{step:07d}.png")
                     t_last_sample = time.monotonic()
-                if stop_now or plateau_agreed:  # agreed flags only: every rank leaves at one step
-                    stopped_by = "plateau" if plateau_agreed and not stop_now else (
-                        "max_time" if timed_out else "signal"
-                    )
+                if stop_now:
+                    stopped_by = "max_time" if timed_out else "signal"
+                    break
+                if plateau_agreed:  # the agreed flag: every rank leaves at the same step
+                    stopped_by = "plateau"
                     break
             checkpoint(keep=False)
     finally:

@@ -23,9 +23,7 @@ Poisson disc), ``sense-8`` (multi-coil, 8×).
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
-import os
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -35,8 +33,9 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from medrecon.errors import InputError, SettingsError
+from medrecon.errors import SettingsError
 from medrecon.operators.base import LinearOperator
+from medrecon.priors.registry import read_card, write_card
 
 __all__ = [
     "DEFAULT_SPACES",
@@ -354,7 +353,7 @@ def store_tuned_defaults(
     from medrecon.solvers.presets import PRESETS, DiffusionSettings
 
     path = Path(card_path)
-    card = _read_card(path)
+    card = read_card(path)
     names = {f.name for f in dataclasses.fields(DiffusionSettings)} - {"extra"}
     for method, values in settings.items():
         if method not in PRESETS or not isinstance(values, dict):
@@ -370,27 +369,8 @@ def store_tuned_defaults(
     entry = card.setdefault("tuned", {}).setdefault(operator_key, {})
     for method, values in settings.items():
         entry[method] = {k: (v.item() if hasattr(v, "item") else v) for k, v in values.items()}
-    _write_card(path, card)
+    write_card(path, card)
     return card
-
-
-def _read_card(path: Path) -> dict[str, Any]:
-    try:
-        card = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise InputError(path, f"cannot read model card ({err})") from err
-    if not isinstance(card, dict):
-        raise InputError(path, "model card is not a JSON object")
-    return card
-
-
-def _write_card(path: Path, card: dict[str, Any]) -> None:
-    """Replace the card atomically (a temporary file in the same folder, then a rename)."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(card, indent=2) + "\n")
-    if path.exists():
-        os.chmod(tmp, path.stat().st_mode & 0o777)
-    os.replace(tmp, path)
 
 
 # ----------------------------------------------------------------------------- calibration
@@ -508,7 +488,7 @@ def store_calibration(card_path: str | Path, result: dict[str, Any]) -> dict[str
     re-export of the prior with new weights does not silently reuse it).  Returns the card as
     written."""
     path = Path(card_path)
-    card = _read_card(path)
+    card = read_card(path)
     need = ("method", "operator_key", "std_scale", "level", "n_samples", "settings")
     missing = [k for k in need if k not in result]
     if missing:
@@ -517,7 +497,7 @@ def store_calibration(card_path: str | Path, result: dict[str, Any]) -> dict[str
     if card.get("sha256"):  # a factor holds for the weights it was measured on
         entry["weights_sha256"] = card["sha256"]
     card.setdefault("calibration", {}).setdefault(result["operator_key"], {})[result["method"]] = entry
-    _write_card(path, card)
+    write_card(path, card)
     return card
 
 
