@@ -8,11 +8,12 @@ pools its noiseless measurements with those of its ``-noisy`` twin (same operato
 card entry must serve both; ``--no-noisy`` to fit on noiseless data only).  Settings: the prior
 card's tuned defaults, then ``--fixed`` (use the ``--steps`` recon.py will run with, e.g.
 ``'{"steps": 100}'``: the factor is only applied to runs with the calibrated settings).  Prints a
-table and one JSON line; ``--store CARD`` writes each factor to
-``card["calibration"][operator_key][method]``.
+table and one JSON line; ``--store`` writes each factor, with the sha256 of the weights, to
+``card["calibration"][operator_key][method]`` of the prior it was measured with
+(``--prior-ct`` / ``--prior-mri``: a registry name or a card path).
 
     python benchmarks/calibrate.py --settings ct-23v --fixed '{"steps": 100}'
-    python benchmarks/calibrate.py --settings ct,mri --fixed '{"steps": 100}' --store medrecon/priors/weights/ct-256.json
+    python benchmarks/calibrate.py --settings ct,mri --fixed '{"steps": 100}' --store
 """
 
 from __future__ import annotations
