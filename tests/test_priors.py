@@ -584,3 +584,15 @@ def test_score_layout_follows_gradients(tmp_path):
     back = ScorePrior.load(card)
     for (k, a), (_, b) in zip(prior.net.state_dict().items(), back.net.state_dict().items(), strict=True):
         assert torch.equal(a, b), k
+
+
+@pytest.mark.parametrize("n, shape", [(1, (10, 10)), (2, (10, 20)), (4, (10, 40)), (5, (20, 40))])
+def test_sample_grid_has_no_empty_columns(tmp_path, n, shape):
+    from matplotlib import image as mpimg
+
+    from medrecon.priors.train import save_grid_png
+
+    path = tmp_path / "grid.png"
+    save_grid_png(torch.full((n, 1, 8, 8), 0.5), path)
+    back = mpimg.imread(path)
+    assert back.shape[:2] == shape and not (tmp_path / "grid.tmp.png").exists()

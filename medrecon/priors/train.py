@@ -380,7 +380,8 @@ def validate(
 
 
 def save_grid_png(images: Tensor, path: Path, ncol: int = 4) -> None:
-    """Tile ``(B, 1, H, W)`` images in [0, 1] into one grey PNG."""
+    """Tile ``(B, 1, H, W)`` images in [0, 1] into one grey PNG, ``ncol`` per row (fewer when
+    there are fewer images)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -388,6 +389,7 @@ def save_grid_png(images: Tensor, path: Path, ncol: int = 4) -> None:
 
     x = images[:, 0].detach().float().clamp(0, 1).cpu().numpy()
     b, h, w = x.shape
+    ncol = max(1, min(ncol, b))
     nrow = math.ceil(b / ncol)
     grid = np.ones((nrow * (h + 2), ncol * (w + 2)), np.float32)
     for k in range(b):
