@@ -453,6 +453,12 @@ def test_export_and_init_from_shipped_weights(tmp_path, toy_npz):
     )
     prior = ScorePrior.load(card)
     assert prior.card["training"]["steps"] == 2 and prior.card["dtype"] == "float16"
+    # a validation curve on the starting card (rows up to its 2 steps; a row past them came from
+    # a run these weights do not descend from), which the continued run's card must extend
+    first = json.loads(card.read_text())
+    first["validation"] = {"during_training": {"rows": [
+        {"step": s, "sigma0.1": 20.0 + s} for s in (1, 2, 5)]}}
+    card.write_text(json.dumps(first))
     cfg2 = tiny_config(
         tmp_path, toy_npz, max_steps=1, out_dir=str(tmp_path / "run2"), init_from=str(card),
         val_data=str(toy_npz), val_slices=2, validate_every_s=1e-9,
@@ -465,12 +471,6 @@ def test_export_and_init_from_shipped_weights(tmp_path, toy_npz):
     training = card2.card["training"]
     assert training["steps"] == 3 and "2 earlier steps" in training["resumed_from"]
     assert training["wall_time_s"] >= prior.card["training"]["wall_time_s"]
-    # replacing the card of the weights this run continued keeps their validation curve (rows up
-    # to the 2 earlier steps; a row past them came from a run these weights do not descend from)
-    first = json.loads(card.read_text())
-    first["validation"] = {"during_training": {"rows": [
-        {"step": s, "sigma0.1": 20.0 + s} for s in (1, 2, 5)]}}
-    card.write_text(json.dumps(first))
     curve = json.loads(export_prior(Path(cfg2.out_dir) / "last.pt", tmp_path / "w", "toy-32",
                                     overwrite=True, validate_on=str(toy_npz)).read_text())
     rows = curve["validation"]["during_training"]["rows"]

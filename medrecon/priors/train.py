@@ -474,8 +474,8 @@ def export_prior(
         Replace existing files.
     validate_on : str, optional
         Validation ``.npz``: the card gets the Tweedie denoising PSNR of the exported (rounded)
-        weights on all its slices, and the run's validation curve (``val.csv``), after the rows
-        the replaced card held for the weights this run started from (``init_from``).
+        weights on all its slices, and the run's validation curve (``val.csv``), after the
+        curve of the card this run started from (``init_from``).
 
     Returns
     -------
@@ -503,7 +503,6 @@ def export_prior(
     extra: dict[str, Any] = dict(card or {})
     extra["training"] = {**training, **extra.get("training", {})}
     replaced = Path(directory) / f"{name}.json"
-    earlier_curve: list[dict[str, Any]] = []
     if overwrite and replaced.exists():
         # measurements made on the prior (tuned solver settings; uncertainty calibrations, which
         # carry the sha256 of the weights they hold for) survive a re-export of new weights
@@ -514,9 +513,6 @@ def export_prior(
                 for entry in methods.values():
                     entry.setdefault("weights_sha256", before_card["sha256"])
         extra.update(kept)
-        # the validation curve of the runs these weights continue (steps up to the offset)
-        before_rows = before_card.get("validation", {}).get("during_training", {}).get("rows", [])
-        earlier_curve = [r for r in before_rows if r.get("step", 0) <= earlier["steps"]]
     path = prior.save(directory, name, dtype=dtype, card=extra, overwrite=overwrite)
     if validate_on:
         back = ScorePrior.load(path)
@@ -547,7 +543,7 @@ def export_prior(
             card_now["validation"]["during_training"] = {
                 "slices": ck["config"].get("val_slices"),
                 "steps_offset": earlier["steps"],
-                "rows": earlier_curve + [
+                "rows": list(earlier.get("validation_rows", [])) + [
                     {"step": int(r["step"]) + earlier["steps"],
                      **{k.replace("psnr_sigma", "sigma"): r[k] for k in r if k.startswith("psnr")}}
                     for r in history if r["step"] <= ck["step"]
@@ -667,6 +663,11 @@ def train(config: TrainConfig) -> dict[str, Any]:
         earlier = {
             "steps": int(before.get("steps", 0)),
             "wall_time_s": float(before.get("wall_time_s", 0.0)),
+            # the validation curve of those steps, which the exported card's curve continues
+            "validation_rows": [
+                r for r in init.card.get("validation", {}).get("during_training", {}).get("rows", [])
+                if r.get("step", 0) <= int(before.get("steps", 0))
+            ],
         }
     model: torch.nn.Module = net
     if world > 1:
