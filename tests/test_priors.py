@@ -336,6 +336,30 @@ def test_shipped_priors_load():
         assert len(card["high_noise"]["measured"]["rmse_net"]) == len(card["high_noise"]["measured"]["sigma"])
 
 
+# design fields a `--preset` run must share with the shipped weights it resumes (the learning
+# rate and seed of a continuation may differ; the network, SDE, data and stopping rule may not)
+_PRESET_DESIGN_FIELDS = ("modality", "size", "sde", "sigma_min", "sigma_max", "sigma_data",
+                         "patch_size", "batch_size", "ema_decay", "data", "val_data",
+                         "val_slices", "validate_every_s", "patience", "min_delta_db")
+
+
+@pytest.mark.parametrize("name", ["ct-256", "mri-256"])
+def test_training_preset_reproduces_the_shipped_design(name):
+    """`--preset NAME` trains what the card of the shipped NAME says it was trained with, and
+    its plateau rule is the documented one: three 20-minute validations, an hour, without +0.02 dB."""
+    from medrecon.priors.train import PRESETS
+
+    reg = shipped_registry()
+    if name not in reg.names():
+        pytest.skip(f"{name} is not shipped in medrecon/priors/weights")
+    trained = reg.card(name)["training"]["config"]
+    preset = TrainConfig(**PRESETS[name])
+    for field in _PRESET_DESIGN_FIELDS:
+        got = getattr(preset, field)
+        got = list(got) if isinstance(got, tuple) else got
+        assert got == trained[field], f"{name}: preset {field}={got!r}, card {trained[field]!r}"
+    assert preset.patience * preset.validate_every_s == 3600 and preset.min_delta_db == 0.02
+
 # --- trainer --------------------------------------------------------------------------------
 def test_dsm_loss_falls_on_toy_set(tmp_path, toy_npz):
     cfg = tiny_config(tmp_path, toy_npz, max_steps=80, lr=3e-3, batch_size=8)
