@@ -521,6 +521,32 @@ def test_validation_plateau_rule(means, patience, delta, stop):
     assert validation_plateau(rows, patience, delta) is stop
 
 
+@pytest.mark.parametrize("earlier_means, stopped_by, step", [
+    # the curve carried over peaked far above: the first validation (step 1) stops the run, at
+    # the next step (the one all ranks agree on); judged on this run's rows alone it could not
+    # stop before step 3
+    ((20.0, 1000.0), "plateau", 2),
+    ((-100.0, -50.0), "max_steps", 1),  # the carried curve is below this run: go on
+])
+def test_plateau_rule_judges_the_init_from_cards_curve_too(tmp_path, toy_npz, earlier_means,
+                                                           stopped_by, step):
+    """A run continued from shipped weights (a later session, a new machine, no val.csv) judges
+    the whole curve: the starting card's validations, then its own."""
+    cfg = tiny_config(tmp_path, toy_npz, max_steps=2)
+    train(cfg)
+    card = export_prior(Path(cfg.out_dir) / "last.pt", tmp_path / "w", "toy-32",
+                        card={"modality": "ct", "resolution": [32, 32]})
+    first = json.loads(card.read_text())
+    first["validation"] = {"during_training": {"rows": [
+        {"step": s, "sigma0.1": m, "sigma0.2": m} for s, m in zip((1, 2), earlier_means)]}}
+    card.write_text(json.dumps(first))
+    r = train(tiny_config(tmp_path, toy_npz, max_steps=step + 3 * (stopped_by == "plateau"),
+                          out_dir=str(tmp_path / "run2"),
+                          init_from=str(card), val_data=str(toy_npz), val_slices=2,
+                          validate_every_s=1e-9, patience=1, min_delta_db=0.02))
+    assert (r["stopped_by"], r["step"]) == (stopped_by, step)
+
+
 def test_training_stops_on_a_validation_plateau_and_export_keeps_measurements(tmp_path, toy_npz):
     """patience=1 with an unreachable min_delta: the second validation ends the run (at the next
     step, the one all ranks agree on); the exported card carries the validation curve, and a

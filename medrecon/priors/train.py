@@ -788,8 +788,11 @@ def train(config: TrainConfig) -> dict[str, Any]:
                 ):
                     _log_val(out / "val.csv", step, wall, validate(ema, val_images))
                     t_last_val = time.monotonic()
+                    # the whole curve: the init_from card's validations, then this run's
                     plateau = bool(config.patience) and validation_plateau(
-                        read_val_log(out / "val.csv"), config.patience, config.min_delta_db
+                        [*earlier.get("validation_rows", []), *read_val_log(out / "val.csv")],
+                        config.patience,
+                        config.min_delta_db,
                     )
                 if (
                     rank == 0
@@ -843,10 +846,13 @@ def read_val_log(path: str | Path) -> list[dict[str, float]]:
 
 def validation_plateau(rows: Sequence[dict[str, float]], patience: int, min_delta_db: float) -> bool:
     """True when none of the last ``patience`` validations beats the best earlier one by
-    ``min_delta_db`` (mean PSNR over the noise levels of a row)."""
+    ``min_delta_db`` (mean PSNR over the noise levels of a row: ``val.csv``'s ``psnr_sigma*``
+    columns, or a card curve's ``sigma*`` entries)."""
     if patience < 1 or len(rows) <= patience:
         return False
-    score = [float(np.mean([v for k, v in r.items() if k.startswith("psnr")])) for r in rows]
+    score = [
+        float(np.mean([v for k, v in r.items() if k.startswith(("psnr", "sigma"))])) for r in rows
+    ]
     return max(score[-patience:]) < max(score[:-patience]) + min_delta_db
 
 
