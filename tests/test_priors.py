@@ -360,6 +360,7 @@ def test_training_preset_reproduces_the_shipped_design(name):
         assert got == trained[field], f"{name}: preset {field}={got!r}, card {trained[field]!r}"
     assert preset.patience * preset.validate_every_s == 3600 and preset.min_delta_db == 0.02
 
+
 # --- trainer --------------------------------------------------------------------------------
 def test_dsm_loss_falls_on_toy_set(tmp_path, toy_npz):
     cfg = tiny_config(tmp_path, toy_npz, max_steps=80, lr=3e-3, batch_size=8)
@@ -466,23 +467,26 @@ def test_sigterm_checkpoints_and_stops(tmp_path, toy_npz):
     assert load_checkpoint(Path(cfg.out_dir) / "last.pt")["step"] == r["step"]
 
 
-def test_export_and_init_from_shipped_weights(tmp_path, toy_npz):
+def exported_tiny_with_curve(tmp_path: Path, toy_npz: Path, rows: list[dict]) -> Path:
+    """Card of a 2-step tiny prior, exported, whose card carries the validation curve ``rows``
+    (as a run continued from it with ``init_from`` finds it)."""
     cfg = tiny_config(tmp_path, toy_npz, max_steps=2)
     train(cfg)
-    card = export_prior(
-        Path(cfg.out_dir) / "last.pt",
-        tmp_path / "w",
-        "toy-32",
-        card={"modality": "ct", "resolution": [32, 32]},
-    )
-    prior = ScorePrior.load(card)
-    assert prior.card["training"]["steps"] == 2 and prior.card["dtype"] == "float16"
+    card = export_prior(Path(cfg.out_dir) / "last.pt", tmp_path / "w", "toy-32",
+                        card={"modality": "ct", "resolution": [32, 32]})
+    first = json.loads(card.read_text())
+    first["validation"] = {"during_training": {"rows": rows}}
+    card.write_text(json.dumps(first))
+    return card
+
+
+def test_export_and_init_from_shipped_weights(tmp_path, toy_npz):
     # a validation curve on the starting card (rows up to its 2 steps; a row past them came from
     # a run these weights do not descend from), which the continued run's card must extend
-    first = json.loads(card.read_text())
-    first["validation"] = {"during_training": {"rows": [
-        {"step": s, "sigma0.1": 20.0 + s} for s in (1, 2, 5)]}}
-    card.write_text(json.dumps(first))
+    card = exported_tiny_with_curve(tmp_path, toy_npz,
+                                    [{"step": s, "sigma0.1": 20.0 + s} for s in (1, 2, 5)])
+    prior = ScorePrior.load(card)
+    assert prior.card["training"]["steps"] == 2 and prior.card["dtype"] == "float16"
     cfg2 = tiny_config(
         tmp_path, toy_npz, max_steps=1, out_dir=str(tmp_path / "run2"), init_from=str(card),
         val_data=str(toy_npz), val_slices=2, validate_every_s=1e-9,
@@ -532,14 +536,8 @@ def test_plateau_rule_judges_the_init_from_cards_curve_too(tmp_path, toy_npz, ea
                                                            stopped_by, step):
     """A run continued from shipped weights (a later session, a new machine, no val.csv) judges
     the whole curve: the starting card's validations, then its own."""
-    cfg = tiny_config(tmp_path, toy_npz, max_steps=2)
-    train(cfg)
-    card = export_prior(Path(cfg.out_dir) / "last.pt", tmp_path / "w", "toy-32",
-                        card={"modality": "ct", "resolution": [32, 32]})
-    first = json.loads(card.read_text())
-    first["validation"] = {"during_training": {"rows": [
-        {"step": s, "sigma0.1": m, "sigma0.2": m} for s, m in zip((1, 2), earlier_means)]}}
-    card.write_text(json.dumps(first))
+    card = exported_tiny_with_curve(tmp_path, toy_npz, [
+        {"step": s, "sigma0.1": m, "sigma0.2": m} for s, m in zip((1, 2), earlier_means)])
     r = train(tiny_config(tmp_path, toy_npz, max_steps=step + 3 * (stopped_by == "plateau"),
                           out_dir=str(tmp_path / "run2"),
                           init_from=str(card), val_data=str(toy_npz), val_slices=2,
