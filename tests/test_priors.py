@@ -518,11 +518,11 @@ def test_export_and_init_from_shipped_weights(tmp_path, toy_npz):
     ],
 )
 def test_validation_plateau_rule(means, patience, delta, stop):
-    from medrecon.priors.train import validation_plateau
+    from medrecon.priors.train import validation_curve, validation_plateau
 
-    # two noise levels whose mean is the given value
+    # two noise levels whose mean is the given value, as val.csv holds them
     rows = [{"step": i, "wall_s": 0.0, "psnr_sigma0.1": m + 1, "psnr_sigma0.2": m - 1} for i, m in enumerate(means)]
-    assert validation_plateau(rows, patience, delta) is stop
+    assert validation_plateau(validation_curve({"steps": 0}, rows), patience, delta) is stop
 
 
 @pytest.mark.parametrize("earlier_means, stopped_by, step", [
@@ -537,7 +537,7 @@ def test_plateau_rule_judges_the_init_from_cards_curve_too(tmp_path, toy_npz, ea
     """A run continued from shipped weights (a later session, a new machine, no val.csv) judges
     the whole curve: the starting card's validations, then its own."""
     card = exported_tiny_with_curve(tmp_path, toy_npz, [
-        {"step": s, "sigma0.1": m, "sigma0.2": m} for s, m in zip((1, 2), earlier_means)])
+        {"step": s, "sigma0.1": m, "sigma0.2": m} for s, m in zip((1, 2), earlier_means, strict=True)])
     r = train(tiny_config(tmp_path, toy_npz, max_steps=step + 3 * (stopped_by == "plateau"),
                           out_dir=str(tmp_path / "run2"),
                           init_from=str(card), val_data=str(toy_npz), val_slices=2,
