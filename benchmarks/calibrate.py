@@ -1,7 +1,7 @@
 """Calibrate a diffusion method's uncertainty map on validation *tuning* slices, per setting.
 
 For each measurement setting of ``benchmarks/recon.py`` (``--settings ct-23v,mri-8x-equispaced``)
-runs :func:`medrecon.solvers.tuning.calibrate` on the tuning rows (CT rows 7 and 24 of
+runs :func:`medrecon.tuning.calibrate` on the tuning rows (CT rows 7 and 24 of
 ``ct/val.npz``, the middle slices of the first two MRI subjects; never the slices recon.py
 reports): the factor ``c`` with ``|error| ≤ 2·c·std`` on ``--level`` of the pixels.  A CT setting
 pools its noiseless measurements with those of its ``-noisy`` twin (same operator, so the same
@@ -32,7 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import recon  # noqa: E402  (the sibling benchmark script: data, settings and noise)
 
 from medrecon.priors import ScorePrior  # noqa: E402
-from medrecon.solvers.tuning import calibrate, store_calibration  # noqa: E402
+from medrecon.tuning import calibrate, store_calibration  # noqa: E402
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:  # noqa: D103

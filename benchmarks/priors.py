@@ -34,6 +34,7 @@ import torch
 from medrecon.priors import ScorePrior
 from medrecon.priors.registry import shipped_registry
 from medrecon.priors.train import PRESETS, data_root, load_slices, save_grid_png
+from medrecon.solvers.presets import sample_unconditional
 
 SIGMAS = (0.02, 0.05, 0.1, 0.2)
 
@@ -110,9 +111,9 @@ def evaluate(
     if n_samples:
         t0 = time.perf_counter()
         with torch.no_grad():
-            x = prior.sample(
-                n_samples,
-                (sample_size, sample_size),
+            x = sample_unconditional(
+                prior,
+                (n_samples, 1, sample_size, sample_size),
                 n_steps=sample_steps,
                 generator=torch.Generator().manual_seed(1),
             ).clamp(0, 1)

@@ -12,7 +12,7 @@ On the validation data under ``$MEDRECON_DATA`` (default ``<repo>/../shared/data
 Methods: FBP / zero-filled, TV (ADMM), L1-wavelet (MRI), CG-SENSE (multi-coil), and the diffusion
 methods Song, DPS, CCDF when a prior is available (``--prior-ct``, ``--prior-mri``: registry name
 or card path; otherwise the rows say why they were skipped).  Diffusion settings: the preset,
-overridden by the prior card's tuned defaults for the operator (``medrecon.solvers.tuning``),
+overridden by the prior card's tuned defaults for the operator (``medrecon.tuning``),
 then by ``--steps``.
 
 Metrics, per slice then mean ± std over slices: PSNR and SSIM with data range 1 on the

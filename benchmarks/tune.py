@@ -1,6 +1,6 @@
 """Tune a diffusion method's settings for one measurement setting on validation *tuning* slices.
 
-Runs :func:`medrecon.solvers.tuning.tune` (successive halving of random configurations, objective
+Runs :func:`medrecon.tuning.tune` (successive halving of random configurations, objective
 PSNR, the current defaults always a candidate) on the tuning rows of ``benchmarks/recon.py`` (CT
 rows 7 and 24 of ``ct/val.npz``; the middle slices of the first two MRI subjects) — never the
 slices recon.py reports.  The settings are those of recon.py (``--setting ct-23v``, ...,
@@ -29,7 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import recon  # noqa: E402  (the sibling benchmark script: data, settings and noise)
 
 from medrecon.priors import ScorePrior  # noqa: E402
-from medrecon.solvers.tuning import DEFAULT_SPACES, store_tuned_defaults, tune  # noqa: E402
+from medrecon.tuning import DEFAULT_SPACES, store_tuned_defaults, tune  # noqa: E402
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:  # noqa: D103

@@ -7,8 +7,7 @@ Physics forward operators (:mod:`medrecon.operators`), classical and diffusion s
 
 from __future__ import annotations
 
-__version__ = "0.1.0"
-
+from medrecon._version import __version__
 from medrecon.api import Reconstruction, reconstruct
 from medrecon.errors import InputError, MedreconError, SettingsError, ShapeError
 

@@ -22,7 +22,7 @@ from medrecon.operators.base import LinearOperator
 from medrecon.operators.ct import _Projector
 from medrecon.solvers import classical
 
-__all__ = ["Reconstruction", "reconstruct", "METHODS", "problem_scale"]
+__all__ = ["Reconstruction", "reconstruct", "METHODS", "BEST_DIFFUSION", "default_method", "problem_scale"]
 
 #: classical methods and their defaults (weights in normalised units, see solvers.classical)
 METHODS: dict[str, dict[str, Any]] = {
@@ -32,6 +32,29 @@ METHODS: dict[str, dict[str, Any]] = {
     "tv": {"lam": 1e-4, "iters": 100},
     "l1-wavelet": {"lam": 3e-3, "iters": 100},
 }
+
+
+#: the diffusion method with the best measured reconstructions (docs/benchmarks.md, from
+#: benchmarks/recon.py): the default wherever a prior for the problem exists
+BEST_DIFFUSION = "dds"
+#: a diffusion result whose relative data residual exceeds this many times that of the simple
+#: initial estimate (FBP / zero-filled), and FAILING_FLOOR, is reported as failing
+FAILING_RATIO, FAILING_FLOOR = 3.0, 0.1
+
+
+def default_method(operator: LinearOperator, prior: Any = None) -> str:  # noqa: D103
+    """The method :func:`reconstruct` uses when none is named: :data:`BEST_DIFFUSION` when a
+    prior is given or a shipped prior exists for the operator's modality (``ct-256`` for CT
+    projectors, ``mri-256`` otherwise), else ``"tv"``."""
+    if prior is not None:
+        return BEST_DIFFUSION
+    from medrecon.priors.registry import shipped_registry
+
+    return BEST_DIFFUSION if _default_prior_name(operator) in shipped_registry().names() else "tv"
+
+
+def _default_prior_name(operator: LinearOperator) -> str:
+    return "ct-256" if isinstance(operator, _Projector) else "mri-256"
 
 
 @dataclass
@@ -79,7 +102,7 @@ def _nearest(name: str, known) -> str:
 def _load_prior(prior: Any, operator: LinearOperator, device: torch.device) -> Any:
     """A prior object as given, or the shipped prior named (default: by modality)."""
     if prior is None:
-        prior = "ct-256" if isinstance(operator, _Projector) else "mri-256"
+        prior = _default_prior_name(operator)
     if isinstance(prior, str):
         from medrecon.priors import ScorePrior
 
@@ -89,7 +112,7 @@ def _load_prior(prior: Any, operator: LinearOperator, device: torch.device) -> A
 
 def _diffusion(y, operator, method, prior, n_samples, steps, seed, progress, calibrated, settings):
     from medrecon.solvers.presets import run_diffusion
-    from medrecon.solvers.tuning import std_scale
+    from medrecon.solvers.cards import std_scale
 
     model = _load_prior(prior, operator, y.device)
     low, width = problem_scale(y, operator)
@@ -110,11 +133,19 @@ def _diffusion(y, operator, method, prior, n_samples, steps, seed, progress, cal
         if calibrated else (1.0, "off (calibrated=False)")
     )
     std = std * scale
+    residual = _residual(operator, mean_n, y_n)
+    warnings = list(info.get("warnings", []))
+    initial = _residual(operator, _initial_estimate(y_n, operator), y_n)
+    if residual > max(FAILING_RATIO * initial, FAILING_FLOOR):
+        warnings.append(
+            f"{method} is failing: its data residual {residual:.3g} is {residual / max(initial, 1e-12):.1f}× that "
+            f"of the initial estimate ({initial:.3g}); check the settings (steps, tuned values) or use --method tv"
+        )
     info.update({
         "std_scale": round(scale, 4), "std_calibration": how,
         "method": method, "seed": seed, "wall_time_s": round(wall, 4),
         "prior": getattr(model, "name", type(model).__name__) or type(model).__name__,
-        "data_residual": _residual(operator, mean_n, y_n),
+        "data_residual": residual, "initial_residual": initial, "warnings": warnings,
         "normaliser": {"low": low, "width": width},
     })
     return Reconstruction(mean=mean_n * width + low, std=std, samples=samples, info=info)
@@ -128,6 +159,12 @@ def _normalise_measurement(y: Tensor, operator: LinearOperator, low: float, widt
     return (y - operator(low * ones)) / width
 
 
+def _initial_estimate(y_n: Tensor, operator: LinearOperator) -> Tensor:
+    """The cheap estimate a diffusion result is checked against: FBP for CT, Aᴴy otherwise."""
+    x = classical.fbp(y_n, operator) if hasattr(operator, "fbp") else classical.zero_filled(y_n, operator)
+    return x if operator.in_complex or not x.is_complex() else x.real
+
+
 def _residual(operator: LinearOperator, x_n: Tensor, y_n: Tensor) -> float:
     return float(torch.linalg.norm(operator(x_n) - y_n) / torch.linalg.norm(y_n).clamp_min(1e-30))
 
@@ -135,7 +172,7 @@ def _residual(operator: LinearOperator, x_n: Tensor, y_n: Tensor) -> float:
 def reconstruct(
     y: Tensor,
     operator: LinearOperator,
-    method: str = "ccdf",
+    method: str | None = None,
     *,
     prior: Any = None,
     n_samples: int = 4,
@@ -154,9 +191,12 @@ def reconstruct(
         (e.g. HU · pixel) or k-space.
     operator : LinearOperator
         The forward model ``A``.
-    method : str
-        Diffusion: ``"ccdf"`` (default), ``"song"``, ``"dps"``, ``"score-mri"``; classical:
-        ``"fbp"``, ``"zero-filled"``, ``"cg"``, ``"tv"``, ``"l1-wavelet"``.
+    method : str, optional
+        Diffusion: ``"dds"``, ``"ccdf"``, ``"song"``, ``"dps"``, ``"score-mri"``, and for volumes
+        (slices on the batch axis) ``"dds3d"``, ``"mbir3d"``; classical: ``"fbp"``,
+        ``"zero-filled"``, ``"cg"``, ``"tv"``, ``"l1-wavelet"``.  Default
+        (:func:`default_method`): the best measured diffusion method, :data:`BEST_DIFFUSION`,
+        when a prior is given or shipped for the modality; TV otherwise.
     prior : str or prior object, optional
         Diffusion methods: a shipped prior's name (default ``"ct-256"`` for CT operators,
         ``"mri-256"`` otherwise) or any object with ``sde`` and ``score(x, t)`` in normalised space.
@@ -171,7 +211,7 @@ def reconstruct(
         Show a progress bar (long methods).
     calibrated : bool
         Diffusion: multiply ``std`` by the factor the prior's card stores for this operator and
-        method (measured on held-out images, :func:`medrecon.solvers.tuning.calibrate`) when the
+        method (measured on held-out images, :func:`medrecon.tuning.calibrate`) when the
         run uses the calibrated settings; ``info["std_scale"]`` and ``info["std_calibration"]``
         say which factor was applied and why.  False: the raw spread of the samples.
     **settings
@@ -194,6 +234,8 @@ def reconstruct(
     """
     from medrecon.solvers.presets import DIFFUSION_METHODS
 
+    if method is None:
+        method = default_method(operator, prior)
     if method in DIFFUSION_METHODS:
         return _diffusion(y, operator, method, prior, n_samples, steps, seed, progress, calibrated, settings)
     if method not in METHODS:
@@ -222,6 +264,7 @@ def reconstruct(
         "settings": {k: v for k, v in opts.items() if isinstance(v, int | float | str | bool)},
         "seed": seed,
         "nfe": 0,
+        "warnings": [],
         "wall_time_s": round(wall, 4),
         "data_residual": _residual(operator, x_n, y_n),
         "normaliser": {"low": low, "width": width},

@@ -9,19 +9,20 @@ from __future__ import annotations
 
 import html
 import os
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-__all__ = ["case_figure", "thumbnail", "batch_report"]
+from medrecon.datasets._atomic import open_temp
+
+__all__ = ["case_figure", "thumbnail", "batch_report", "display_orientation", "orient_for_display"]
 
 
 def _atomic_write(path: Path, write) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=path.suffix + ".tmp")
+    fd, tmp = open_temp(path.parent, path.suffix + ".tmp")
     os.close(fd)
     try:
         write(tmp)
@@ -32,12 +33,106 @@ def _atomic_write(path: Path, write) -> Path:
     return path
 
 
+#: screen directions (right, down) in RAS+ world coordinates for the three slice planes, by the
+#: world axis closest to the slice normal: radiological convention (patient's right on the
+#: viewer's left), anterior up on axial slices, superior up on coronal and sagittal ones
+#: (anterior on the left of sagittal slices)
+_SCREEN = {2: ((-1.0, 0.0, 0.0), (0.0, -1.0, 0.0)),  # axial
+           1: ((-1.0, 0.0, 0.0), (0.0, 0.0, -1.0)),  # coronal
+           0: ((0.0, -1.0, 0.0), (0.0, 0.0, -1.0))}  # sagittal
+
+
+def display_orientation(affine: np.ndarray) -> tuple[bool, bool, bool, float]:
+    """How to show a slice ``array[z][y, x]`` of a volume with ``affine`` in the usual viewer layout.
+
+    Parameters
+    ----------
+    affine : ndarray, shape (4, 4)
+        RAS+ voxel-to-world affine of the volume, columns for the x, y and z array axes
+        (:class:`~medrecon.datasets.Volume`).
+
+    Returns
+    -------
+    transpose, flip_rows, flip_cols : bool
+        Apply in this order (:func:`orient_for_display`).  Axial slices are shown with anterior
+        up and the patient's right on the left (radiological), coronal ones with superior up,
+        sagittal ones with superior up and anterior on the left.
+    aspect : float
+        Height / width of a displayed pixel (its spacing along screen rows over columns).
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> display_orientation(np.diag([1.0, 1.0, 1.0, 1.0]))  # RAS-stored axial: flip both axes
+    (False, True, True, 1.0)
+    """
+    a = np.asarray(affine, dtype=np.float64)[:3, :3]
+    col, row = a[:, 0], a[:, 1]
+    col_mm, row_mm = float(np.linalg.norm(col)) or 1.0, float(np.linalg.norm(row)) or 1.0
+    col, row = col / col_mm, row / row_mm
+    normal = int(np.argmax(np.abs(np.cross(col, row))))
+    right, down = (np.asarray(v) for v in _SCREEN[normal])
+    transpose = abs(float(row @ right)) > abs(float(col @ right))
+    across, along = (row, col) if transpose else (col, row)  # array axes shown as screen x, y
+    aspect = (col_mm / row_mm) if transpose else (row_mm / col_mm)
+    return transpose, float(along @ down) < 0, float(across @ right) < 0, aspect
+
+
+def orient_for_display(image: np.ndarray, affine: np.ndarray | None) -> tuple[np.ndarray, float]:
+    """``image`` (H, W) turned as :func:`display_orientation` says, and its pixel aspect.
+
+    ``affine=None`` (images without patient geometry: image folders, k-space, raw sinograms):
+    the image as stored, aspect 1.
+    """
+    img = np.asarray(image)
+    if affine is None:
+        return img, 1.0
+    transpose, flip_rows, flip_cols, aspect = display_orientation(affine)
+    if transpose:
+        img = img.T
+    if flip_rows:
+        img = img[::-1]
+    if flip_cols:
+        img = img[:, ::-1]
+    return img, aspect
+
+
+def _figure(
+    panels: list[tuple[str, np.ndarray, str]],
+    display: tuple[float, float] | None,
+    title: str,
+    affine: np.ndarray | None,
+):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    # constrained layout makes room for colour-bar ticks and labels (tight_layout clipped them)
+    fig, axes = plt.subplots(1, len(panels), figsize=(3.8 * len(panels), 3.8), squeeze=False,
+                             layout="constrained")
+    for ax, (name, img, unit) in zip(axes[0], panels, strict=True):
+        own = any(k in name.lower() for k in ("uncertainty", "error", "std"))
+        kw = {} if own or display is None else {"vmin": display[0], "vmax": display[1]}
+        shown, aspect = orient_for_display(img, affine)
+        im = ax.imshow(shown, cmap="magma" if own else "gray", aspect=aspect, **kw)
+        ax.set_title(name, fontsize=9)
+        ax.axis("off")
+        bar = fig.colorbar(im, ax=ax, shrink=0.85)
+        bar.set_label(unit, fontsize=8)
+        bar.ax.tick_params(labelsize=7)
+    if title:
+        fig.suptitle(title, fontsize=10)
+    return fig
+
+
 def case_figure(
     path: str | Path,
     panels: list[tuple[str, np.ndarray, str]],
     *,
     display: tuple[float, float] | None = None,
     title: str = "",
+    affine: np.ndarray | None = None,
 ) -> Path:
     """Write a row of image panels with colour bars to ``path`` (PNG, written atomically).
 
@@ -47,24 +142,15 @@ def case_figure(
         Image panels; a title containing "uncertainty" or "error" gets its own colour scale.
     display : (low, high), optional
         Display range shared by the image panels (e.g. a CT window in HU).
+    title : str
+        Figure title (which case, which slice).
+    affine : ndarray (4, 4), optional
+        RAS+ affine of the volume the panels are slices of: panels are turned to the usual
+        viewer layout (:func:`display_orientation`).  None: shown as stored.
     """
-    import matplotlib
-
-    matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, len(panels), figsize=(3.6 * len(panels), 3.6), squeeze=False)
-    for ax, (name, img, unit) in zip(axes[0], panels, strict=True):
-        own = any(k in name.lower() for k in ("uncertainty", "error", "std"))
-        kw = {} if own or display is None else {"vmin": display[0], "vmax": display[1]}
-        im = ax.imshow(np.asarray(img), cmap="magma" if own else "gray", **kw)
-        ax.set_title(name, fontsize=9)
-        ax.axis("off")
-        bar = fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04)
-        bar.set_label(unit, fontsize=8)
-    if title:
-        fig.suptitle(title, fontsize=10)
-    fig.tight_layout()
+    fig = _figure(panels, display, title, affine)
     try:
         return _atomic_write(Path(path), lambda tmp: fig.savefig(tmp, dpi=100, format="png"))
     finally:
@@ -113,7 +199,8 @@ def batch_report(path: str | Path, rows: Sequence[dict[str, Any]], *, title: str
     rows : sequence of dict
         Summary rows with ``case_id``, ``status``, ``reason``, ``modality``, ``method``,
         ``psnr``, ``ssim``, ``wall_time_s`` and optional ``figure``, ``thumb``, ``std_thumb``
-        (absolute, or relative to the report's folder).
+        (absolute, or relative to the report's folder) and ``warnings`` (list of one-line
+        texts, listed under "Warnings").
     """
     out = Path(path)
 
@@ -140,14 +227,21 @@ def batch_report(path: str | Path, rows: Sequence[dict[str, Any]], *, title: str
     ]
     if failed:
         lines.append("<h2>Failed cases</h2><ul>")
-        lines += [f"<li><b>{html.escape(str(r['case_id']))}</b>: {html.escape(str(r.get('reason', '')))}</li>"
-                  for r in failed]
+        lines += [f"<li><b>{html.escape(str(r['case_id']))}</b> ({html.escape(str(r.get('input') or ''))}): "
+                  f"{html.escape(str(r.get('reason', '')))}</li>" for r in failed]
         lines.append("</ul>")
-    lines.append("<h2>Cases</h2><table><tr><th>case</th><th>status</th><th>modality</th><th>method</th>"
+    warned = [(r, w) for r in rows for w in (r.get("warnings") or [])]
+    if warned:  # settings ignored, geometry the outputs cannot hold, a failing method, ...
+        lines.append("<h2>Warnings</h2><ul>")
+        lines += [f"<li><b>{html.escape(str(r['case_id']))}</b>: {html.escape(str(w))}</li>" for r, w in warned]
+        lines.append("</ul>")
+    lines.append("<h2>Cases</h2><table><tr><th>case</th><th>input</th><th>status</th><th>modality</th><th>method</th>"
                  "<th>PSNR (dB)</th><th>SSIM</th><th>time (s)</th><th>reconstruction</th>"
                  "<th>uncertainty</th><th>figure</th></tr>")
     for r in rows:
         cells = [html.escape(str(r.get("case_id", ""))),
+                 html.escape(str(r.get("input") or "")) + (f"<br><small>{html.escape(str(r['description']))}</small>"
+                                                           if r.get("description") else ""),
                  html.escape(str(r.get("status", ""))) + (" (reused)" if r.get("reused") else ""),
                  html.escape(str(r.get("modality", ""))), html.escape(str(r.get("method", ""))),
                  num(r.get("psnr"), ".2f"), num(r.get("ssim"), ".3f"), num(r.get("wall_time_s"), ".1f")]

@@ -56,16 +56,17 @@ def test_unknown_method_or_setting_is_named():
 def test_cli_reconstruct_bundled_sample(tmp_path, capsys):
     rc = main(["reconstruct", "--modality", "ct", "--views", "23", "--iters", "5", "--out", str(tmp_path)])
     assert rc == 0
-    record = json.loads((tmp_path / "bundled-ct_tv.json").read_text())
+    record = json.loads((tmp_path / "bundled-ct_tv_23v.json").read_text())
     assert record["metrics"]["psnr"] > record["metrics"]["psnr_initial"] - 1
-    assert (tmp_path / "bundled-ct_tv.nii.gz").stat().st_size > 0
-    assert (tmp_path / "bundled-ct_tv.png").read_bytes()[:4] == b"\x89PNG"
-    # refuses to overwrite, exit 2 with a one-line message
-    rc = main(["reconstruct", "--modality", "ct", "--views", "23", "--method", "fbp", "--out", str(tmp_path)])
-    assert rc == 0
-    rc = main(["reconstruct", "--modality", "ct", "--views", "23", "--method", "fbp", "--out", str(tmp_path)])
+    assert (tmp_path / "bundled-ct_tv_23v.nii.gz").stat().st_size > 0
+    assert (tmp_path / "bundled-ct_tv_23v.png").read_bytes()[:4] == b"\x89PNG"
+    # the same command again never overwrites: it takes the next free name and says so
+    assert main(["reconstruct", "--modality", "ct", "--views", "23", "--method", "fbp", "--out", str(tmp_path)]) == 0
+    capsys.readouterr()
+    assert main(["reconstruct", "--modality", "ct", "--views", "23", "--method", "fbp", "--out", str(tmp_path)]) == 0
     err = capsys.readouterr().err
-    assert rc == 2 and "exists" in err and err.count("\n") == 1
+    assert "bundled-ct_fbp_23v-2" in err and err.count("\n") == 1
+    assert (tmp_path / "bundled-ct_fbp_23v.json").exists() and (tmp_path / "bundled-ct_fbp_23v-2.json").exists()
 
 
 def test_cli_mri_and_limited_angle(tmp_path):
@@ -73,7 +74,7 @@ def test_cli_mri_and_limited_angle(tmp_path):
                  "--out", str(tmp_path)]) == 0
     assert main(["reconstruct", "--modality", "ct", "--limited-angle", "90", "--method", "fbp",
                  "--out", str(tmp_path), "--case-id", "la"]) == 0
-    assert (tmp_path / "la_fbp.json").exists()
+    assert (tmp_path / "la_fbp_la90.json").exists()
 
 
 def test_cli_bad_input_exit_2_without_traceback(tmp_path):

@@ -118,7 +118,7 @@ def test_cg_stops_at_rounding_level_on_a_singular_system(dtype):
     """A projection (eigenvalues 0 and 1) is solved in one step; afterwards the residual is
     rounding noise partly in the null space, where a naive CG divides by a zero curvature and
     blows up.  The solver must stay at the solution for any number of iterations."""
-    from medrecon.solvers.cg import conjugate_gradient
+    from medrecon.linalg import conjugate_gradient
 
     g = torch.Generator().manual_seed(0)
     keep = (torch.rand(1, 1, 16, 16, generator=g) > 0.5).to(dtype)

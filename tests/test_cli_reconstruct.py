@@ -48,11 +48,11 @@ def test_bundled_sample_fbp(tmp_path, capsys):
     assert main(["reconstruct", "--modality", "ct", "--views", "23", "--method", "fbp", "--out", str(tmp_path)]) == 0
     out = capsys.readouterr().out
     assert out.startswith("bundled-ct: fbp on CT parallel beam, 23 views") and "PSNR" in out
-    rec = json.loads((tmp_path / "bundled-ct_fbp.json").read_text())
+    rec = json.loads((tmp_path / "bundled-ct_fbp_23v.json").read_text())
     assert rec["case_id"] == "bundled-ct" and rec["device"] == "cpu"
     assert rec["metrics"]["psnr"] > 20 and rec["seed"] != 0  # derived from run seed + case ID
-    assert load_nifti(tmp_path / "bundled-ct_fbp.nii.gz").shape == (1, 128, 128)
-    assert (tmp_path / "bundled-ct_fbp.png").read_bytes()[:4] == b"\x89PNG"
+    assert load_nifti(tmp_path / "bundled-ct_fbp_23v.nii.gz").shape == (1, 128, 128)
+    assert (tmp_path / "bundled-ct_fbp_23v.png").read_bytes()[:4] == b"\x89PNG"
 
 
 def test_fan_beam_angles_and_limited_angle(tmp_path):
@@ -60,10 +60,11 @@ def test_fan_beam_angles_and_limited_angle(tmp_path):
     assert main([*base, "--geometry", "fan", "--views", "60", "--case-id", "fan"]) == 0
     assert main([*base, "--angles", "0,30,60,90,120,150", "--case-id", "ang"]) == 0
     assert main([*base, "--geometry", "fan", "--limited-angle", "200", "--case-id", "fla"]) == 0
-    fan = json.loads((tmp_path / "fan_fbp.json").read_text())
+    fan = json.loads((tmp_path / "fan_fbp_fan60v.json").read_text())
     assert fan["problem"] == "CT fan beam, 60 views" and fan["shape"] == [1, 64, 64]
-    assert json.loads((tmp_path / "ang_fbp.json").read_text())["problem"].endswith("6 views")
-    assert fan["metrics"]["psnr"] > json.loads((tmp_path / "ang_fbp.json").read_text())["metrics"]["psnr"]
+    assert json.loads((tmp_path / "ang_fbp_6angles.json").read_text())["problem"].endswith("6 views")
+    assert json.loads((tmp_path / "fla_fbp_fanla200.json").read_text())["problem"].endswith("limited angle")
+    assert fan["metrics"]["psnr"] > json.loads((tmp_path / "ang_fbp_6angles.json").read_text())["metrics"]["psnr"]
 
 
 def test_prospective_sinogram_with_reference(tmp_path):
@@ -97,7 +98,7 @@ def test_retrospective_mri_single_coil(tmp_path):
     assert main(["reconstruct", "--modality", "mri", "--input", str(img), "--method", "zero-filled",
                  "--acceleration", "2", "--mask", "random", "--out", str(tmp_path / "o"), "--case-id", "m",
                  "--slices", "1"]) == 0
-    rec = json.loads((tmp_path / "o" / "m_zero-filled.json").read_text())
+    rec = json.loads((tmp_path / "o" / "m_zero-filled_R2-random.json").read_text())
     assert rec["shape"] == [1, 48, 48] and rec["metrics"]["psnr"] > 15
 
 
@@ -122,9 +123,10 @@ def test_diffusion_settings_pass_through_and_uncertainty(tmp_path, monkeypatch):
     argv = ["reconstruct", "--modality", "ct", "--views", "23", "--method", "song", "--prior", "ct-256",
             "--samples", "3", "--steps", "5", "--out", str(out), "--downsample", "2"]
     assert main(argv) == 0
-    assert {k: seen[k] for k in ("prior", "n_samples", "steps")} == {"prior": "ct-256", "n_samples": 3, "steps": 5}
-    assert load_nifti(out / "bundled-ct_song_std.nii.gz").array.mean() > 0
-    rec = json.loads((out / "bundled-ct_song.json").read_text())
+    assert {k: seen[k] for k in ("n_samples", "steps")} == {"n_samples": 3, "steps": 5}
+    assert getattr(seen["prior"], "name", seen["prior"]) == "ct-256"  # loaded once, timed, then passed
+    assert load_nifti(out / "bundled-ct_song_23v_std.nii.gz").array.mean() > 0
+    rec = json.loads((out / "bundled-ct_song_23v.json").read_text())
     assert "coverage_2sigma" in rec["metrics"]
     monkeypatch.setattr(medrecon.api, "reconstruct", real)
 
@@ -157,12 +159,12 @@ def test_evaluate_simulate_info_tune_priors(tmp_path, capsys):
     assert main(["reconstruct", "--modality", "ct", "--input", str(img), "--method", "fbp", "--views", "30",
                  "--out", str(tmp_path / "o"), "--case-id", "e"]) == 0
     capsys.readouterr()
-    assert main(["evaluate", str(tmp_path / "o" / "e_fbp.nii.gz"), "--reference", str(img),
+    assert main(["evaluate", str(tmp_path / "o" / "e_fbp_30v.nii.gz"), "--reference", str(img),
                  "--json", str(tmp_path / "m.json")]) == 0
     metrics = json.loads(capsys.readouterr().out)
     assert metrics["psnr"] > 20 and json.loads((tmp_path / "m.json").read_text())["metrics"] == metrics
     other = _phantom(tmp_path / "other.nii.gz", n=32)
-    assert main(["evaluate", str(tmp_path / "o" / "e_fbp.nii.gz"), "--reference", str(other)]) == 2
+    assert main(["evaluate", str(tmp_path / "o" / "e_fbp_30v.nii.gz"), "--reference", str(other)]) == 2
     assert "differs from the reference" in _err_line(capsys)
     assert main(["info"]) == 0
     out = capsys.readouterr().out
@@ -180,15 +182,15 @@ def test_real_dicom_series_to_dicom(tmp_path):
     out = tmp_path / "o"
     assert main(["reconstruct", "--modality", "ct", "--input", str(series), "--slices", "9:11", "--downsample", "4",
                  "--views", "60", "--method", "fbp", "--format", "dicom", "--out", str(out)]) == 0
-    (record,) = out.glob("case-*_fbp.json")
+    (record,) = out.glob("case-*_fbp_60v.json")
     rec = json.loads(record.read_text())
     assert rec["shape"] == [2, 128, 128] and rec["metrics"]["psnr"] > 25
     assert "totalseg" not in record.read_text()  # case IDs, not input names
-    files = sorted((out / f"{rec['case_id']}_fbp_dicom").iterdir())
+    files = sorted((out / f"{rec['case_id']}_fbp_60v_dicom").iterdir())
     assert len(files) == 2
     from medrecon.datasets import load_dicom_series
 
-    back = load_dicom_series(out / f"{rec['case_id']}_fbp_dicom")
+    back = load_dicom_series(out / f"{rec['case_id']}_fbp_60v_dicom")
     assert back.shape == (2, 128, 128) and back.modality == "CT"
 
 
@@ -201,9 +203,9 @@ def test_diffusion_method_end_to_end_tiny_steps(tmp_path):
     out = tmp_path / "o"
     assert main(["reconstruct", "--modality", "ct", "--views", "23", "--method", "ccdf", "--samples", "2",
                  "--steps", "2", "--downsample", "2", "--out", str(out), "--case-id", "d"]) == 0
-    rec = json.loads((out / "d_ccdf.json").read_text())
+    rec = json.loads((out / "d_ccdf_23v.json").read_text())
     assert rec["info"]["nfe"] > 0 and "coverage_2sigma" in rec["metrics"]
-    assert load_nifti(out / "d_ccdf_std.nii.gz").array.max() > 0
+    assert load_nifti(out / "d_ccdf_23v_std.nii.gz").array.max() > 0
 
 
 @pytest.mark.parametrize("method", ["ccdf", "song"])
@@ -218,11 +220,11 @@ def test_mri_diffusion_end_to_end_with_the_shipped_prior(tmp_path, method):
     out = tmp_path / "o"
     assert main(["reconstruct", "--modality", "mri", "--input", str(img), "--method", method, "--acceleration", "4",
                  "--samples", "2", "--steps", "4", "--out", str(out), "--case-id", "m"]) == 0
-    rec = json.loads((out / f"m_{method}.json").read_text())
+    rec = json.loads((out / f"m_{method}_R4-equispaced.json").read_text())
     assert rec["info"]["nfe"] > 0 and rec["info"]["data_residual"] < 1e-3
-    std = load_nifti(out / f"m_{method}_std.nii.gz").array
+    std = load_nifti(out / f"m_{method}_R4-equispaced_std.nii.gz").array
     assert np.isfinite(std).all() and std.max() > 0
-    assert np.isfinite(load_nifti(out / f"m_{method}.nii.gz").array).all()
+    assert np.isfinite(load_nifti(out / f"m_{method}_R4-equispaced.nii.gz").array).all()
 
 
 def test_mbir3d_volume_from_and_to_nifti_keeps_geometry(tmp_path):
@@ -238,10 +240,10 @@ def test_mbir3d_volume_from_and_to_nifti_keeps_geometry(tmp_path):
     assert main(["reconstruct", "--modality", "ct", "--input", str(src), "--views", "8", "--method", "mbir3d",
                  "--samples", "2", "--steps", "10", "--out", str(out), "--case-id", "v"]) == 0
     vin = load_nifti(src)
-    rec, std = load_nifti(out / "v_mbir3d.nii.gz"), load_nifti(out / "v_mbir3d_std.nii.gz")
+    rec, std = load_nifti(out / "v_mbir3d_8v.nii.gz"), load_nifti(out / "v_mbir3d_8v_std.nii.gz")
     for vol in (rec, std):
         assert vol.shape == vin.shape
         np.testing.assert_allclose(vol.affine, vin.affine, atol=1e-5)
     assert np.isfinite(rec.array).all() and std.array.max() > 0
-    record = json.loads((out / "v_mbir3d.json").read_text())
+    record = json.loads((out / "v_mbir3d_8v.json").read_text())
     assert record["info"]["method"] == "mbir3d" and record["metrics"]["psnr"] > 0

@@ -107,7 +107,7 @@ def test_batch_pacs_to_pacs(pacs, protocol, capsys, tmp_path):
     series = {s["uid"]: s for s in pacs.series_in_study(study_uid)}
     derived = [s for uid, s in series.items() if uid != series_uid]
     assert len(derived) == 1 and derived[0]["n_instances"] == 3
-    assert derived[0]["description"] == "medrecon fbp prior=none reconstruction"
+    assert derived[0]["description"] == "medrecon fbp SIMULATED prior=none reconstruction 12 views"
     rec = json.loads(report.read_text())
     assert rec["n_ok"] == 1 and rec["cases"][0]["status"] == "stored"
     assert rec["cases"][0]["derived"]["reconstruction"] == derived[0]["uid"]
@@ -158,7 +158,8 @@ def test_batch_with_a_prior_writes_reconstruction_and_uncertainty_series(pacs, c
     assert pacs_main(args) == 0
     capsys.readouterr()
     derived = {s["description"]: s for s in pacs.series_in_study(study_uid) if s["uid"] != series_uid}
-    assert set(derived) == {"medrecon ccdf prior=ct-256 reconstruction", "medrecon ccdf prior=ct-256 uncertainty (std)"}
+    assert set(derived) == {"medrecon ccdf SIMULATED prior=ct-256 reconstruction 12 views",
+                            "medrecon ccdf SIMULATED prior=ct-256 uncertainty (std) 12 views"}
     assert all(s["n_instances"] == 3 for s in derived.values())
     assert pacs_main(args) == 0  # a re-run stores nothing twice
     after = {s["uid"]: s["n_instances"] for s in pacs.series_in_study(study_uid)}
@@ -177,7 +178,7 @@ def test_medrecon_batch_from_pacs_to_pacs(pacs, capsys, tmp_path):
     out = capsys.readouterr().out
     assert "1 series done, 0 failed" in out and series_uid not in out
     derived = [s for s in pacs.series_in_study(study_uid) if s["uid"] != series_uid]
-    assert len(derived) == 1 and derived[0]["description"] == "medrecon fbp prior=none reconstruction"
+    assert len(derived) == 1 and derived[0]["description"] == "medrecon fbp SIMULATED prior=none reconstruction 12 views"
     rep = json.loads((tmp_path / "run" / "pacs-report.json").read_text())
     assert rep["n_ok"] == 1
 

@@ -202,3 +202,98 @@ def test_dask_joins_an_existing_scheduler(tmp_path):
     with pytest.raises(SettingsError, match="cannot connect"):
         run_batch(BatchConfig(str(manifest), str(tmp_path / "out2"), ReconstructConfig(views=16),
                               scheduler="tcp://127.0.0.1:9"))
+
+
+# ------------------------------------------------------------------ folder mode (issue 24, item 6)
+def _dicom_series(folder: Path, seed: int, *, uid: bool = True, description: str = "", n: int = 3) -> Path:
+    """A small CT series written by medrecon, then edited like an anonymised export."""
+    import pydicom
+
+    from medrecon.datasets import save_dicom_series
+
+    rng = np.random.default_rng(seed)
+    arr = rng.normal(0, 50, (n, 24, 24)).astype(np.float32)
+    save_dicom_series(Volume(arr, np.diag([1.0, 1.0, 2.0, 1.0]), "CT", {"dicom": {"PatientID": f"P{seed}"}}),
+                      folder, method="fixture")
+    for f in sorted(folder.iterdir()):
+        ds = pydicom.dcmread(f)
+        ds.SeriesDescription = description
+        if not uid:
+            del ds.SeriesInstanceUID
+        ds.save_as(f)
+    return folder
+
+
+def _tree(tmp_path: Path) -> Path:
+    src = tmp_path / "Doe_Jane_export"  # a batch folder named like a patient: only relative paths are shown
+    _dicom_series(src / "with_uid", 1, description="T1 axial")
+    _dicom_series(src / "anon_b", 2, uid=False, description="anon B")
+    _dicom_series(src / "anon_b" / "nested", 3, uid=False, description="anon B nested")
+    _dicom_series(src / "anon_c", 4, uid=False)
+    _dicom_series(tmp_path / "elsewhere" / "linked", 5, description="linked series")
+    (src / "link_to_series").symlink_to(tmp_path / "elsewhere" / "linked", target_is_directory=True)
+    (src / "anon_b" / "loop").symlink_to(src, target_is_directory=True)  # a link loop
+    _phantom(src / "image.nii.gz")
+    return src
+
+
+def test_folder_mode_groups_by_uid_or_folder_and_follows_links(tmp_path):
+    src = _tree(tmp_path)
+    specs = read_cases(src, ReconstructConfig(method="fbp"), tmp_path / "out")
+    by_label = {s.label: s for s in specs}
+    assert sorted(by_label) == ["anon_b", "anon_b/nested", "anon_c", "image.nii.gz", "link_to_series", "with_uid"]
+    assert len({s.case_id for s in specs}) == 6 and "series-e3b0c44298" not in {s.case_id for s in specs}
+    assert by_label["anon_b"].config.series_uid == "" and "grouped by folder" in by_label["anon_b"].description
+    assert "'anon B'" in by_label["anon_b"].description and "3 images" in by_label["anon_b"].description
+    assert "'T1 axial'" in by_label["with_uid"].description and by_label["with_uid"].config.series_uid
+    assert by_label["link_to_series"].config.input == str(src / "link_to_series")
+    assert by_label["image.nii.gz"].description == "NIfTI image"
+    # a batch output folder inside the source is not read back as input
+    res = run_batch(BatchConfig(str(src), str(src / "out"), ReconstructConfig(method="fbp", views=8)))
+    assert [r["status"] for r in res.rows] == ["done"] * 6, [r["reason"] for r in res.rows]
+    assert len(read_cases(src, ReconstructConfig(), src / "out")) == 6
+    for r in res.rows:  # every series gives its own 3 slices (no mixing of folders)
+        if r["input"] != "image.nii.gz":
+            assert load_nifti(src / "out" / "cases" / r["case_id"] / f"{r['case_id']}_fbp.nii.gz").shape == (3, 24, 24)
+    with open(src / "out" / "summary.csv") as fh:
+        rows = list(csv.DictReader(fh))
+    assert {r["input"] for r in rows} == set(by_label) and all(r["description"] for r in rows)
+    log = (src / "out" / "batch.log").read_text()
+    report = (src / "out" / "report.html").read_text()
+    for text in (log, report):
+        assert "anon_b/nested" in text and "anon B nested" in text and "Doe_Jane" not in text
+
+
+def test_failure_reasons_are_never_cut(tmp_path):
+    """A reason longer than 400 characters (a folder with many series) reaches the summary, log
+    and report whole."""
+    src = tmp_path / "in"
+    for i in range(6):
+        _dicom_series(src / "many" / f"s{i}", 10 + i, description=f"long series description {i} " * 2)
+    out = tmp_path / "out"
+    res = run_batch(BatchConfig(str(_manifest(src, [{"case_id": "many", "input": "many"}])), str(out),
+                                ReconstructConfig(method="fbp", views=8)))
+    reason = res.rows[0]["reason"]
+    assert res.rows[0]["status"] == "failed" and len(reason) > 400 and "holds 6 series" in reason
+    assert reason.rstrip(")").endswith("long series description 5 long series description 5'")
+    assert json.loads((out / "summary.json").read_text())["cases"][0]["reason"] == reason
+    with open(out / "summary.csv") as fh:
+        assert next(csv.DictReader(fh))["reason"] == reason
+    assert reason in (out / "batch.log").read_text()
+    import html
+
+    assert html.escape(reason) in (out / "report.html").read_text()
+
+
+def test_folder_with_a_broken_dicom_file_is_a_failed_case(tmp_path):
+    src = tmp_path / "in"
+    _dicom_series(src / "good", 1)
+    bad = _dicom_series(src / "bad", 2)
+    first = sorted(bad.iterdir())[0]
+    first.write_bytes(first.read_bytes()[:400])  # truncated inside its header
+    specs = read_cases(src, ReconstructConfig(), tmp_path / "out")
+    assert sorted(s.label for s in specs) == ["bad", "good"]
+    res = run_batch(BatchConfig(str(src), str(tmp_path / "out"), ReconstructConfig(method="fbp", views=8)))
+    status = {r["input"]: r for r in res.rows}
+    assert status["good"]["status"] == "done" and status["bad"]["status"] == "failed"
+    assert first.name in status["bad"]["reason"]

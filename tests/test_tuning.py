@@ -14,7 +14,9 @@ from medrecon.priors import ScorePrior, ScoreNet, ct_normaliser, network_spec
 from medrecon.priors.sde import VESDE
 from medrecon.solvers.analytic import GaussianPrior, periodic_rbf_covariance
 from medrecon.solvers.presets import run_diffusion
-from medrecon.solvers.tuning import operator_key, store_tuned_defaults, tune, tuned_defaults
+from medrecon.solvers.cards import operator_key
+from medrecon.solvers.presets import tuned_defaults
+from medrecon.tuning import store_tuned_defaults, tune
 
 N = 8
 
@@ -151,7 +153,7 @@ def test_calibration_of_an_exact_posterior_sampler(prior):
     ~24 independent images), and 40 sampler steps add a few per cent of bias."""
     from scipy.stats import t as student_t
 
-    from medrecon.solvers.tuning import calibrate
+    from medrecon.tuning import calibrate
 
     A = ParallelBeamCT.sparse_view(N, 4)
     hu = _hu(prior, 24, 3)
@@ -170,7 +172,8 @@ def test_calibration_is_stored_and_applied(tmp_path, prior):
     t-quantile ratio, and says what it did in info; calibrated=False gives the raw spread."""
     from scipy.stats import t as student_t
 
-    from medrecon.solvers.tuning import calibrate, std_scale, store_calibration
+    from medrecon.solvers.cards import std_scale
+    from medrecon.tuning import calibrate, store_calibration
 
     torch.manual_seed(0)
     net = ScoreNet(network_spec("tiny"), VESDE(0.01, 10.0))

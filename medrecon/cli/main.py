@@ -9,9 +9,12 @@ from __future__ import annotations
 
 import argparse
 import sys
+import warnings
 from collections.abc import Sequence
+from pathlib import Path
 
 from medrecon.cli import batch, evaluate, info, reconstruct, simulate, tune
+from medrecon.cli.options import WarningPrinter
 from medrecon.errors import MedreconError
 
 EXAMPLES = """examples:
@@ -59,6 +62,9 @@ def _delegate(command: str, rest: list[str]) -> int:
 
 def _one_line(err: BaseException) -> str:
     if isinstance(err, OSError) and err.filename:
+        path = Path(str(err.filename))
+        if path.name.startswith(".") or path.name.endswith(".tmp"):  # a writer's temporary file
+            return f"{path.parent}: cannot write into this folder ({err.strerror or err})"
         return f"{err.filename}: {err.strerror or err}"
     return " ".join(str(err).split())
 
@@ -69,13 +75,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     command = argv[0] if argv else None
     try:
-        if command in DELEGATED:
-            return _delegate(command, argv[1:])
-        a = parser.parse_args(argv)
-        if a.command is None:
-            parser.print_help()
-            return 2
-        return int(a.run(a))
+        with warnings.catch_warnings():
+            warnings.showwarning = WarningPrinter(command)  # one clean line per warning
+            if command in DELEGATED:
+                return _delegate(command, argv[1:])
+            a = parser.parse_args(argv)
+            if a.command is None:
+                parser.print_help()
+                return 2
+            return int(a.run(a))
     except MedreconError as err:
         print(f"medrecon {command}: error: {_one_line(err)}", file=sys.stderr)
         return 2

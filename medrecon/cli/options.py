@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from typing import Any
 
-__all__ = ["add_recon_options", "recon_settings", "show_progress"]
+__all__ = ["add_recon_options", "recon_settings", "show_progress", "WarningPrinter"]
 
 
 def _angles(text: str) -> tuple[float, ...]:
@@ -48,17 +49,21 @@ def add_recon_options(p: argparse.ArgumentParser, *, batch: bool = False) -> Non
     g.add_argument("--slices", help="only these slices: START:STOP or an index")
     g.add_argument("--downsample", type=int, default=1, help="in-plane block averaging of the input image")
     g.add_argument("--format", choices=["nifti", "dicom"], default="nifti", dest="output_format")
+    g.add_argument("--into-source-study", action="store_true",
+                   help="DICOM of a simulated (retrospective) run: put it into the input's study "
+                        "(default: a study of its own, labelled SIMULATED)")
     if not batch:
         g.add_argument("--series-uid", help="the DICOM series to use when the folder holds several")
         g.add_argument("--reference", help="measured data: reference image for metrics")
         g.add_argument("--case-id", help="ID used in file names and records (default: a hash of the input path)")
-        g.add_argument("--overwrite", action="store_true", help="replace existing outputs")
+        g.add_argument("--overwrite", action="store_true",
+                       help="replace outputs of the same name (default: the next free name, NAME-2, ...)")
 
 
 _FIELDS = ("views", "angles_deg", "limited_angle", "geometry", "source_to_isocenter_mm", "source_to_detector_mm",
            "image_size", "acceleration", "center_fraction", "mask", "method", "prior", "samples", "steps",
            "iters", "noise", "seed", "device", "mode", "slices", "downsample", "output_format",
-           "series_uid", "reference", "case_id", "overwrite")
+           "series_uid", "reference", "case_id", "overwrite", "into_source_study")
 
 
 def recon_settings(a: argparse.Namespace) -> dict[str, Any]:
@@ -69,5 +74,52 @@ def recon_settings(a: argparse.Namespace) -> dict[str, Any]:
 
 
 def show_progress() -> bool:
-    """Progress bars when stderr is a terminal."""
-    return sys.stderr.isatty()
+    """Progress bars when stderr is a terminal.
+
+    A terminal that reports its size as 0 × 0 (a pseudo-terminal opened without a window size:
+    ``docker exec -t``, some IDE and remote shells) made tqdm hide every bar, since bar 0 is not
+    above screen row 0.  tqdm reads its ``TQDM_NROWS`` / ``TQDM_NCOLS`` defaults when it is
+    imported, which has happened by now; this command then gives tqdm's defaults 24 rows and
+    80 columns for this process (and the environment of its child processes).
+    """
+    if not sys.stderr.isatty():
+        return False
+    try:
+        cols, rows = os.get_terminal_size(sys.stderr.fileno())
+    except (OSError, ValueError):
+        cols = rows = 0
+    fallback = {k: v for k, v, size in (("nrows", 24, rows), ("ncols", 80, cols)) if size < 1}
+    if fallback:
+        import tqdm.std
+
+        init = vars(tqdm.std.tqdm).get("__init__")
+        keywords = getattr(init, "keywords", None)  # tqdm's env defaults: functools.partialmethod
+        for key, value in fallback.items():
+            os.environ.setdefault(f"TQDM_{key.upper()}", str(value))
+            if isinstance(keywords, dict):
+                keywords.setdefault(key, value)
+    return True
+
+
+class WarningPrinter:
+    """A ``warnings.showwarning`` that prints ``medrecon COMMAND: warning: TEXT``, one line, no source.
+
+    Each text is printed once; :attr:`printed` holds them, so that a command can print the
+    warnings of a result (``record["warnings"]``) that were not shown while it ran.
+    """
+
+    def __init__(self, command: str | None):
+        self.command = command
+        self.printed: list[str] = []
+
+    def line(self, text: str) -> None:
+        """Print ``text`` as one warning line, unless it was printed already."""
+        text = " ".join(str(text).split())
+        if text not in self.printed:
+            self.printed.append(text)
+            print(f"medrecon {self.command}: warning: {text}", file=sys.stderr)
+
+    def __call__(self, message, category, filename, lineno, file=None, line=None) -> None:  # noqa: ANN001
+        from medrecon.pipeline.case import warning_text
+
+        self.line(warning_text(message, category))

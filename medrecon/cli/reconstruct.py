@@ -17,8 +17,10 @@ EXAMPLES = """examples:
   medrecon reconstruct --modality mri --input ksp.cfl --method l1-wavelet --format dicom
   medrecon reconstruct --modality ct --method song --prior ct-256 --samples 4 --steps 100
 
-outputs (in --out): CASE_METHOD.nii.gz (or _dicom/), CASE_METHOD_std.nii.gz (uncertainty, diffusion
-methods), CASE_METHOD.png (figure) and CASE_METHOD.json (settings, metrics, timings).
+outputs (in --out), NAME = CASE_METHOD_SETTINGS (e.g. bundled-ct_tv_23v): NAME.nii.gz (or _dicom/),
+NAME_std.nii.gz (uncertainty, diffusion methods), NAME.png (figure) and NAME.json (settings,
+metrics, timings, warnings).  A name already in --out gets the next free suffix (NAME-2, ...);
+--overwrite replaces it instead.  Options that do nothing for the case are refused (exit 2).
 """
 
 
@@ -40,11 +42,29 @@ def add_parser(sub) -> None:
 
 
 def run(a: argparse.Namespace) -> int:
-    from medrecon.pipeline.case import ReconstructConfig, run_case
+    import sys
+    import warnings
+
+    from medrecon.cli.options import WarningPrinter
+    from medrecon.pipeline.case import ReconstructConfig, check_settings, free_stem, run_case, settings_stem
 
     cfg = ReconstructConfig(modality=a.modality, input=a.input, out=a.out, progress=show_progress(),
                             **recon_settings(a))
-    rec = run_case(cfg)
+    check_settings(cfg)  # refuse options that would do nothing (exit 2, one line)
+    stem = free_stem(cfg)
+
+    def note(text: str) -> None:
+        print(f"medrecon reconstruct: {text}", file=sys.stderr)
+
+    if stem != settings_stem(cfg):
+        note(f"{cfg.out} already holds outputs named {settings_stem(cfg)}; this run writes {stem}.* "
+             "(--overwrite replaces them instead)")
+    with warnings.catch_warnings():
+        printer = WarningPrinter("reconstruct")
+        warnings.showwarning = printer
+        rec = run_case(cfg, stem=stem, notify=note)
+        for text in rec.get("warnings", []):  # the method's own, not raised as Python warnings
+            printer.line(text)
     m = rec["metrics"]
     line = f"{rec['case_id']}: {cfg.method} on {rec['problem']}, {rec['info'].get('wall_time_s', 0):.1f} s"
     if "psnr" in m:

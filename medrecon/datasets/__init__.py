@@ -18,9 +18,11 @@ from medrecon.datasets.dicom import (
 from medrecon.datasets.dicom_write import save_dicom_series
 from medrecon.datasets.fastmri import load_fastmri, load_fastmri_reference, save_fastmri
 from medrecon.datasets.images import list_image_files, load_image, load_image_folder
+from medrecon.datasets.matlab import list_matlab_variables, load_matlab_kspace, save_matlab_kspace
 from medrecon.datasets.nifti import load_nifti, save_nifti, std_path
 from medrecon.datasets.sinogram import load_sinogram, save_sinogram, validate_geometry
-from medrecon.datasets.types import KSpace, Sinogram, Volume
+from medrecon.datasets.slices import slice_positions_lps, subset_volume
+from medrecon.datasets.types import GeometryWarning, KSpace, Sinogram, Volume
 
 __all__ = [
     "Volume",
@@ -31,6 +33,9 @@ __all__ = [
     "save_dicom_series",
     "SeriesInfo",
     "DicomGeometryWarning",
+    "GeometryWarning",
+    "subset_volume",
+    "slice_positions_lps",
     "load_nifti",
     "save_nifti",
     "std_path",
@@ -41,6 +46,11 @@ __all__ = [
     "write_cfl",
     "load_bart_kspace",
     "save_bart_kspace",
+    "load_matlab_kspace",
+    "save_matlab_kspace",
+    "list_matlab_variables",
+    "load_kspace",
+    "KSPACE_SUFFIXES",
     "load_sinogram",
     "save_sinogram",
     "validate_geometry",
@@ -51,8 +61,46 @@ __all__ = [
 ]
 
 
+#: file name endings of the k-space formats :func:`load_kspace` reads
+KSPACE_SUFFIXES = (".h5", ".hdf5", ".cfl", ".hdr", ".mat")
+
+
+def load_kspace(path: str, **kwargs: object) -> KSpace:
+    """Load k-space by the file's ending: fastMRI ``.h5`` / ``.hdf5``, BART ``.cfl`` / ``.hdr``,
+    MATLAB ``.mat`` (v7.3 or older).
+
+    Parameters
+    ----------
+    path : str
+        The file.
+    **kwargs
+        Passed to the reader (e.g. ``variable=`` / ``layout=`` for ``.mat``).
+
+    Raises
+    ------
+    InputError
+        Unreadable file, or an ending of no k-space format (the message lists the supported ones).
+    """
+    from pathlib import Path
+
+    from medrecon.errors import InputError
+
+    p = Path(path)
+    suffix = p.suffix.lower()
+    if suffix in (".h5", ".hdf5"):
+        return load_fastmri(p, **kwargs)  # type: ignore[arg-type]
+    if suffix in (".cfl", ".hdr"):
+        return load_bart_kspace(p, **kwargs)  # type: ignore[arg-type]
+    if suffix == ".mat":
+        return load_matlab_kspace(p, **kwargs)  # type: ignore[arg-type]
+    raise InputError(p, "not a k-space file; supported: fastMRI .h5/.hdf5, BART .cfl/.hdr, MATLAB .mat")
+
+
 def load_volume(path: str, **kwargs: object) -> Volume:
     """Load a Volume from a DICOM folder/file, a NIfTI file or an image folder, by looking at it.
+
+    ``series_uid=""`` picks the DICOM files without a SeriesInstanceUID directly in the folder
+    (not in sub-folders): batch folder mode groups such files by folder.
 
     Raises
     ------
@@ -64,6 +112,8 @@ def load_volume(path: str, **kwargs: object) -> Volume:
     from medrecon.errors import InputError
 
     p = Path(path)
+    if kwargs.get("series_uid") == "":
+        kwargs = {"recursive": False, **kwargs}
     name = p.name.lower()
     if name.endswith((".nii", ".nii.gz")):
         return load_nifti(p, **kwargs)  # type: ignore[arg-type]

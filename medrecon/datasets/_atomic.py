@@ -2,7 +2,13 @@
 
 Every medrecon writer goes through :func:`atomic_files` (one or several files, e.g. ``.cfl`` +
 ``.hdr``) or :func:`atomic_dir` (a DICOM series folder).  A failure anywhere leaves no partial
-output behind, and existing outputs are never replaced unless ``overwrite=True``.
+output behind, and existing outputs are never replaced unless ``overwrite=True``.  Writers that
+stream into an open file (JSON records, CSV / HTML summaries, figures) take their temporary file
+from :func:`open_temp`.
+
+Permissions: every file is created with mode ``0o666`` and every folder with ``0o777``, less the
+process umask, like ``open()`` and ``mkdir``.  (``tempfile.mkstemp`` would create ``0o600``
+files, which the rename then carries onto the output.)
 """
 
 from __future__ import annotations
@@ -16,12 +22,42 @@ from pathlib import Path
 
 from medrecon.errors import InputError
 
-__all__ = ["atomic_files", "atomic_dir", "check_writable"]
+__all__ = ["atomic_files", "atomic_dir", "check_writable", "open_temp"]
 
 
 def _suffix(path: Path) -> str:
     """Full suffix (``.nii.gz``, ``.h5``) so libraries that look at the extension still work."""
     return "".join(path.suffixes[-2:]) if path.name.endswith(".gz") else path.suffix
+
+
+def open_temp(folder: str | Path, suffix: str = ".tmp") -> tuple[int, str]:
+    """Create a new, hidden temporary file in ``folder`` whose mode follows the umask.
+
+    A drop-in for ``tempfile.mkstemp(dir=folder, suffix=suffix)`` for files that are renamed onto
+    an output: the file is created with ``0o666`` less the umask, as ``open()`` would, instead of
+    ``mkstemp``'s fixed ``0o600``.  Its name starts with ``.tmp-``, so leftovers of a killed run
+    are recognised (:func:`medrecon.pipeline.records.clean_partial`).
+
+    Parameters
+    ----------
+    folder : str or Path
+        Existing folder (the output's folder, so that the rename is atomic).
+    suffix : str
+        End of the name (e.g. ``".json.tmp"``).
+
+    Returns
+    -------
+    (int, str)
+        An open file descriptor (read-write) and the file's path, as ``mkstemp`` returns them.
+    """
+    flags = os.O_RDWR | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0)
+    for _ in range(100):
+        name = os.path.join(str(folder), f".tmp-{uuid.uuid4().hex[:12]}{suffix}")
+        try:
+            return os.open(name, flags, 0o666), name
+        except FileExistsError:
+            continue
+    raise FileExistsError(f"no free temporary name in {folder}")
 
 
 def _fsync(path: Path) -> None:

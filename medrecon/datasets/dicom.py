@@ -25,13 +25,14 @@ from __future__ import annotations
 import os
 import warnings
 from collections import Counter
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
 
-from medrecon.datasets.types import LPS_TO_RAS, Volume
+from medrecon.datasets.types import LPS_TO_RAS, GeometryWarning, Volume
 from medrecon.errors import InputError, SettingsError
 
 __all__ = ["DicomGeometryWarning", "SeriesInfo", "list_dicom_series", "load_dicom_series"]
@@ -82,7 +83,7 @@ COPY_TAGS = (
 )
 
 
-class DicomGeometryWarning(UserWarning):
+class DicomGeometryWarning(GeometryWarning):
     """Gantry tilt, uneven slice spacing or dropped duplicate slices (values in the message)."""
 
 
@@ -536,13 +537,15 @@ def _assemble(
     if not np.all(np.isfinite(array)):
         raise InputError(folder, "pixel values are not finite after rescaling")
     affine_lps = geometry["affine_lps"]
-    meta = {"source": str(folder), "dicom": {t: str(first.get(t, "")) for t in COPY_TAGS}}
+    copied = {t: first.get(t, None) for t in COPY_TAGS}  # an empty element reads as None
+    meta = {"source": str(folder), "dicom": {t: "" if v is None else str(v) for t, v in copied.items()}}
     meta["dicom"].update(
         slice_positions_lps=np.stack([s.position for s in slices]).tolist(),
         orientation_lps=slices[0].orientation.tolist(),
         pixel_spacing_mm=list(slices[0].spacing),
         slice_thickness_mm=slices[0].thickness,
         sop_instance_uids=[s.sop_uid for s in slices],
+        window=_voi_window(first),
         sop_class_uid=str(
             first.get("SOPClassUID", "") or getattr(first.file_meta, "MediaStorageSOPClassUID", "")
         ),
@@ -554,6 +557,19 @@ def _assemble(
     return Volume(
         array, LPS_TO_RAS @ affine_lps, modality if modality in ("CT", "MR") else "OT", meta
     )
+
+
+def _voi_window(ds: Any) -> list[float] | None:
+    """The first WindowCenter / WindowWidth pair (values after rescale), or None."""
+    try:
+        c, w = ds.get("WindowCenter"), ds.get("WindowWidth")
+        if c is None or w is None or c == "" or w == "":
+            return None
+        c, w = (v[0] if isinstance(v, Sequence) and not isinstance(v, str) else v for v in (c, w))
+        center, width = float(c), float(w)
+    except (TypeError, ValueError, IndexError):
+        return None
+    return [center, width] if np.isfinite(center) and np.isfinite(width) and width > 0 else None
 
 
 def _drop_duplicates(

@@ -7,17 +7,26 @@ stores the array transposed to ``(Z, Y, X)``, so ``volume.affine @ [x, y, z, 1]`
 sform when its code is non-zero, else the qform (nibabel's ``img.affine``).  The writer sets the
 sform (code 1, scanner) and also the qform when the affine has no shear.
 
+One affine places slices at equal steps.  When a volume's exact slice positions
+(``meta["dicom"]["slice_positions_lps"]``, e.g. an unevenly spaced DICOM series or a subset of one)
+are not on the affine's grid, the writer says so with a :class:`GeometryWarning` naming the file
+and the spacing spread, and stores the exact positions (RAS+ mm) in a JSON header extension
+(code 6, comment) that :func:`load_nifti` reads back.
+
 Uncertainty maps go beside the image as ``<name>_std.nii.gz`` (:func:`std_path`).
 """
 
 from __future__ import annotations
 
+import json
+import warnings
 from pathlib import Path
 
 import numpy as np
 
 from medrecon.datasets._atomic import atomic_files
-from medrecon.datasets.types import Volume
+from medrecon.datasets.slices import slice_positions_lps, uneven_spacing
+from medrecon.datasets.types import LPS_TO_RAS, GeometryWarning, Volume
 from medrecon.errors import InputError, ShapeError
 
 __all__ = ["load_nifti", "save_nifti", "std_path"]
@@ -81,6 +90,7 @@ def load_nifti(path: str | Path, *, modality: str | None = None) -> Volume:
         data = np.asarray(img.get_fdata(dtype=np.float32))
         affine = np.asarray(img.affine, dtype=np.float64)
         descrip = img.header.get("descrip")
+        extra = _read_extension(img)
     except InputError:
         raise
     except Exception as err:  # noqa: BLE001 - nibabel / gzip / numpy errors on broken files
@@ -102,9 +112,33 @@ def load_nifti(path: str | Path, *, modality: str | None = None) -> Volume:
             else ""
         )
         modality = text.split("modality=")[1].split()[0] if "modality=" in text else "OT"
-    return Volume(
-        np.ascontiguousarray(data.transpose(2, 1, 0)), affine, modality, {"source": str(p)}
-    )
+    meta: dict[str, object] = {"source": str(p)}
+    ras = extra.get("slice_positions_ras_mm")
+    if isinstance(ras, list) and len(ras) == data.shape[2]:
+        try:
+            lps = (np.asarray(ras, dtype=np.float64) * np.diag(LPS_TO_RAS)[:3]).tolist()
+        except (TypeError, ValueError):
+            lps = None
+        if lps is not None:
+            meta["dicom"] = {"slice_positions_lps": lps}
+    return Volume(np.ascontiguousarray(data.transpose(2, 1, 0)), affine, modality, meta)
+
+
+_EXTENSION_KEY = "medrecon"
+
+
+def _read_extension(img: object) -> dict:
+    """medrecon's JSON comment extension (``{"medrecon": {...}}``), or {}."""
+    for ext in getattr(img.header, "extensions", []):  # type: ignore[attr-defined]
+        if ext.get_code() != 6:
+            continue
+        try:
+            content = json.loads(bytes(ext.get_content()).rstrip(b"\0").decode("utf-8"))
+        except (ValueError, UnicodeDecodeError):
+            continue
+        if isinstance(content, dict) and isinstance(content.get(_EXTENSION_KEY), dict):
+            return content[_EXTENSION_KEY]
+    return {}
 
 
 def _raw_header(p: Path) -> object:
@@ -144,7 +178,7 @@ def _check_header(p: Path, hdr: object, ndim: int) -> None:
         )
 
 
-def _image(volume: Volume) -> object:
+def _image(volume: Volume, path: Path, simulated: str | None) -> object:
     import nibabel as nib
 
     arr = np.asarray(volume.array, dtype=np.float32)
@@ -159,7 +193,28 @@ def _image(volume: Volume) -> object:
         img.set_qform(volume.affine, code=1)
     else:
         img.set_qform(None, code=0)
-    img.header["descrip"] = f"medrecon modality={volume.modality}".encode()
+    descrip = f"medrecon modality={volume.modality}"
+    extra: dict[str, object] = {}
+    if simulated is not None:
+        descrip += f" SIMULATED {simulated}"
+        extra["simulated"] = f"reconstruction of a measurement simulated from images ({simulated})"
+    img.header["descrip"] = descrip.encode("ascii", "replace")[:79]
+    spread = uneven_spacing(volume)
+    if spread is not None:
+        pos, _ = slice_positions_lps(volume)
+        extra["slice_positions_ras_mm"] = (pos * np.diag(LPS_TO_RAS)[:3]).round(4).tolist()
+        warnings.warn(
+            f"{path}: unevenly spaced slices (gaps {spread['gap_min_mm']:.3f}-"
+            f"{spread['gap_max_mm']:.3f} mm); a NIfTI affine holds one step "
+            f"({spread['step_mm']:.3f} mm), so slices between the first and last are up to "
+            f"{spread['max_offset_mm']:.2f} mm from their true positions.  The exact positions are "
+            "in the file's header extension; DICOM output writes them per slice.",
+            GeometryWarning,
+            stacklevel=3,
+        )
+    if extra:
+        text = json.dumps({_EXTENSION_KEY: extra}).encode()
+        img.header.extensions.append(nib.nifti1.Nifti1Extension(6, text))
     return img
 
 
@@ -169,6 +224,7 @@ def save_nifti(
     *,
     std: Volume | np.ndarray | None = None,
     overwrite: bool = False,
+    simulated: str | None = None,
 ) -> list[Path]:
     """Write ``volume`` (and optionally its uncertainty map) as float32 NIfTI-1.
 
@@ -182,11 +238,20 @@ def save_nifti(
         Pixel-wise posterior standard deviation, written to :func:`std_path` with the same affine.
     overwrite : bool
         Replace existing files (otherwise :class:`InputError` before anything is written).
+    simulated : str, optional
+        The image is a reconstruction of a measurement simulated from images; this text names
+        the settings and goes into ``descrip`` (after ``SIMULATED``) and the header extension.
 
     Returns
     -------
     list of Path
         The written files.
+
+    Warns
+    -----
+    GeometryWarning
+        The exact slice positions are not on the affine's grid (uneven spacing); the message
+        names the file and the spacing spread.
     """
     import nibabel as nib
 
@@ -194,14 +259,16 @@ def save_nifti(
     targets = [p] if std is None else [p, std_path(p)]
     if std is None:
         std_path(p)  # validates the extension
-    images = [_image(volume)]
+    images = [_image(volume, p, simulated)]
     if std is not None:
         s = std.array if isinstance(std, Volume) else np.asarray(std)
         if s.shape != volume.shape:
             raise ShapeError(
                 f"save_nifti(): std must have the volume's shape {volume.shape}; got {s.shape}"
             )
-        images.append(_image(Volume(s, volume.affine, volume.modality)))
+        images.append(
+            _image(Volume(s, volume.affine, volume.modality, volume.meta), std_path(p), simulated)
+        )
     with atomic_files(targets, overwrite=overwrite) as temps:
         for img, tmp in zip(images, temps, strict=True):
             nib.save(img, tmp)

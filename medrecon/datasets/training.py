@@ -7,6 +7,13 @@ Flow::
     cache = SliceCache.build(splits["train"], cache_dir, normaliser=ct_normaliser(), size=(256, 256))
     ds = SliceDataset(cache, patch_size=64, flips=True, seed=0)           # torch Dataset
 
+The trainer of the shipped priors (:mod:`medrecon.priors.train`) reads ``.npz`` slice files
+instead and uses the pure helpers here: :func:`valid_boxes` (the region of real data in each
+slice: the ``valid_box`` of cropped series, else the whole slice), :func:`patch_origin`
+(a patch inside that region), :func:`dihedral` (flips and 90° rotations, applied alike to
+image and coordinate channels) and :func:`npz_source_info` (patients, slices, source and
+licence of a file, for the model card).
+
 Each source is decoded once, passed through the prior's normaliser (the HU window for CT;
 MRI: per-volume percentile scaling, :meth:`Normaliser.fit` on the whole volume), resized and
 stored as uint16 (prior space [0, 1] in 1/65535 steps) in one ``.npy`` file that is opened
@@ -31,7 +38,17 @@ from torch.utils.data import Dataset
 from medrecon.datasets._atomic import atomic_files
 from medrecon.errors import InputError, SettingsError
 
-__all__ = ["Source", "find_sources", "split_sources", "SliceCache", "SliceDataset"]
+__all__ = [
+    "Source",
+    "find_sources",
+    "split_sources",
+    "SliceCache",
+    "SliceDataset",
+    "valid_boxes",
+    "patch_origin",
+    "dihedral",
+    "npz_source_info",
+]
 
 
 @dataclass(frozen=True)
@@ -333,3 +350,159 @@ class SliceDataset(Dataset):
         if self.rot90:
             x = np.rot90(x, int(rng.integers(0, 4)))
         return torch.from_numpy(np.ascontiguousarray(x))[None]
+
+
+# --- helpers of the .npz trainer (medrecon.priors.train) --------------------------------------
+def valid_boxes(files: Any, n: int, shape: tuple[int, int], path: str | Path) -> np.ndarray:
+    """Region of real image data in each of the ``n`` slices of an ``.npz`` file.
+
+    Parameters
+    ----------
+    files : mapping
+        The opened ``.npz`` (anything with ``.files`` / ``in`` and ``[key]``).
+    n : int
+        Number of slices in its ``images``.
+    shape : (H, W)
+        Slice size.
+    path : str or Path
+        The file (named in errors).
+
+    Returns
+    -------
+    ndarray, shape (n, 4), int64
+        ``(row0, row1, col0, col1)``, half-open: rows ``row0 .. row1 - 1`` and columns
+        ``col0 .. col1 - 1`` are real data.  The key ``valid_box`` of cropped series (padded to
+        the canvas with -1024 HU, ``ct/extra/SOURCES.md``) when the file has one, else the whole
+        slice.
+
+    Raises
+    ------
+    InputError
+        ``valid_box`` is not ``(n, 4)`` or a box is empty or leaves the slice.
+    """
+    h, w = shape
+    keys = getattr(files, "files", files)
+    if "valid_box" not in keys:
+        return np.tile(np.array([0, h, 0, w], np.int64), (n, 1))
+    box = np.asarray(files["valid_box"])
+    if box.shape != (n, 4) or not np.issubdtype(box.dtype, np.integer):
+        raise InputError(
+            Path(path), f"'valid_box' must be ({n}, 4) integers (row0, row1, col0, col1); "
+            f"got {box.dtype} {box.shape}"
+        )
+    box = box.astype(np.int64)
+    bad = (box[:, 0] < 0) | (box[:, 1] > h) | (box[:, 0] >= box[:, 1]) | (box[:, 2] < 0) | (
+        box[:, 3] > w
+    ) | (box[:, 2] >= box[:, 3])
+    if bad.any():
+        i = int(np.flatnonzero(bad)[0])
+        raise InputError(
+            Path(path), f"'valid_box' row {i} = {box[i].tolist()} is empty or leaves the "
+            f"{h}x{w} slice"
+        )
+    return box
+
+
+def patch_origin(box: Any, size: int, u_row: int, u_col: int) -> tuple[int, int]:
+    """Top-left corner of a ``size`` x ``size`` patch inside ``box`` from two random integers.
+
+    Parameters
+    ----------
+    box : (row0, row1, col0, col1)
+        Half-open region (:func:`valid_boxes`); must hold the patch.
+    size : int
+    u_row, u_col : int
+        Non-negative random integers; the corner is ``row0 + u_row % (row1 - row0 - size + 1)``
+        (and alike for columns), so every position inside the box is possible and none outside.
+
+    Returns
+    -------
+    (top, left) : tuple of int
+
+    Raises
+    ------
+    SettingsError
+        The box is smaller than the patch.
+
+    Examples
+    --------
+    >>> patch_origin((27, 229, 29, 227), 64, 0, 10**9)
+    (27, 84)
+    """
+    r0, r1, c0, c1 = (int(v) for v in box)
+    if r1 - r0 < size or c1 - c0 < size:
+        raise SettingsError(
+            f"patch_origin: a {size}x{size} patch does not fit the box {[r0, r1, c0, c1]}"
+        )
+    return r0 + int(u_row) % (r1 - r0 - size + 1), c0 + int(u_col) % (c1 - c0 - size + 1)
+
+
+def dihedral(x: torch.Tensor, k: int, flip: bool) -> torch.Tensor:
+    """One of the 8 flips/rotations of the last two axes: ``torch.rot90`` by ``k`` quarter turns
+    (counter-clockwise as displayed: row 0 at the top), then, if ``flip``, a left-right flip.
+
+    Image and coordinate channels given the same ``(k, flip)`` move together: every pixel
+    keeps its values, coordinates included, and only its place changes.
+    """
+    x = torch.rot90(x, k=int(k) % 4, dims=(-2, -1))
+    return torch.flip(x, dims=(-1,)) if flip else x
+
+
+def _npz_shape(path: Path, key: str, opened: Any) -> tuple[int, ...]:
+    """Shape of ``key`` in an ``.npz`` from its ``.npy`` header alone (the members may be
+    bzip2-compressed: decompressing a 1,000-slice array only to count it takes seconds)."""
+    import zipfile
+
+    try:
+        with zipfile.ZipFile(path) as zf, zf.open(f"{key}.npy") as f:
+            version = np.lib.format.read_magic(f)
+            read = {
+                (1, 0): np.lib.format.read_array_header_1_0,
+                (2, 0): np.lib.format.read_array_header_2_0,
+            }.get(version)
+            if read is not None:
+                return tuple(read(f)[0])
+    except (OSError, KeyError, ValueError, zipfile.BadZipFile):
+        pass
+    return tuple(opened[key].shape)
+
+
+def npz_source_info(path: str | Path, *, name: str | None = None) -> dict[str, Any]:
+    """What a model card says about one training ``.npz``: slices, patients and, where the file
+    records them, its ``source``, ``collection`` and ``licence`` (as found) and whether it has
+    ``valid_box`` crops.  Patient IDs are counted, never listed.
+
+    Parameters
+    ----------
+    path : str or Path
+    name : str, optional
+        How the card names the file (default: its last two path parts, e.g. ``ct/train.npz``;
+        the trainer passes the path as configured, e.g. ``ct/extra/ibsi_sts_ct_crops.npz``).
+
+    Raises
+    ------
+    InputError
+        The file is missing or has no ``images``.
+    """
+    path = Path(path)
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            if "images" not in z.files:
+                raise InputError(path, f"no 'images' array (has {', '.join(z.files)})")
+            info: dict[str, Any] = {
+                "file": name or "/".join(path.parts[-2:]),
+                "slices": int(_npz_shape(path, "images", z)[0]),
+            }
+            if "patient_id" in z.files:
+                info["patients"] = int(np.unique(np.asarray(z["patient_id"]).astype(str)).size)
+            for key in ("source", "collection", "licence"):
+                if key in z.files:
+                    vals = sorted({str(v) for v in np.atleast_1d(z[key])})
+                    if len(vals) > 8:  # per-slice file paths: too many for a card
+                        info[key] = f"{len(vals)} distinct per-slice values (see the file)"
+                    else:
+                        info[key] = vals[0] if len(vals) == 1 else vals
+            info["valid_box"] = "valid_box" in z.files
+    except (OSError, ValueError) as err:
+        raise InputError(path, f"cannot read training data ({err})") from err
+    return info

@@ -28,10 +28,14 @@ import numpy as np
 
 from medrecon.errors import ShapeError
 
-__all__ = ["Volume", "KSpace", "Sinogram", "LPS_TO_RAS"]
+__all__ = ["Volume", "KSpace", "Sinogram", "LPS_TO_RAS", "GeometryWarning"]
 
 #: Multiply a DICOM LPS affine from the left by this to get a NIfTI RAS+ affine (and back).
 LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
+
+
+class GeometryWarning(UserWarning):
+    """Geometry that a file format cannot hold exactly (values in the message)."""
 
 
 def _check_affine(affine: Any, where: str) -> np.ndarray:

@@ -361,7 +361,7 @@ class SamplingOperator(LinearOperator):
         y_hat = self._check(y_hat, self.out_shape, self.out_complex, "data_consistency")
         r = y_hat - self.forward(x)
         if exact:
-            from medrecon.solvers.cg import conjugate_gradient  # solvers build on operators
+            from medrecon.linalg import conjugate_gradient
 
             upd = conjugate_gradient(self._normal, self._adjoint(r), iters=cg_iters, tol=1e-10)
         else:

@@ -43,6 +43,8 @@ __all__ = [
     "fbp_filter",
     "view_weights",
     "ray_matrix",
+    "projector_nnz",
+    "projector_memory_bytes",
 ]
 
 FBP_FILTERS = ("ramp", "shepp-logan", "cosine", "hamming", "hann")
@@ -117,6 +119,61 @@ def ray_matrix(
     m.indices = m.indices.astype(np.int32)
     m.indptr = m.indptr.astype(np.int32)
     return m.astype(np.float32)
+
+
+#: non-zeros of the forward matrix per view, over bins × max(H, W): measured 1.49-1.56 for
+#: parallel and fan beam on 64²-512² grids (a ray crosses about max(H, W) pixel columns and the
+#: bilinear weights touch about 1.5 pixels per step)
+_FORWARD_NNZ_PER_BIN_PIXEL = 1.6
+#: non-zeros of the FBP back-projection matrix per view, over H·W (two detector bins per pixel)
+_BACKPROJECTOR_NNZ_PER_PIXEL = 2.0
+#: peak resident bytes per non-zero while the matrices are built and used: the forward matrix is
+#: assembled in float64 / int64 blocks, stacked, cast to float32 / int32 and transposed; the
+#: back-projector likewise without the transpose (measured peak RSS of building both and running
+#: FBP and TV: 1.8 GB at 128², 1000 views; 3.7 GB at 256², 500 views; 2.0 GB at 64², 4000 views)
+_BYTES_PER_FORWARD_NNZ = 40
+_BYTES_PER_BACKPROJECTOR_NNZ = 16
+
+
+def projector_nnz(image_shape: tuple[int, int], n_views: int, n_bins: int) -> tuple[int, int]:
+    """Estimated non-zeros of the forward and the FBP back-projection matrices of a CT geometry.
+
+    Parameters
+    ----------
+    image_shape : (H, W)
+        Reconstruction grid in pixels.
+    n_views : int
+        Views whose matrices are built (measured views, plus the full set when a method uses it).
+    n_bins : int
+        Detector bins per view.
+
+    Returns
+    -------
+    (int, int)
+        Forward ``≈ 1.6 · views · bins · max(H, W)`` and back-projector ``≈ 2 · views · H · W``.
+    """
+    h, w = (int(v) for v in image_shape)
+    forward = _FORWARD_NNZ_PER_BIN_PIXEL * n_views * n_bins * max(h, w)
+    back = _BACKPROJECTOR_NNZ_PER_PIXEL * n_views * h * w
+    return int(math.ceil(forward)), int(math.ceil(back))
+
+
+def projector_memory_bytes(image_shape: tuple[int, int], n_views: int, n_bins: int) -> int:
+    """Estimated peak memory (bytes) of building and using a CT projector's sparse matrices.
+
+    The forward matrix, its stored transpose and the FBP back-projector of
+    :class:`ParallelBeamCT` / :class:`FanBeamCT` (:func:`projector_nnz` non-zeros; about 40 bytes
+    per forward and 16 per back-projector non-zero at the peak of building them).  Measured
+    within 15 % of the peak resident memory on 64²-256² grids with 500-4000 views.  A pure
+    function: nothing is built.
+
+    Examples
+    --------
+    >>> round(projector_memory_bytes((128, 128), 1000, 182) / 2**30, 1)  # GiB
+    1.9
+    """
+    forward, back = projector_nnz(image_shape, n_views, n_bins)
+    return forward * _BYTES_PER_FORWARD_NNZ + back * _BYTES_PER_BACKPROJECTOR_NNZ
 
 
 def fbp_filter(n_bins: int, name: str = "ramp", kernel: np.ndarray | None = None) -> np.ndarray:

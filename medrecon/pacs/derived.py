@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from medrecon.datasets import Volume, save_dicom_series
+from medrecon.datasets.dicom_write import fit_lo
 from medrecon.errors import InputError
 
 __all__ = ["settings_key", "derived_series_uid", "derived_sop_uid", "derived_description",
@@ -46,17 +47,22 @@ def derived_sop_uid(series_uid: str, index: int) -> str:
     return str(generate_uid(entropy_srcs=[_VERSION, series_uid, str(index)]))
 
 
-def derived_description(method: str, prior: str | None, kind: str = "reconstruction") -> str:
-    """SeriesDescription (≤ 64 characters) naming the method and the prior."""
-    text = f"medrecon {method} prior={prior or 'none'}"
+def derived_description(method: str, prior: str | None, kind: str = "reconstruction",
+                        simulated: str | None = None) -> str:
+    """SeriesDescription (≤ 64 characters) naming the method and the prior, and ``SIMULATED``
+    (right after the method, so it is never cut off) with the settings for a simulated measurement."""
+    text = f"medrecon {method}" + (" SIMULATED" if simulated else "") + f" prior={prior or 'none'}"
     text += " uncertainty (std)" if kind == "uncertainty" else " reconstruction"
-    return text[:64]
+    if simulated:
+        text += f" {simulated}"
+    return fit_lo(text)
 
 
 def write_derived_series(
     volume: Volume, folder: str | Path, *, input_series_uid: str, method: str,
     settings: Mapping[str, Any], prior: str | None = None,
     kind: Literal["reconstruction", "uncertainty"] = "reconstruction",
+    simulated: str | None = None,
 ) -> tuple[str, list[Path]]:
     """Write ``volume`` as a derived series into ``folder`` (which must not exist) with
     deterministic Series/SOP Instance UIDs; returns ``(series_uid, files)``.
@@ -64,6 +70,10 @@ def write_derived_series(
     The patient and study modules come from ``volume.meta["dicom"]`` (as
     :func:`medrecon.datasets.load_dicom_series` leaves them), so the series joins the original
     study; ImageType is ``DERIVED\\SECONDARY`` (see :func:`medrecon.datasets.save_dicom_series`).
+    ``simulated`` (the settings of a measurement simulated from the images, see
+    :func:`medrecon.pipeline.outputs.describe_simulation`) labels the series ``SIMULATED`` in
+    SeriesDescription, DerivationDescription and ImageComments.  The series goes into the input's
+    study even then: this is the PACS workflow's stated purpose (results beside the original).
     """
     import pydicom
 
@@ -74,8 +84,9 @@ def write_derived_series(
     staging = folder.with_name(folder.name + ".partial")
     if staging.exists():
         shutil.rmtree(staging)
-    files = save_dicom_series(volume, staging, method=method, kind=kind)
-    description = derived_description(method, prior, kind)
+    files = save_dicom_series(volume, staging, method=method, kind=kind, simulated=simulated,
+                              source_study=True)
+    description = derived_description(method, prior, kind, simulated)
     for k, f in enumerate(files):
         f = staging / f.name
         ds = pydicom.dcmread(f)
@@ -83,7 +94,8 @@ def write_derived_series(
         ds.SeriesInstanceUID, ds.SOPInstanceUID = series_uid, sop
         ds.file_meta.MediaStorageSOPInstanceUID = sop
         ds.SeriesDescription = description
-        ds.DerivationDescription = (f"{description}; settings {settings_key(method, settings)}")[:1024]
+        what = ds.DerivationDescription if simulated else description  # the writer's SIMULATED text
+        ds.DerivationDescription = (f"{what}; settings {settings_key(method, settings)}")[:1024]
         tmp = f.with_suffix(".tmp")
         ds.save_as(tmp, enforce_file_format=True)
         os.replace(tmp, f)

@@ -31,6 +31,7 @@ from typing import Any
 
 import numpy as np
 
+from medrecon.datasets._atomic import open_temp
 from medrecon.errors import InputError, MedreconError, SettingsError
 from medrecon.pacs._errors import PacsRequestError
 from medrecon.pacs.client import PacsClient, SeriesRef, check_uploadable, open_pacs, series_case_id
@@ -208,38 +209,23 @@ def push_folder(url: str, folder: str | Path, *, credentials: Credentials | None
 
 # ------------------------------------------------------------------------------ reconstruction
 def _shrink(vol: Any, max_size: int | None, max_slices: int | None) -> Any:
-    """Central ``max_slices`` slices and in-plane block averaging to ≤ ``max_size`` (affine kept exact)."""
-    from medrecon.datasets import Volume
+    """Central ``max_slices`` slices and in-plane block averaging to ≤ ``max_size``; every slice
+    keeps its exact position (:func:`medrecon.datasets.subset_volume`)."""
+    from medrecon.datasets import subset_volume
 
-    arr, aff = np.asarray(vol.array, dtype=np.float32), np.array(vol.affine, dtype=np.float64)
-    meta = {k: (dict(v) if isinstance(v, dict) else v) for k, v in vol.meta.items()}
-    dic = meta.get("dicom", {})
-    z0 = 0
-    if max_slices is not None and arr.shape[0] > max_slices:
+    nz = vol.shape[0]
+    z0, z1 = 0, nz
+    if max_slices is not None and nz > max_slices:
         if max_slices < 1:
             raise SettingsError(f"max_slices must be >= 1, got {max_slices}")
-        z0 = (arr.shape[0] - max_slices) // 2
-        arr = arr[z0:z0 + max_slices]
-        for key in ("slice_positions_lps", "sop_instance_uids"):
-            if isinstance(dic.get(key), list):
-                dic[key] = dic[key][z0:z0 + max_slices]
+        z0 = (nz - max_slices) // 2
+        z1 = z0 + max_slices
     f = 1
     if max_size is not None:
         if max_size < 8:
             raise SettingsError(f"max_size must be >= 8, got {max_size}")
-        f = max(1, math.ceil(max(arr.shape[1:]) / max_size))
-    if f > 1:
-        h, w = (arr.shape[1] // f) * f, (arr.shape[2] // f) * f
-        arr = arr[:, :h, :w].reshape(arr.shape[0], h // f, f, w // f, f).mean(axis=(2, 4))
-        dic.pop("slice_positions_lps", None)  # in-plane origin moves; the affine says where
-        dic["pixel_spacing_mm"] = [s * f for s in dic.get("pixel_spacing_mm", [])]
-    shift = np.array([(f - 1) / 2, (f - 1) / 2, z0, 1.0])
-    new = aff.copy()
-    new[:3, 3] = (aff @ shift)[:3]
-    new[:3, 0] *= f
-    new[:3, 1] *= f
-    meta.pop("geometry", None)
-    return Volume(np.ascontiguousarray(arr), new, vol.modality, meta)
+        f = max(1, math.ceil(max(vol.shape[1:]) / max_size))
+    return subset_volume(vol, slice(z0, z1), f)
 
 
 def _reconstruct_volume(vol: Any, s: RetroSettings) -> tuple[np.ndarray, np.ndarray | None, dict[str, Any]]:
@@ -345,13 +331,18 @@ def reconstruct_study_to_pacs(
         mean, std, info = _reconstruct_volume(vol, s)
         out = case_dir / "derived"
         out.mkdir()
+        from medrecon.pipeline.outputs import describe_simulation
+
+        simulated = describe_simulation(vol.modality, views=s.views, acceleration=s.acceleration, mask=s.mask,
+                                        center_fraction=s.center_fraction, noise=s.noise)
         write_derived_series(Volume(mean, vol.affine, vol.modality, vol.meta), out / "reconstruction",
-                             input_series_uid=series_uid, method=s.method, settings=s.key(), prior=s.prior)
+                             input_series_uid=series_uid, method=s.method, settings=s.key(), prior=s.prior,
+                             simulated=simulated)
         if std is not None:
             derived["uncertainty"] = write_derived_series(
                 Volume(std, vol.affine, vol.modality, vol.meta), out / "uncertainty",
                 input_series_uid=series_uid, method=s.method, settings=s.key(), prior=s.prior,
-                kind="uncertainty")[0]
+                kind="uncertainty", simulated=simulated)[0]
         result = sink.store_series(out)
         log.info("%s: stored %d instances (%d already present) in %s", case, result.stored,
                  result.already_present, sink.url.display())
@@ -372,7 +363,7 @@ def _scrub(text: str, secrets: Sequence[str]) -> str:
 
 def _write_report(path: Path, report: dict[str, Any]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".json.tmp")
+    fd, tmp = open_temp(path.parent, ".json.tmp")
     with os.fdopen(fd, "w") as fh:
         json.dump(report, fh, indent=2)
     os.replace(tmp, path)

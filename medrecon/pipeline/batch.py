@@ -7,7 +7,7 @@ Layout of the output folder::
     records/<case>.failed.json     the reason of a failed case (retried by the next run)
     summary.csv, summary.json      one row per case
     report.html                    table with thumbnails and links to the figures
-    batch.log                      one line per case (case IDs only)
+    batch.log                      one line per case: ID, input (relative), description, result
 
 Re-running skips every case whose completion record is valid for the same settings and whose
 outputs still match their checksums; everything else is (re)computed.
@@ -18,21 +18,21 @@ from __future__ import annotations
 import csv
 import io
 import os
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from medrecon.datasets._atomic import open_temp
 from medrecon.pipeline.case import ReconstructConfig
 from medrecon.pipeline.executors import run_dask, run_local
-from medrecon.pipeline.manifest import read_cases
+from medrecon.pipeline.manifest import CaseSpec, read_cases
 from medrecon.pipeline.records import atomic_json, clean_partial, read_valid_record
 
 __all__ = ["BatchConfig", "BatchResult", "run_batch", "SUMMARY_COLUMNS"]
 
-SUMMARY_COLUMNS = ("case_id", "status", "reused", "modality", "method", "psnr", "ssim", "wall_time_s",
-                   "reason", "figure", "thumb", "std_thumb", "record")
+SUMMARY_COLUMNS = ("case_id", "input", "description", "status", "reused", "modality", "method", "psnr", "ssim",
+                   "wall_time_s", "reason", "figure", "thumb", "std_thumb", "record")
 
 
 @dataclass(frozen=True)
@@ -87,10 +87,16 @@ def _write_csv(path: Path, rows: list[dict[str, Any]]) -> None:
     w.writeheader()
     for r in rows:
         w.writerow({k: ("" if r.get(k) is None else r.get(k)) for k in SUMMARY_COLUMNS})
-    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".csv.tmp")
+    fd, tmp = open_temp(path.parent, ".csv.tmp")
     with os.fdopen(fd, "w", encoding="utf-8") as fh:
         fh.write(buf.getvalue())
     os.replace(tmp, path)
+
+
+def _who(spec: CaseSpec) -> str:
+    """``case-id [input; description]`` for the log."""
+    extra = "; ".join(t for t in (spec.label, spec.description) if t)
+    return f"{spec.case_id} [{extra}]" if extra else spec.case_id
 
 
 def run_batch(cfg: BatchConfig) -> BatchResult:
@@ -117,10 +123,12 @@ def run_batch(cfg: BatchConfig) -> BatchResult:
         clean_partial(folder)
     rows: dict[str, dict[str, Any]] = {}
     todo = []
+    by_id = {s.case_id: s for s in specs}
     for spec in specs:
         done = read_valid_record(out, spec.config)
         if done is not None:
-            rows[spec.case_id] = {**done["summary"], "reused": True}
+            rows[spec.case_id] = {**done["summary"], "input": spec.label, "description": spec.description,
+                                  "reused": True}
         else:
             todo.append(spec)
     if cfg.workers or cfg.scheduler:
@@ -131,11 +139,11 @@ def run_batch(cfg: BatchConfig) -> BatchResult:
     with open(out / "batch.log", "a", encoding="utf-8") as log:
         stamp = time.strftime("%Y-%m-%d %H:%M:%S")
         for cid in rows:
-            log.write(f"{stamp} {cid} skipped (completion record valid)\n")
+            log.write(f"{stamp} {_who(by_id[cid])} skipped (completion record valid)\n")
         for row in results:
             rows[row["case_id"]] = row
             what = f"done in {row['wall_time_s']:.1f} s" if row["status"] == "done" else f"failed: {row['reason']}"
-            log.write(f"{time.strftime('%Y-%m-%d %H:%M:%S')} {row['case_id']} {what}\n")
+            log.write(f"{time.strftime('%Y-%m-%d %H:%M:%S')} {_who(by_id[row['case_id']])} {what}\n")
             log.flush()
     ordered = [rows[s.case_id] for s in specs]
     summary_json = out / "summary.json"

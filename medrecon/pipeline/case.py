@@ -9,20 +9,27 @@ alone or inside a batch.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
+import re
 import tempfile
-from dataclasses import asdict, dataclass
+import time
+import warnings
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 
+from medrecon.datasets._atomic import open_temp
 from medrecon.errors import InputError, SettingsError
 
-__all__ = ["ReconstructConfig", "run_case", "case_id_for", "case_seed", "output_stem"]
+__all__ = ["ReconstructConfig", "run_case", "case_id_for", "case_seed", "output_stem", "settings_tag",
+           "settings_stem", "free_stem", "OUTPUT_SUFFIXES", "unused_settings", "check_settings", "prepare_output_folder",
+           "warning_text", "collect_warnings", "estimate_diffusion_time"]
 
 
 @dataclass(frozen=True)
@@ -84,6 +91,9 @@ class ReconstructConfig:
     overwrite : bool
     progress : bool
         Progress bars for long methods.
+    into_source_study : bool
+        DICOM output of a simulated (retrospective) case: write it into the input's study.
+        Default: a study of its own, so simulated results never join the patient's examination.
     """
 
     modality: str = "ct"
@@ -117,6 +127,7 @@ class ReconstructConfig:
     thumbnails: bool = False
     overwrite: bool = False
     progress: bool = False
+    into_source_study: bool = False
 
 
 def case_id_for(path: str | None, series_uid: str | None = None) -> str:
@@ -134,14 +145,233 @@ def case_seed(run_seed: int, case_id: str) -> int:
 
 
 def output_stem(cfg: ReconstructConfig) -> str:
-    """``<case>_<method>``: the stem of every file a case writes."""
+    """``<case>_<method>``: the stem of every file a case writes by default (batch cases, each in a
+    folder of its own)."""
     return f"{cfg.case_id or case_id_for(cfg.input, cfg.series_uid)}_{cfg.method}"
+
+
+#: endings :func:`run_case` appends to a stem (image, uncertainty, figure, thumbnails, record)
+OUTPUT_SUFFIXES = (".json", ".png", ".nii.gz", "_std.nii.gz", "_dicom", "_std_dicom", "_thumb.png",
+                   "_std_thumb.png")
+
+
+def settings_tag(cfg: ReconstructConfig) -> str:
+    """The measurement settings of a simulated case, short enough for a file name.
+
+    ``23v`` (23 parallel views), ``fan60v``, ``la90`` (limited angle, degrees), ``6angles``
+    (explicit angles), ``R4-equispaced`` (MRI), with ``-noise0.05`` when noise is added; ``""``
+    for measured data (the measurement is the file).
+    """
+    from medrecon.pipeline.problems import input_kind
+
+    if input_kind(cfg.input) != "image":
+        return ""
+    if cfg.modality == "ct":
+        if cfg.angles_deg is not None:
+            tag = f"{len(cfg.angles_deg)}angles"
+        elif cfg.limited_angle_deg is not None:
+            tag = f"la{cfg.limited_angle_deg:g}"
+        else:
+            tag = f"{cfg.views}v"
+        tag = ("fan" if cfg.geometry == "fan" else "") + tag
+    else:
+        tag = f"R{cfg.acceleration:g}-{cfg.mask}"
+    if cfg.noise > 0:
+        tag += f"-noise{cfg.noise:g}"
+    return re.sub(r"[^A-Za-z0-9.+-]", "-", tag)
+
+
+def settings_stem(cfg: ReconstructConfig) -> str:
+    """``<case>_<method>_<settings>`` (:func:`settings_tag`; measured data: ``<case>_<method>``)."""
+    tag = settings_tag(cfg)
+    return output_stem(cfg) + (f"_{tag}" if tag else "")
+
+
+def free_stem(cfg: ReconstructConfig) -> str:
+    """The stem of a ``medrecon reconstruct`` run: ``<case>_<method>_<settings>``, never an existing one.
+
+    Outputs are named by their settings (:func:`settings_tag`), so runs with other settings
+    never meet.  When files of that name are already in ``cfg.out``, the run takes the first
+    free ``-2``, ``-3``, … suffix, unless ``cfg.overwrite`` asks to replace them.
+    """
+    base = settings_stem(cfg)
+    out = Path(cfg.out)
+    if cfg.overwrite or not out.is_dir():
+        return base
+    names = {p.name for p in out.iterdir()}
+    stem, k = base, 1
+    while any(stem + suffix in names for suffix in OUTPUT_SUFFIXES):
+        k += 1
+        stem = f"{base}-{k}"
+    return stem
+
+
+#: the command-line spelling of the settings that only some cases use
+_OPTIONS = {"views": "--views", "angles_deg": "--angles", "limited_angle_deg": "--limited-angle",
+            "geometry": "--geometry", "source_to_isocenter_mm": "--source-to-isocenter-mm",
+            "source_to_detector_mm": "--source-to-detector-mm", "image_size": "--image-size",
+            "acceleration": "--acceleration", "center_fraction": "--center-fraction", "mask": "--mask",
+            "prior": "--prior", "samples": "--samples", "steps": "--steps", "iters": "--iters",
+            "noise": "--noise", "downsample": "--downsample", "reference": "--reference",
+            "into_source_study": "--into-source-study"}
+
+
+def _inapplicable(cfg: ReconstructConfig) -> dict[str, str]:
+    """Every setting that does nothing for this case (whatever its value), with the reason."""
+    from medrecon.api import METHODS
+    from medrecon.pipeline.problems import input_kind
+    from medrecon.solvers.presets import DIFFUSION_METHODS
+
+    kind = input_kind(cfg.input)
+    retro = kind == "image"
+    why: dict[str, str] = {}
+    if cfg.method in METHODS:
+        for name in ("prior", "samples", "steps"):
+            why[name] = f"{cfg.method} is not a diffusion method ({', '.join(DIFFUSION_METHODS)})"
+        if "iters" not in METHODS[cfg.method]:
+            why["iters"] = f"{cfg.method} is not iterative"
+    elif cfg.method in DIFFUSION_METHODS:
+        why["iters"] = f"{cfg.method} is a diffusion method: its length is --steps"
+    measured = {"sinogram": "measured sinogram: its geometry is in the file",
+                "kspace": "measured k-space: its sampling is in the file"}.get(kind, "")
+    ct_why = measured or ("an MRI case" if cfg.modality != "ct" else "")
+    if ct_why:
+        for name in ("views", "angles_deg", "limited_angle_deg", "geometry", "source_to_isocenter_mm",
+                     "source_to_detector_mm"):
+            why[name] = ct_why
+    else:
+        if cfg.angles_deg is not None:
+            why["views"] = why["limited_angle_deg"] = "--angles gives the views"
+        elif cfg.limited_angle_deg is not None:
+            why["views"] = "--limited-angle chooses the views"
+        if cfg.geometry != "fan":
+            why["source_to_isocenter_mm"] = why["source_to_detector_mm"] = "parallel beam (fan-beam distances)"
+    mri_why = measured or ("a CT case" if cfg.modality != "mri" else "")
+    if mri_why:
+        for name in ("acceleration", "center_fraction", "mask"):
+            why[name] = mri_why
+    if not retro:
+        why["noise"] = f"{measured}; nothing is simulated"
+        why["downsample"] = f"{measured}; it is reconstructed at its own size"
+    else:
+        why["reference"] = "a simulated case is compared with its input image"
+    if kind != "sinogram":
+        why["image_size"] = "only for measured sinograms"
+    if not (retro and cfg.output_format == "dicom"):
+        why["into_source_study"] = "only for DICOM output of simulated data"
+    return why
+
+
+def _option_text(name: str, value: Any) -> str:
+    opt = _OPTIONS.get(name, name)
+    if value is True:
+        return opt
+    if isinstance(value, tuple):
+        return f"{opt} ({len(value)} values)"
+    if isinstance(value, float):
+        return f"{opt} {value:g}"
+    return f"{opt} {value}"
+
+
+def unused_settings(cfg: ReconstructConfig) -> dict[str, str]:
+    """The settings given (other than their defaults) that do nothing for this case.
+
+    Returns
+    -------
+    dict
+        Field name → why it does nothing (e.g. ``"steps"`` → ``"tv is not a diffusion method
+        (…)"``).  Diffusion methods are the names in
+        :data:`medrecon.solvers.presets.DIFFUSION_METHODS`; classical ones those of
+        :data:`medrecon.api.METHODS`.
+    """
+    defaults = {f.name: f.default for f in fields(ReconstructConfig)}
+    return {name: reason for name, reason in _inapplicable(cfg).items()
+            if name in defaults and getattr(cfg, name) != defaults[name]}
+
+
+def _unused_lines(cfg: ReconstructConfig, unused: dict[str, str]) -> list[str]:
+    """``"--samples 3, --steps 50: tv is not a diffusion method (…)"``, one per reason."""
+    by_reason: dict[str, list[str]] = {}
+    for name, reason in unused.items():
+        by_reason.setdefault(reason, []).append(_option_text(name, getattr(cfg, name)))
+    return [f"{', '.join(opts)}: {reason}" for reason, opts in by_reason.items()]
+
+
+def check_settings(cfg: ReconstructConfig) -> None:
+    """Refuse settings that would do nothing for this case (``medrecon reconstruct``).
+
+    Batches do not call it: a batch-wide default may fit some cases only; :func:`run_case` then
+    ignores the setting with a warning and leaves it out of the record.
+
+    Raises
+    ------
+    SettingsError
+        One line listing each such setting and why it does nothing.
+    """
+    unused = unused_settings(cfg)
+    if unused:
+        raise SettingsError(f"settings that do nothing here: {'; '.join(_unused_lines(cfg, unused))}; "
+                            "leave them out")
+
+
+def prepare_output_folder(out: str | Path) -> Path:
+    """Create ``out`` if needed and check that files can be written into it, before any work.
+
+    Raises
+    ------
+    InputError
+        ``out`` is a file, cannot be created, or is not writable (names the folder, not a
+        temporary file).
+    """
+    p = Path(out)
+    if p.exists() and not p.is_dir():
+        raise InputError(p, "is a file; --out takes a folder (created when missing)")
+    try:
+        p.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise InputError(p, f"cannot create the output folder ({err.strerror or err})") from err
+    try:
+        fd, probe = tempfile.mkstemp(dir=p, prefix=".medrecon-write-test-")
+    except OSError as err:
+        raise InputError(p, f"output folder is not writable ({err.strerror or err})") from err
+    os.close(fd)
+    os.unlink(probe)
+    return p
+
+
+def warning_text(message: Warning | str, category: type[Warning] | None = None) -> str:
+    """One line for a warning: its message (a category other than UserWarning's family named)."""
+    text = " ".join(str(message).split())
+    if category is not None and not issubclass(category, UserWarning):
+        text = f"{category.__name__}: {text}"
+    return text
+
+
+@contextlib.contextmanager
+def collect_warnings(sink: list[str]) -> Iterator[list[str]]:
+    """Append every warning raised inside the block to ``sink`` (one line each, no repeats).
+
+    Warnings still reach the current ``warnings.showwarning`` (the CLI prints one clean line);
+    user warnings are shown every time they occur, so a second case of a batch records them too.
+    """
+    with warnings.catch_warnings():
+        warnings.simplefilter("always", UserWarning)
+        outer = warnings.showwarning
+
+        def show(message, category, filename, lineno, file=None, line=None):  # noqa: ANN001
+            text = warning_text(message, category)
+            if text not in sink:
+                sink.append(text)
+                outer(message, category, filename, lineno, file, line)
+
+        warnings.showwarning = show
+        yield sink
 
 
 def _write_json(path: Path, record: dict[str, Any], overwrite: bool) -> None:
     if path.exists() and not overwrite:
         raise InputError(path, "exists; pass --overwrite to replace it")
-    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".json.tmp")
+    fd, tmp = open_temp(path.parent, ".json.tmp")
     with os.fdopen(fd, "w") as fh:
         json.dump(record, fh, indent=2, default=str)
         fh.flush()
@@ -162,9 +392,84 @@ def _device(name: str) -> torch.device:
 
 
 def _method_settings(cfg: ReconstructConfig) -> dict[str, Any]:
-    """Settings passed through to :func:`medrecon.reconstruct` (only those given)."""
-    given = {"iters": cfg.iters, "prior": cfg.prior, "n_samples": cfg.samples, "steps": cfg.steps}
-    return {k: v for k, v in given.items() if v is not None}
+    """Settings passed through to :func:`medrecon.reconstruct` (only those given and used)."""
+    skip = _inapplicable(cfg)
+    given = {"iters": cfg.iters, "prior": cfg.prior, "samples": cfg.samples, "steps": cfg.steps}
+    names = {"samples": "n_samples"}
+    return {names.get(k, k): v for k, v in given.items() if v is not None and k not in skip}
+
+
+def estimate_diffusion_time(model: Any, A: Any, y: torch.Tensor, method: str, *,  # noqa: N803
+                            n_samples: int, steps: int | None) -> dict[str, Any]:
+    """Expected network evaluations of a diffusion run, and their time measured on this machine.
+
+    One evaluation of the prior on the run's batch is timed (twice for a long run, keeping the
+    faster, as the first includes one-time set-up) and multiplied by the evaluations the
+    method's settings imply (preset, the card's tuned values for this operator, ``steps``): the
+    sampler's steps from t₀ (a CCDF/DDS-style start) or from t = 1, the Langevin corrector
+    steps, the final Tweedie step (not in DDS, whose last step lands on t = 0), DPS's backward
+    pass (timed as twice a forward one), and one chain per sample for volume methods.  The initial estimate and the data-consistency solves
+    are not counted, so long CG/ADMM settings run longer.
+
+    Returns
+    -------
+    dict
+        ``nfe``, ``batch``, ``seconds_per_evaluation`` and ``seconds``.
+    """
+    from medrecon.solvers.presets import (DDS_METHODS, PRESETS, VOLUME_METHODS, chunk_for_budget, settings_defaults,
+                                          tuned_defaults)
+    from medrecon.solvers.sampler import ScoreCounter
+
+    s = {**settings_defaults(), **PRESETS[method], **tuned_defaults(getattr(model, "card", None), A, method)}
+    if steps is not None:
+        s["steps"] = steps
+    start = s["start"] if s["start"] != "auto" else ("ccdf" if method in ("ccdf", *VOLUME_METHODS) else "noise")
+    with torch.no_grad():
+        like = A.adjoint(y[:1])
+    grid = model.sde.timesteps(int(s["steps"]), dtype=like.real.dtype)  # the sampler's grid
+    run = len(grid) if start == "noise" else int((grid <= float(s["t0"]) + 1e-9).sum())
+    per_step = 1 + (int(s["corrector_steps"]) if float(s["snr"]) > 0 else 0)
+    chains = n_samples if method in VOLUME_METHODS else 1
+    nfe = chains * (run * per_step + (0 if method in DDS_METHODS else 1))  # + the final Tweedie step
+    cost = 3.0 if method == "dps" else 1.0  # DPS: forward and backward pass through the network
+    if not A.in_complex and like.is_complex():
+        like = like.real
+    batch = y.shape[0] * (1 if method in VOLUME_METHODS else n_samples)
+    x = torch.zeros((batch, *like.shape[1:]), dtype=like.dtype, device=y.device)
+    chunk = chunk_for_budget(s["max_memory"], x) if s.get("max_memory") else None
+    counter = ScoreCounter(model, chunk=chunk)
+    t = torch.full((batch,), 0.5, device=y.device)
+
+    def timed() -> float:
+        counter.nfe = 0
+        t0 = time.perf_counter()
+        counter(x, t)
+        if y.device.type == "cuda":
+            torch.cuda.synchronize(y.device)
+        return (time.perf_counter() - t0) / max(1, counter.nfe)
+
+    per_eval = timed()  # includes one-time set-up: an upper bound
+    nfe *= max(1, counter.nfe)  # a complex image is two evaluations
+    if nfe * per_eval * cost >= 10:  # a long run: measure again without the set-up
+        per_eval = min(per_eval, timed())
+    per_eval *= cost
+    return {"nfe": int(nfe), "batch": int(batch), "seconds_per_evaluation": round(per_eval, 4),
+            "seconds": round(nfe * per_eval, 1)}
+
+
+def _hide_paths(text: str, paths: set[str], case: str) -> str:
+    """``text`` with the input and reference paths replaced by ``<input of CASE>``."""
+    for path in sorted(paths, key=len, reverse=True):
+        text = text.replace(path, f"<input of {case}>")
+    return text
+
+
+def _duration(seconds: float) -> str:
+    if seconds < 90:
+        return f"{seconds:.0f} s"
+    if seconds < 5400:
+        return f"{seconds / 60:.0f} min"
+    return f"{seconds / 3600:.1f} h"
 
 
 def _validate(cfg: ReconstructConfig) -> None:
@@ -198,97 +503,153 @@ def _metrics(prob, mean: torch.Tensor, initial: torch.Tensor, std: torch.Tensor 
         std = None if std is None else std[..., top : top + h, left : left + w]
     if modality == "ct":
         low, width = -1024.0, 4096.0
-        m = {
-            "psnr": psnr((mean - low) / width, (ref - low) / width),
-            "ssim": ssim(((mean - low) / width).clamp(0, 1), ((ref - low) / width).clamp(0, 1)),
-            "psnr_soft_tissue": psnr(window(mean, *SOFT_TISSUE_HU), window(ref, *SOFT_TISSUE_HU)),
-            "ssim_soft_tissue": ssim(window(mean, *SOFT_TISSUE_HU), window(ref, *SOFT_TISSUE_HU)),
-            "psnr_initial": psnr((initial - low) / width, (ref - low) / width),
+        m = {  # PSNR over the HU window's width; SSIM on the window mapped to [0, 1]
+            "psnr": psnr(mean, ref, data_range=width),
+            "ssim": ssim(((mean - low) / width).clamp(0, 1), ((ref - low) / width).clamp(0, 1), data_range=1.0),
+            "psnr_soft_tissue": psnr(window(mean, *SOFT_TISSUE_HU), window(ref, *SOFT_TISSUE_HU), data_range=1.0),
+            "ssim_soft_tissue": ssim(window(mean, *SOFT_TISSUE_HU), window(ref, *SOFT_TISSUE_HU), data_range=1.0),
+            "psnr_initial": psnr(initial, ref, data_range=width),
         }
-    else:
+    else:  # magnitudes over the 99.5th percentile of the reference (or zero-filled) image
         s = prob.scale
-        m = {"psnr": psnr(mean / s, ref / s), "ssim": ssim(mean / s, ref / s),
-             "psnr_initial": psnr(initial / s, ref / s)}
+        m = {"psnr": psnr(mean, ref, data_range=s), "ssim": ssim(mean / s, ref / s, data_range=1.0),
+             "psnr_initial": psnr(initial, ref, data_range=s)}
     if std is not None:
         m.update(calibration(mean, std, ref))
     return m
 
 
-def run_case(cfg: ReconstructConfig) -> dict[str, Any]:
-    """Run one case and return its JSON record (also written to ``<out>/<case>_<method>.json``).
+def run_case(cfg: ReconstructConfig, *, stem: str | None = None,
+             notify: Callable[[str], None] | None = None) -> dict[str, Any]:
+    """Run one case and return its JSON record (also written to ``<out>/<stem>.json``).
 
-    Writes ``<case>_<method>.nii.gz`` (or a ``_dicom`` series folder), the uncertainty map
-    ``<case>_<method>_std.nii.gz`` when the method returns one, the figure ``.png`` and the record
-    ``.json``; every file is written atomically.
+    Writes ``<stem>.nii.gz`` (or a ``_dicom`` series folder), the uncertainty map
+    ``<stem>_std.nii.gz`` when the method returns one, the figure ``.png`` and the record
+    ``.json``; every file is written atomically.  The output folder is checked for writing
+    before any work.  Settings that do nothing for this case (:func:`unused_settings`) are
+    ignored with a warning and left out of the record's ``config``; every warning raised
+    meanwhile (geometry the outputs cannot hold, ignored settings) and the method's own
+    ``info["warnings"]`` are in the record's ``warnings``.
+
+    Parameters
+    ----------
+    cfg : ReconstructConfig
+    stem : str, optional
+        File stem of the outputs; default :func:`output_stem` (``<case>_<method>``).
+        ``medrecon reconstruct`` passes :func:`free_stem`.
+    notify : callable, optional
+        Called with one-line progress notes (the time estimate of a diffusion run, measured
+        before it starts, :func:`estimate_diffusion_time`); None: no estimate is made.
 
     Raises
     ------
     MedreconError
         Bad input files (:class:`InputError`) or settings (:class:`SettingsError`).
     """
+    found: list[str] = []
+    with collect_warnings(found):
+        return _run_case(cfg, stem or output_stem(cfg), notify, found)
+
+
+def _run_case(cfg: ReconstructConfig, stem: str, notify: Callable[[str], None] | None,
+              found: list[str]) -> dict[str, Any]:
     from medrecon.api import reconstruct
-    from medrecon.datasets import Volume, save_dicom_series, save_nifti
+    from medrecon.operators.ct import _Projector
+    from medrecon.pipeline.outputs import write_image_outputs
     from medrecon.pipeline.problems import build_problem
-    from medrecon.report import case_figure, thumbnail
+    from medrecon.report import case_figure, orient_for_display, thumbnail
+    from medrecon.solvers.presets import DIFFUSION_METHODS
 
     _validate(cfg)
     device = _device(cfg.device)
     case = cfg.case_id or case_id_for(cfg.input, cfg.series_uid)
     seed = case_seed(cfg.seed, case)
-    stem = f"{case}_{cfg.method}"
-    out = Path(cfg.out)
-    out.mkdir(parents=True, exist_ok=True)
+    out = prepare_output_folder(cfg.out)
     record_path = out / f"{stem}.json"
     if record_path.exists() and not cfg.overwrite:  # fail before the work, not after it
         raise InputError(record_path, "exists; pass --overwrite to replace it")
+    ignored = unused_settings(cfg)
+    for text in _unused_lines(cfg, ignored):
+        warnings.warn(f"ignored {text}", UserWarning, stacklevel=2)
     prob = build_problem(cfg, seed)
     y = prob.y.to(device)
-    rec = reconstruct(y, prob.A, method=cfg.method, seed=seed, progress=cfg.progress, **_method_settings(cfg))
+    settings = _method_settings(cfg)
+    estimate = None
+    if notify is not None and cfg.method in DIFFUSION_METHODS:
+        from medrecon.priors import ScorePrior
+
+        name = cfg.prior or ("ct-256" if isinstance(prob.A, _Projector) else "mri-256")
+        settings["prior"] = ScorePrior.load(name, device=device)  # loaded once: timed, then used
+        try:
+            estimate = estimate_diffusion_time(settings["prior"], prob.A, y, cfg.method,
+                                               n_samples=cfg.samples or 4, steps=cfg.steps)
+        except Exception as err:  # noqa: BLE001 - an estimate never stops a run
+            estimate = {"error": warning_text(f"{type(err).__name__}: {err}")}
+        if estimate.get("seconds", 0) >= 10:
+            notify(f"{cfg.method}: about {_duration(estimate['seconds'])} ({estimate['nfe']} network evaluations "
+                   f"on {estimate['batch']} image(s), {estimate['seconds_per_evaluation']:.2f} s each on {device})")
+    rec = reconstruct(y, prob.A, method=cfg.method, seed=seed, progress=cfg.progress, **settings)
     mean = _real(rec.mean).detach().cpu()
     std = None if rec.std is None else rec.std.detach().cpu()
     initial = _real(reconstruct(y, prob.A, method=prob.initial_method).mean).detach().cpu()
 
-    tpl = prob.template
-    files: list[Path] = []
-    result = Volume(mean[:, 0].numpy().astype(np.float32), tpl.affine, tpl.modality, dict(tpl.meta))
-    std_vol = None if std is None else Volume(std[:, 0].numpy().astype(np.float32), tpl.affine, tpl.modality,
-                                              dict(tpl.meta))
-    if cfg.output_format == "nifti":
-        files += save_nifti(result, out / f"{stem}.nii.gz", overwrite=cfg.overwrite)
-        if std_vol is not None:
-            files += save_nifti(std_vol, out / f"{stem}_std.nii.gz", overwrite=cfg.overwrite)
-    else:
-        files += save_dicom_series(result, out / f"{stem}_dicom", method=cfg.method, overwrite=cfg.overwrite)
-        if std_vol is not None:
-            files += save_dicom_series(std_vol, out / f"{stem}_std_dicom", method=cfg.method,
-                                       kind="uncertainty", overwrite=cfg.overwrite)
+    files, output_notes = write_image_outputs(  # labels, study and modality: pipeline/outputs.py
+        cfg, prob, mean[:, 0].numpy(), None if std is None else std[:, 0].numpy(), out, stem)
     metrics = _metrics(prob, mean, initial, std, cfg.modality)
 
-    mid = mean.shape[0] // 2
-    panels = [(f"initial estimate ({prob.initial_method})", initial[mid, 0].numpy(), prob.unit),
-              (f"reconstruction ({cfg.method})", mean[mid, 0].numpy(), prob.unit)]
+    z = mean.shape[0]
+    mid = z // 2
+    ref = prob.reference if prob.reference is not None and prob.reference.shape[0] == z else None
+    panels = []
+    if ref is not None:
+        panels.append(("reference", ref[mid, 0].numpy(), prob.unit))
+    panels += [(f"initial estimate ({prob.initial_method})", initial[mid, 0].numpy(), prob.unit),
+               (f"reconstruction ({cfg.method})", mean[mid, 0].numpy(), prob.unit)]
     if std is not None:
         panels.append(("uncertainty (posterior std)", std[mid, 0].numpy(), prob.unit))
-    if prob.reference is not None and prob.reference.shape == mean.shape:
-        panels.append(("|error| vs reference", (mean - prob.reference)[mid, 0].abs().numpy(), prob.unit))
-    fig = case_figure(out / f"{stem}.png", panels, display=prob.display, title=f"{case}: {prob.title}")
+    if ref is not None:
+        h, w = ref.shape[-2:]  # a fastMRI reference is the centre crop
+        top, left = (mean.shape[-2] - h) // 2, (mean.shape[-1] - w) // 2
+        if top >= 0 and left >= 0:
+            err = (mean[mid, 0, top : top + h, left : left + w] - ref[mid, 0]).abs()
+            panels.append(("|error| vs reference", err.numpy(), prob.unit))
+    title = f"{case}: {prob.title}"
+    if z > 1 or prob.first_slice:
+        title += f"; slice {mid + 1} of {z}" + (f" (input slice index {prob.first_slice + mid})"
+                                              if prob.first_slice else "")
+    fig = case_figure(out / f"{stem}.png", panels, display=prob.display, title=title, affine=prob.display_affine)
     files.append(fig)
     if cfg.thumbnails:
-        files.append(thumbnail(out / f"{stem}_thumb.png", mean[mid, 0].numpy(), prob.display))
+        files.append(thumbnail(out / f"{stem}_thumb.png",
+                               orient_for_display(mean[mid, 0].numpy(), prob.display_affine)[0], prob.display))
         if std is not None:
-            files.append(thumbnail(out / f"{stem}_std_thumb.png", std[mid, 0].numpy(), None))
+            files.append(thumbnail(out / f"{stem}_std_thumb.png",
+                                   orient_for_display(std[mid, 0].numpy(), prob.display_affine)[0], None))
+    skip = _inapplicable(cfg)
+    for text in rec.info.get("warnings", []) or []:  # the method's own (a failing run, a setting out of range)
+        line = warning_text(text)
+        if line not in found:
+            found.append(line)
+    paths = {p for v in (cfg.input, cfg.reference) if v for p in (str(Path(v).resolve()), str(v))}
+    hidden = [_hide_paths(text, paths, case) for text in found]  # folder names can hold patient names
     record = {
         "case_id": case,
         "seed": seed,
-        "config": {k: v for k, v in asdict(cfg).items() if k not in ("input", "reference", "out")},
+        "config": {k: v for k, v in asdict(cfg).items() if k not in ("input", "reference", "out") and k not in skip},
+        "ignored_settings": {_OPTIONS.get(k, k): getattr(cfg, k) for k in ignored},
         "input_kind": "bundled" if cfg.input is None else "file",
         "problem": prob.title,
         "notes": prob.notes,
         "shape": list(mean.shape[:1]) + list(mean.shape[2:]),
+        "figure_slice": {"index_in_input": prob.first_slice + mid, "of_reconstructed": z},
         "device": str(device),
         "metrics": {k: round(float(v), 4) for k, v in metrics.items()},
         "info": rec.info,
+        **output_notes,
+        "warnings": hidden,
         "outputs": [str(p) for p in files],
     }
+    if estimate is not None:
+        record["time_estimate"] = estimate
     _write_json(record_path, record, cfg.overwrite)
     return record

@@ -60,12 +60,13 @@ def evaluate_files(cfg: EvaluateConfig) -> dict[str, Any]:
         raise InputError(cfg.reconstruction, f"shape {rec.shape} differs from the reference's {ref.shape}")
     if cfg.modality == "ct":
         a, b = (rec + 1024) / 4096, (ref + 1024) / 4096
-        m = {"psnr": psnr(a, b), "ssim": ssim(np.clip(a, 0, 1), np.clip(b, 0, 1)),
-             "psnr_soft_tissue": psnr(window(rec, *SOFT_TISSUE_HU), window(ref, *SOFT_TISSUE_HU)),
-             "ssim_soft_tissue": ssim(window(rec, *SOFT_TISSUE_HU), window(ref, *SOFT_TISSUE_HU))}
+        m = {"psnr": psnr(a, b, data_range=1.0), "ssim": ssim(np.clip(a, 0, 1), np.clip(b, 0, 1), data_range=1.0),
+             "psnr_soft_tissue": psnr(window(rec, *SOFT_TISSUE_HU), window(ref, *SOFT_TISSUE_HU), data_range=1.0),
+             "ssim_soft_tissue": ssim(window(rec, *SOFT_TISSUE_HU), window(ref, *SOFT_TISSUE_HU), data_range=1.0)}
     else:
         scale = float(np.percentile(np.abs(ref), 99.5)) or 1.0
-        m = {"psnr": psnr(rec / scale, ref / scale), "ssim": ssim(rec / scale, ref / scale)}
+        m = {"psnr": psnr(rec / scale, ref / scale, data_range=1.0),
+             "ssim": ssim(rec / scale, ref / scale, data_range=1.0)}
     m["mae"] = float(np.mean(np.abs(rec - ref)))
     if cfg.std:
         std = load_volume(cfg.std).array.astype(np.float32)

@@ -1,9 +1,10 @@
 """Executors of a batch: local (one case after another) and Dask distributed.
 
 Both run :func:`run_one` per case.  It never raises: a failing case becomes a summary row with
-``status = "failed"`` and its one-line reason (input paths replaced by the case ID), and the other
-cases go on.  A case's outputs land in ``<out>/cases/<case>/``; its completion record is written
-last (:mod:`medrecon.pipeline.records`).
+``status = "failed"`` and its reason, whole, on one line (the input's absolute path replaced by the
+case ID; the row's ``input`` column shows it relative to the batch), and the other cases go on.
+A case's outputs land in ``<out>/cases/<case>/``; its completion record is written last
+(:mod:`medrecon.pipeline.records`).
 """
 
 from __future__ import annotations
@@ -25,13 +26,14 @@ __all__ = ["run_one", "run_local", "run_dask"]
 
 
 def _scrub(text: str, spec: CaseSpec) -> str:
-    """One line, without the input's path (folder names can hold patient names)."""
+    """One line, never cut short, without the input's absolute path (the folders above a batch
+    can be named after a patient)."""
     line = " ".join(str(text).split())
     inp = spec.config.input
     if inp:
         for form in sorted({str(Path(inp).resolve()), str(inp)}, key=len, reverse=True):
             line = line.replace(form, f"<input of {spec.case_id}>")
-    return line[:400]
+    return line
 
 
 def _rel(path: str | None, out_dir: Path) -> str | None:
@@ -41,13 +43,15 @@ def _rel(path: str | None, out_dir: Path) -> str | None:
 def _row(spec: CaseSpec, out_dir: Path, record: dict[str, Any] | None, wall: float, reason: str = "") -> dict[str, Any]:
     cfg = spec.config
     row: dict[str, Any] = {
-        "case_id": spec.case_id, "status": "failed" if record is None else "done", "reused": False,
+        "case_id": spec.case_id, "input": spec.label, "description": spec.description,
+        "status": "failed" if record is None else "done", "reused": False,
         "modality": cfg.modality, "method": cfg.method, "psnr": None, "ssim": None,
         "wall_time_s": round(wall, 3), "reason": reason, "figure": None, "thumb": None, "std_thumb": None,
         "record": None,
     }
     if record is not None:
         outs = record["outputs"]
+        row["warnings"] = list(record.get("warnings", []))  # shown in report.html and summary.json
         row["psnr"] = record["metrics"].get("psnr")
         row["ssim"] = record["metrics"].get("ssim")
         stem = f"{spec.case_id}_{cfg.method}"

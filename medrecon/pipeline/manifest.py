@@ -3,8 +3,15 @@
 CSV columns: ``input`` (required; relative paths are relative to the CSV's folder), ``case_id``
 (optional; default: a hash of the input path), and any :class:`ReconstructConfig` field
 (``modality``, ``method``, ``views``, ``iters``, ``acceleration``, ``slices``, …; dashes or
-underscores).  Empty cells take the batch defaults.  A folder gives one case per DICOM series
-(SeriesInstanceUID) and one per NIfTI file, raw sinogram, fastMRI ``.h5`` or BART ``.cfl``.
+underscores).  Empty cells take the batch defaults.
+
+A folder is searched through its sub-folders, following symbolic links (each real folder is
+visited once, so a link loop ends; hidden folders and the batch's own output folder are skipped).
+It gives one case per DICOM series and one per NIfTI file, raw sinogram, fastMRI ``.h5``, BART
+``.cfl`` or MATLAB ``.mat``.  DICOM files are grouped by SeriesInstanceUID; files without one
+are grouped by the folder that holds them (one case per folder).  A series whose files lie in
+several folders is one case read from their nearest common folder (one case per folder where a
+symbolic link lies in between).
 """
 
 from __future__ import annotations
@@ -12,6 +19,8 @@ from __future__ import annotations
 import csv
 import dataclasses
 import hashlib
+import os
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -30,10 +39,18 @@ MANIFEST_FIELDS = tuple(
 
 @dataclass(frozen=True)
 class CaseSpec:
-    """One case of a batch: its ID and its full configuration (``out`` = the case's folder)."""
+    """One case of a batch: its ID and its full configuration (``out`` = the case's folder).
+
+    ``label`` is the input as the user knows it (relative to the batch folder or as written in
+    the manifest) and ``description`` says what it is (a DICOM series' modality, size and
+    SeriesDescription; the file type otherwise).  Both go to the summary, log and report; neither
+    holds patient names.
+    """
 
     case_id: str
     config: ReconstructConfig
+    label: str = ""
+    description: str = ""
 
 
 def _coerce(name: str, text: str, where: str) -> Any:
@@ -52,7 +69,7 @@ def _coerce(name: str, text: str, where: str) -> Any:
     return text
 
 
-def _csv_cases(path: Path, defaults: ReconstructConfig) -> list[tuple[str | None, dict[str, Any]]]:
+def _csv_cases(path: Path, defaults: ReconstructConfig) -> list[_Raw]:
     try:
         with open(path, newline="", encoding="utf-8-sig") as fh:
             rows = list(csv.DictReader(fh))
@@ -75,35 +92,140 @@ def _csv_cases(path: Path, defaults: ReconstructConfig) -> list[tuple[str | None
         for name, text in values.items():
             if text:
                 settings[name] = _coerce(name, text, where)
+        label = settings["input"]
         inp = Path(settings["input"]).expanduser()
         settings["input"] = str(inp if inp.is_absolute() else (path.parent / inp))
-        cases.append((settings.pop("case_id", None), settings))
+        what = _kind(Path(settings["input"]))
+        if settings.get("series_uid"):
+            what += f", SeriesInstanceUID {settings['series_uid']}"
+        cases.append((settings.pop("case_id", None), settings, label, what))
     return cases
 
 
-def _folder_cases(folder: Path) -> list[tuple[str | None, dict[str, Any]]]:
+_Raw = tuple[str | None, dict[str, Any], str, str]  # (case ID or None, settings, label, description)
+
+
+def _kind(path: Path) -> str:
+    """What an input file is, from its name (no reading)."""
+    name = path.name.lower()
+    kinds = {(".nii", ".nii.gz"): "NIfTI image", (".h5", ".hdf5"): "fastMRI k-space",
+             (".cfl", ".hdr"): "BART k-space", (".mat",): "MATLAB k-space", (".npy", ".npz"): "raw sinogram"}
+    for ends, what in kinds.items():
+        if name.endswith(ends):
+            return what
+    if name.endswith(".json"):
+        return "raw sinogram"
+    return "folder (DICOM series or images)" if path.is_dir() else "DICOM file"
+
+
+def _walk(root: Path, skip: Path | None) -> Iterator[tuple[Path, list[Path]]]:
+    """``(folder, files)`` under ``root``, sorted, following symbolic links.
+
+    Each real folder is visited once (the first path that reaches it), so links that loop back
+    end there; hidden entries and ``skip`` (the batch output) are left out.
+    """
+    seen: set[str] = set()
+    skip_real = os.path.realpath(skip) if skip is not None else None
+    for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
+        real = os.path.realpath(dirpath)
+        if real in seen or real == skip_real:
+            dirnames[:] = []
+            continue
+        seen.add(real)
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+        yield Path(dirpath), [Path(dirpath) / f for f in sorted(filenames) if not f.startswith(".")]
+
+
+def _reachable(top: Path, folder: Path) -> bool:
+    """``folder`` lies under ``top`` without a symbolic link in between (the DICOM reader's
+    recursive search does not follow links)."""
+    p = folder
+    while p != top:
+        if p.is_symlink():
+            return False
+        p = p.parent
+    return True
+
+
+def _dicom_description(info: Any, n_images: int, grouped_by_folder: bool) -> str:
+    text = f"DICOM {info.modality or '?'}, {n_images} images"
+    if info.series_number:
+        text += f", series {info.series_number}"
+    if info.description:
+        text += f" {info.description!r}"
+    if grouped_by_folder:
+        text += ", no SeriesInstanceUID (grouped by folder)"
+    return text
+
+
+def _folder_cases(folder: Path, out_dir: Path | None = None) -> list[_Raw]:
+    """The cases of a folder (module docstring): DICOM series by SeriesInstanceUID or by folder,
+    and one case per other input file, in the order they are found."""
     from medrecon.datasets import list_dicom_series
     from medrecon.pipeline.problems import input_kind
 
-    cases: list[tuple[str | None, dict[str, Any]]] = []
-    try:
-        series = list_dicom_series(folder)
-    except InputError:
-        series = []
-    for s in series:
-        uid_hash = hashlib.sha256(s.series_uid.encode()).hexdigest()[:10]
-        modality = "mri" if s.modality.upper() == "MR" else "ct"
-        cases.append((f"series-{uid_hash}", {"input": str(folder), "series_uid": s.series_uid, "modality": modality}))
-    for f in sorted(folder.rglob("*")):
-        name = f.name.lower()
-        if not f.is_file():
+    def rel(p: Path) -> str:
+        return Path(os.path.relpath(p, folder)).as_posix()
+
+    def key(text: str) -> str:
+        return hashlib.sha256(text.encode()).hexdigest()[:10]
+
+    order: list[tuple[str, Any]] = []  # ("uid", uid) or ("raw", _Raw), in the order found
+    by_uid: dict[str, list[tuple[Path, Any]]] = {}
+    for here, files in _walk(folder, out_dir):
+        other = []
+        for f in files:
+            name = f.name.lower()
+            if not f.is_file():
+                continue
+            if name.endswith((".nii", ".nii.gz")):
+                order.append(("raw", (None, {"input": str(f)}, rel(f), _kind(f))))
+            elif name.endswith((".h5", ".hdf5", ".cfl", ".mat")):
+                order.append(("raw", (None, {"input": str(f), "modality": "mri"}, rel(f), _kind(f))))
+            elif name.endswith(".json") and input_kind(str(f)) == "sinogram":
+                order.append(("raw", (None, {"input": str(f), "modality": "ct"}, rel(f), _kind(f))))
+            elif not name.endswith((".hdr", ".npy", ".npz", ".json", ".csv", ".txt", ".md")):
+                other.append(f)
+        if not other:
             continue
-        if name.endswith((".nii", ".nii.gz")):
-            cases.append((None, {"input": str(f)}))
-        elif name.endswith((".h5", ".cfl")):
-            cases.append((None, {"input": str(f), "modality": "mri"}))
-        elif name.endswith(".json") and input_kind(str(f)) == "sinogram":
-            cases.append((None, {"input": str(f), "modality": "ct"}))
+        try:
+            series = list_dicom_series(here, recursive=False)
+        except InputError as err:
+            if "no DICOM image objects" in err.problem:
+                continue
+            # a broken file that claims to be DICOM: a case that fails with this reason
+            order.append(("raw", (f"series-{key('folder:' + rel(here))}", {"input": str(here), "series_uid": ""},
+                                  rel(here), f"unreadable DICOM folder ({err.problem})")))
+            continue
+        for info in series:
+            if info.series_uid:
+                if info.series_uid not in by_uid:
+                    order.append(("uid", info.series_uid))
+                by_uid.setdefault(info.series_uid, []).append((here, info))
+            else:
+                modality = "mri" if info.modality.upper() == "MR" else "ct"
+                order.append(("raw", (f"series-{key('folder:' + rel(here))}",
+                                      {"input": str(here), "series_uid": "", "modality": modality}, rel(here),
+                                      _dicom_description(info, info.n_images, True))))
+    cases: list[_Raw] = []
+    for what, item in order:
+        if what == "raw":
+            cases.append(item)
+            continue
+        uid, places = item, by_uid[item]
+        first = places[0][1]
+        modality = "mri" if first.modality.upper() == "MR" else "ct"
+        top = Path(os.path.commonpath([str(d) for d, _ in places]))
+        n = sum(i.n_images for _, i in places)
+        if len(places) == 1 or all(_reachable(top, d) for d, _ in places):
+            cases.append((f"series-{key(uid)}", {"input": str(top), "series_uid": uid, "modality": modality},
+                          rel(top), _dicom_description(first, n, False)))
+        else:  # a link in between: one case per folder
+            for d, info in places:
+                also = ", ".join(rel(o) for o, _ in places if o != d)
+                cases.append((f"series-{key(uid + '@' + rel(d))}",
+                              {"input": str(d), "series_uid": uid, "modality": modality}, rel(d),
+                              _dicom_description(info, info.n_images, False) + f"; same SeriesInstanceUID in {also}"))
     return cases
 
 
@@ -145,9 +267,10 @@ def read_cases(source: str | Path, defaults: ReconstructConfig, out_dir: str | P
     """
     src = Path(source)
     if src.is_dir():
-        raw = _folder_cases(src)
+        raw = _folder_cases(src, Path(out_dir))
         if not raw:
-            raise InputError(src, "no DICOM series, NIfTI, sinogram, fastMRI or BART files found")
+            raise InputError(src, "no DICOM series, NIfTI, sinogram, fastMRI, BART or MATLAB files found "
+                                  "(sub-folders and linked folders included)")
     elif src.is_file():
         raw = _csv_cases(src, defaults)
         if not raw:
@@ -156,7 +279,7 @@ def read_cases(source: str | Path, defaults: ReconstructConfig, out_dir: str | P
         raise InputError(src, "no such file or folder")
     specs: list[CaseSpec] = []
     seen: set[str] = set()
-    for case_id, settings in raw:
+    for case_id, settings, label, description in raw:
         cid = case_id or case_id_for(settings["input"], settings.get("series_uid"))
         if cid in seen:
             raise InputError(src, f"case ID {cid!r} appears twice")
@@ -166,5 +289,5 @@ def read_cases(source: str | Path, defaults: ReconstructConfig, out_dir: str | P
         cfg = dataclasses.replace(defaults, **settings, case_id=cid, out=str(Path(out_dir) / "cases" / cid),
                                   thumbnails=True)
         cfg = _drop_foreign_defaults(cfg, settings)
-        specs.append(CaseSpec(cid, cfg))
+        specs.append(CaseSpec(cid, cfg, label, description))
     return specs

@@ -21,6 +21,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from medrecon.datasets import KSPACE_SUFFIXES  # the k-space readers' one list of endings
+from medrecon.datasets.images import IMAGE_SUFFIXES
 from medrecon.errors import InputError, SettingsError
 
 if TYPE_CHECKING:
@@ -28,10 +30,56 @@ if TYPE_CHECKING:
     from medrecon.pipeline.case import ReconstructConfig
 
 __all__ = ["Problem", "input_kind", "build_problem", "parse_slices", "retrospective_operator", "simulate_measurement",
-           "add_noise"]
+           "add_noise", "supported_formats", "describe_path", "load_image_input", "available_memory_bytes",
+           "check_projector_memory"]
 
-KSPACE_SUFFIXES = (".h5", ".hdf5", ".cfl", ".hdr")
 SINOGRAM_SUFFIXES = (".npy", ".npz")
+NIFTI_SUFFIXES = (".nii", ".nii.gz")
+#: format names of the k-space endings (an ending missing here is listed by itself)
+_KSPACE_FORMATS = {".h5": "fastMRI", ".hdf5": "fastMRI", ".cfl": "BART", ".hdr": "BART", ".mat": "MATLAB"}
+#: what some common endings are, for error messages
+_FILE_KINDS = {".mat": "a MATLAB .mat file", ".h5": "an HDF5 file", ".hdf5": "an HDF5 file",
+               ".cfl": "a BART .cfl array", ".hdr": "a BART .hdr header", ".npy": "a NumPy array (.npy)",
+               ".npz": "a NumPy archive (.npz)", ".json": "a JSON file", ".txt": "a text file",
+               ".csv": "a CSV file", ".zip": "a zip archive", ".gz": "a gzip file", ".pdf": "a PDF file",
+               ".dcm": "a .dcm file", ".raw": "a raw binary file", ".mha": "a MetaImage file (.mha)",
+               ".mhd": "a MetaImage header (.mhd)", ".nrrd": "an NRRD file"}
+
+
+def supported_formats(role: str = "input") -> str:
+    """The formats medrecon reads, as one line for error messages (built from the readers' lists).
+
+    Parameters
+    ----------
+    role : {"input", "image"}
+        ``"input"``: everything ``--input`` takes; ``"image"``: images only (``--reference``,
+        ``medrecon evaluate``).
+    """
+    images = (f"DICOM file or folder, NIfTI ({', '.join(NIFTI_SUFFIXES)}), "
+              f"folder of images ({', '.join(IMAGE_SUFFIXES)})")
+    if role == "image":
+        return images
+    kspace: dict[str, list[str]] = {}
+    for suffix in KSPACE_SUFFIXES:
+        kspace.setdefault(_KSPACE_FORMATS.get(suffix, suffix), []).append(suffix)
+    ksp = ", ".join(f"{name} {'/'.join(sfx)}" if name not in sfx else name for name, sfx in kspace.items())
+    return f"{images}; raw sinogram ({'/'.join(SINOGRAM_SUFFIXES)} + .json); k-space ({ksp})"
+
+
+def describe_path(path: str | Path) -> str:
+    """What a file or folder looks like, for error messages (endings and counts; no file names)."""
+    p = Path(path)
+    if p.is_dir():
+        files = [f for f in p.rglob("*") if f.is_file() and not f.name.startswith(".")]
+        if not files:
+            return "an empty folder"
+        endings = sorted({"".join(f.suffixes[-2:]).lower() or "(no ending)" for f in files})
+        shown = ", ".join(endings[:6]) + (", …" if len(endings) > 6 else "")
+        return f"a folder of {len(files)} file{'s' if len(files) != 1 else ''} ({shown})"
+    suffix = p.suffix.lower()
+    if suffix in _FILE_KINDS:
+        return _FILE_KINDS[suffix]
+    return f"a '{suffix}' file" if suffix else "a file without a name ending"
 
 
 @dataclass
@@ -48,6 +96,8 @@ class Problem:
     title: str
     scale: float = 1.0  # MRI magnitude scale for metrics
     notes: dict[str, Any] = field(default_factory=dict)
+    first_slice: int = 0  # index in the input of the problem's first slice
+    display_affine: np.ndarray | None = None  # RAS+ affine for figure orientation (None: as stored)
 
 
 def input_kind(path: str | None) -> str:
@@ -79,25 +129,11 @@ def parse_slices(text: str | None, n: int, where: str) -> slice:
 
 
 def _subset(vol: Volume, cfg: ReconstructConfig) -> Volume:
-    """Select slices and block-average in-plane by ``cfg.downsample`` (affine follows)."""
-    from medrecon.datasets.types import Volume
+    """Select slices and block-average in-plane by ``cfg.downsample``; every slice keeps its
+    exact position (:func:`medrecon.datasets.subset_volume`)."""
+    from medrecon.datasets import subset_volume
 
-    s = parse_slices(cfg.slices, vol.shape[0], "input")
-    arr = vol.array[s].astype(np.float32)
-    affine = vol.affine.copy()
-    start = range(vol.shape[0])[s][0]
-    affine[:3, 3] += start * affine[:3, 2]
-    f = int(cfg.downsample)
-    if f < 1:
-        raise SettingsError(f"downsample must be ≥ 1; got {cfg.downsample}")
-    if f > 1:
-        z, h, w = arr.shape
-        if h < f or w < f:
-            raise SettingsError(f"downsample {f} is larger than the image ({h}×{w})")
-        arr = arr[:, : h // f * f, : w // f * f].reshape(z, h // f, f, w // f, f).mean(axis=(2, 4))
-        affine[:3, 3] += (f - 1) / 2 * (affine[:3, 0] + affine[:3, 1])
-        affine[:3, :2] *= f
-    return Volume(arr, affine, vol.modality, dict(vol.meta))
+    return subset_volume(vol, parse_slices(cfg.slices, vol.shape[0], "input"), cfg.downsample)
 
 
 def add_noise(y: Tensor, fraction: float, gen: torch.Generator) -> Tensor:
@@ -111,14 +147,147 @@ def add_noise(y: Tensor, fraction: float, gen: torch.Generator) -> Tensor:
     return y + fraction * rms * noise
 
 
-def _retrospective(cfg: ReconstructConfig, seed: int) -> Problem:
+def load_image_input(path: str, role: str = "--input", **kwargs: Any) -> Volume:
+    """:func:`medrecon.datasets.load_volume`, with errors that say what ``path`` is and what is read.
+
+    Parameters
+    ----------
+    path : str
+        DICOM file or folder, NIfTI file or image folder.
+    role : str
+        The option the path came from (``--input``, ``--reference``), for the messages.
+    **kwargs
+        Passed to ``load_volume`` (e.g. ``series_uid``).
+
+    Raises
+    ------
+    InputError
+        Measured data where an image is needed, an empty folder, a folder with neither a DICOM
+        series nor images, or a file of no format medrecon reads (each names the supported ones).
+    """
     from medrecon.datasets import load_volume
+
+    p = Path(path)
+    kind = input_kind(str(p))
+    if kind != "image":
+        what = {"kspace": "k-space", "sinogram": "a sinogram"}.get(kind, kind)
+        raise InputError(p, f"{describe_path(p)} is read as measured data ({what}), not as an image; {role} takes an image: "
+                            f"{supported_formats('image')}")
+    try:
+        return load_volume(str(p), **kwargs)
+    except InputError as err:
+        formats = supported_formats("input" if role == "--input" else "image")
+        if p.is_dir() and err.path == p and "no image files" in err.problem:
+            raise InputError(p, f"{describe_path(p)}: no DICOM series, NIfTI or images in it; {role} takes: "
+                                f"{formats}") from err
+        if p.is_file() and err.path == p and "not a DICOM file" in err.problem:
+            raise InputError(p, f"{describe_path(p)}, not a format medrecon reads (no DICOM header either); "
+                                f"{role} takes: {formats}") from err
+        raise
+
+
+def available_memory_bytes() -> int | None:
+    """Memory this process can still allocate: ``MemAvailable``, capped by a cgroup limit.
+
+    Returns None where neither is known (not Linux).
+    """
+    avail: int | None = None
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                avail = int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    for limit_file, usage_file in (("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory.current"),
+                                   ("/sys/fs/cgroup/memory/memory.limit_in_bytes",
+                                    "/sys/fs/cgroup/memory/memory.usage_in_bytes")):
+        try:
+            limit_text = Path(limit_file).read_text().strip()
+            if limit_text == "max":
+                continue
+            room = int(limit_text) - int(Path(usage_file).read_text().strip())
+        except (OSError, ValueError):
+            continue
+        if int(limit_text) < 2**60:  # cgroup v1 writes a huge number for "no limit"
+            avail = room if avail is None else min(avail, room)
+    return None if avail is None else max(0, avail)
+
+
+def check_projector_memory(A: Any, what: str) -> None:  # noqa: N803
+    """Refuse a CT geometry whose sparse matrices would not fit in memory, before they are built.
+
+    ``A`` is a CT projector (its matrices are built on first use, so creating it is cheap); other
+    operators pass.  The estimate is :func:`medrecon.operators.ct.projector_memory_bytes` for the
+    measured views plus, for a subset, the full angle set (data consistency uses it).
+
+    Parameters
+    ----------
+    what : str
+        The setting that chose the geometry, e.g. ``"--views 100000"``, for the message.
+
+    Raises
+    ------
+    SettingsError
+        The estimate exceeds the available memory, or the forward matrix would exceed the 2³¹
+        non-zeros its int32 indices can address.
+    """
+    from medrecon.operators.ct import _Projector, projector_memory_bytes, projector_nnz
+
+    if not isinstance(A, _Projector):
+        return
+    views = len(A.angles) + (0 if bool(np.all(A.view_mask_np)) else len(A.full_angles))
+    h, w = A.image_shape
+    need = projector_memory_bytes((h, w), views, A.n_bins)
+    forward_nnz, _ = projector_nnz((h, w), len(A.full_angles), A.n_bins)
+    geometry = f"a {len(A.angles)}-view CT projector on a {h}×{w} grid ({A.n_bins} detector bins)"
+    hint = "use fewer views or a smaller image (--downsample, --image-size)"
+    avail = available_memory_bytes()
+    if avail is not None and need > avail:
+        raise SettingsError(f"{what}: {geometry} needs about {_bytes(need)} of memory for its sparse "
+                            f"matrices; {_bytes(avail)} is available; {hint}")
+    if forward_nnz >= 2**31:
+        raise SettingsError(f"{what}: {geometry} would hold about {forward_nnz:.2e} non-zeros, more than the "
+                            f"2^31 its sparse matrix can index; {hint}")
+
+
+def _bytes(n: float) -> str:
+    return f"{n / 2**30:.1f} GiB" if n >= 2**30 else f"{n / 2**20:.0f} MiB"
+
+
+def _ct_what(cfg: ReconstructConfig) -> str:
+    """The option that chose a retrospective CT geometry, for messages."""
+    if cfg.angles_deg is not None:
+        return f"--angles ({len(cfg.angles_deg)} views)"
+    if cfg.limited_angle_deg is not None:
+        return f"--limited-angle {cfg.limited_angle_deg:g}"
+    return f"--views {cfg.views}"
+
+
+def _check_modality(vol: Volume, cfg: ReconstructConfig) -> None:
+    """Refuse CT simulation from an MR image; warn when a CT input does not look like HU."""
+    import warnings
+
+    if cfg.modality == "ct" and vol.modality == "MR":
+        raise SettingsError("--modality ct: the input is an MR image (DICOM Modality MR); a CT simulation needs "
+                            "HU values: use --modality mri")
+    if cfg.modality == "ct" and vol.modality != "CT" and vol.array.size and float(np.min(vol.array)) > -500.0:
+        warnings.warn(f"--modality ct: the input's values span [{float(np.min(vol.array)):.4g}, "
+                      f"{float(np.max(vol.array)):.4g}] with no air (about −1000 HU); the CT simulation "
+                      "assumes HU: check that the input is a CT in HU", UserWarning, stacklevel=3)
+
+
+def _retrospective(cfg: ReconstructConfig, seed: int) -> Problem:
     from medrecon.datasets.simulate import bundled_ct_slice
     from medrecon.metrics import SOFT_TISSUE_HU
 
     src = str(bundled_ct_slice()) if cfg.input is None else cfg.input
-    kw = {"series_uid": cfg.series_uid} if cfg.series_uid else {}
-    vol = _subset(load_volume(src, **kw), cfg)
+    kw = {"series_uid": cfg.series_uid} if cfg.series_uid is not None else {}  # "": see load_volume
+    full = load_image_input(src, "--input", **kw)
+    _check_modality(full, cfg)
+    first = range(full.shape[0])[parse_slices(cfg.slices, full.shape[0], "input")][0]
+    has_geometry = "dicom" in full.meta or src.lower().endswith(NIFTI_SUFFIXES)  # not an image folder
+    vol = _subset(full, cfg)
+    del full
     x = torch.from_numpy(np.ascontiguousarray(vol.array, dtype=np.float32))[:, None]  # (Z, 1, H, W)
     A = retrospective_operator(  # noqa: N806
         x.shape[-2:], cfg.modality, seed=seed, views=cfg.views, geometry=cfg.geometry,
@@ -126,6 +295,7 @@ def _retrospective(cfg: ReconstructConfig, seed: int) -> Problem:
         source_to_isocenter_mm=cfg.source_to_isocenter_mm, source_to_detector_mm=cfg.source_to_detector_mm,
         mask=cfg.mask, acceleration=cfg.acceleration, center_fraction=cfg.center_fraction,
     )
+    check_projector_memory(A, _ct_what(cfg))  # before the matrices are built
     if cfg.modality == "ct":
         n = int(np.count_nonzero(A.mask.cpu().numpy())) if hasattr(A, "mask") else cfg.views
         what = f"{n} views" if cfg.limited_angle_deg is None else f"{cfg.limited_angle_deg:g}° limited angle"
@@ -136,7 +306,8 @@ def _retrospective(cfg: ReconstructConfig, seed: int) -> Problem:
         title = f"MRI {cfg.acceleration:g}x {cfg.mask} mask"
         unit, display, initial = "a.u.", (0.0, scale), "zero-filled"
     y = simulate_measurement(x, A, cfg.noise, seed)
-    return Problem(y, A, x, vol, unit, display, initial, title, scale)
+    return Problem(y, A, x, vol, unit, display, initial, title, scale, first_slice=first,
+                   display_affine=vol.affine if has_geometry else None)
 
 
 def retrospective_operator(
@@ -197,6 +368,7 @@ def _sinogram_problem(cfg: ReconstructConfig) -> Problem:
         A = ct_operator(g, (size, size))  # noqa: N806
     except SettingsError as err:
         raise InputError(Path(cfg.input).with_suffix(".json"), str(err)) from err
+    check_projector_memory(A, f"{Path(cfg.input).name} ({len(g['angles_rad'])} views, {size}×{size} grid)")
     y = torch.from_numpy(data)[:, None]
     if g.get("units", "image_pixel") == "attenuation":
         pix = float(g.get("pixel_size_mm") or 1.0)
@@ -208,16 +380,17 @@ def _sinogram_problem(cfg: ReconstructConfig) -> Problem:
     template = Volume(np.zeros((data.shape[0], size, size), np.float32), np.diag([pix, pix, pix, 1.0]), "CT")
     n_views = len(g["angles_rad"])
     return Problem(y, A, None, template, "HU", SOFT_TISSUE_HU, "fbp",
-                   f"CT measured sinogram, {g['type']} beam, {n_views} views")
+                   f"CT measured sinogram, {g['type']} beam, {n_views} views",
+                   first_slice=range(sino.data.shape[0])[s][0])
 
 
 def _kspace_problem(cfg: ReconstructConfig) -> Problem:
-    from medrecon.datasets import Volume, load_bart_kspace, load_fastmri, load_fastmri_reference
+    from medrecon.datasets import Volume, load_fastmri_reference, load_kspace
     from medrecon.operators import MaskedFourier, MultiCoilMRI, estimate_coil_maps
 
     path = Path(cfg.input)
     is_h5 = path.suffix.lower() in (".h5", ".hdf5")
-    ksp = load_fastmri(path) if is_h5 else load_bart_kspace(path)
+    ksp = load_kspace(str(path))  # by ending: fastMRI .h5, BART .cfl, MATLAB .mat
     s = parse_slices(cfg.slices, ksp.data.shape[1], str(path))
     data = ksp.data[:, s]  # (coils, Z, H, W)
     mask = ksp.mask if ksp.mask.shape[0] == 1 else ksp.mask[s]
@@ -247,7 +420,8 @@ def _kspace_problem(cfg: ReconstructConfig) -> Problem:
     template = Volume(np.zeros((y.shape[0], *y.shape[-2:]), np.float32), np.eye(4), "MR")
     layout = "multi-coil" if data.shape[0] > 1 else "single-coil"
     return Problem(y, A, reference, template, "a.u.", (0.0, scale), "zero-filled",
-                   f"MRI measured {layout} k-space, {float(mask.mean()):.0%} sampled", scale, notes)
+                   f"MRI measured {layout} k-space, {float(mask.mean()):.0%} sampled", scale, notes,
+                   first_slice=range(ksp.data.shape[1])[s][0])
 
 
 def build_problem(cfg: ReconstructConfig, seed: int) -> Problem:
@@ -269,7 +443,7 @@ def build_problem(cfg: ReconstructConfig, seed: int) -> Problem:
     if mode == "retrospective" and kind != "image":
         raise SettingsError(f"retrospective mode needs an image input; {Path(str(cfg.input)).name} is a {kind}")
     if mode == "prospective" and kind == "image":
-        raise SettingsError("prospective mode needs measured data (a raw sinogram, fastMRI .h5 or BART .cfl)")
+        raise SettingsError(f"prospective mode needs measured data: {supported_formats('input').split('; ', 1)[1]}")
     want = {"sinogram": "ct", "kspace": "mri"}.get(kind)
     if want and cfg.modality != want:
         raise SettingsError(f"{Path(str(cfg.input)).name} is {kind} data; use --modality {want}")
@@ -280,9 +454,8 @@ def build_problem(cfg: ReconstructConfig, seed: int) -> Problem:
     else:
         return _retrospective(cfg, seed)
     if cfg.reference:
-        from medrecon.datasets import load_volume
-
-        ref = load_volume(cfg.reference).array[parse_slices(cfg.slices, prob.y.shape[0], cfg.reference)]
+        ref_all = load_image_input(cfg.reference, "--reference").array
+        ref = ref_all[parse_slices(cfg.slices, ref_all.shape[0], cfg.reference)]
         prob.reference = torch.from_numpy(np.ascontiguousarray(ref, dtype=np.float32))[:, None]
         prob.notes["reference"] = "file"
     return prob

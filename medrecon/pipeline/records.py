@@ -12,12 +12,12 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
 import time
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
+from medrecon.datasets._atomic import open_temp
 from medrecon.pipeline.case import ReconstructConfig
 from medrecon.priors.prior import sha256_file
 
@@ -42,7 +42,7 @@ def failure_path(out_dir: str | Path, case_id: str) -> Path:
 def atomic_json(path: Path, data: dict[str, Any]) -> None:
     """Write JSON to a temporary name, fsync, rename."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".json.tmp")
+    fd, tmp = open_temp(path.parent, ".json.tmp")
     try:
         with os.fdopen(fd, "w") as fh:
             json.dump(data, fh, indent=2, default=str)

@@ -1,8 +1,8 @@
 """``medrecon tune``: search a diffusion method's settings for one prior and one measurement
 setting on validation images, and optionally store the winner on the prior's model card.
 
-A thin composition of :func:`medrecon.solvers.tuning.tune` (successive halving, objective PSNR,
-the current defaults always a candidate) and :func:`~medrecon.solvers.tuning.store_tuned_defaults`.
+A thin composition of :func:`medrecon.tuning.tune` (successive halving, objective PSNR,
+the current defaults always a candidate) and :func:`~medrecon.tuning.store_tuned_defaults`.
 """
 
 from __future__ import annotations
@@ -72,7 +72,7 @@ class TuneConfig:
 
 
 def run_tune(cfg: TuneConfig, *, prior: Any = None, log=None) -> dict[str, Any]:
-    """Tune and return :func:`medrecon.solvers.tuning.tune`'s result (plus ``stored_in``).
+    """Tune and return :func:`medrecon.tuning.tune`'s result (plus ``stored_in``).
 
     Parameters
     ----------
@@ -90,7 +90,7 @@ def run_tune(cfg: TuneConfig, *, prior: Any = None, log=None) -> dict[str, Any]:
     from medrecon.pipeline.geometry import ct_case_operator
     from medrecon.pipeline.problems import _subset, add_noise
     from medrecon.pipeline.records import atomic_json
-    from medrecon.solvers.tuning import store_tuned_defaults, tune
+    from medrecon.tuning import store_tuned_defaults, tune
 
     if cfg.modality not in ("ct", "mri"):
         raise SettingsError(f"modality must be 'ct' or 'mri'; got {cfg.modality!r}")

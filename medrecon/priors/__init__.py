@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from medrecon.priors.networks import NETWORK_SIZES, NetworkSpec, ScoreNet, build_unet, network_spec
 from medrecon.priors.normalise import CT_HU_WINDOW, Normaliser, ct_normaliser, mri_normaliser
-from medrecon.priors.prior import ScorePrior, fit_high_noise, sample_unconditional, sigma_to_t, tweedie_denoise
+from medrecon.priors.prior import ScorePrior, fit_high_noise, sigma_to_t, tweedie_denoise
 from medrecon.priors.sde import SDE, VESDE, VPSDE, sde_from_dict
 
 __all__ = [
@@ -27,7 +27,6 @@ __all__ = [
     "ct_normaliser",
     "mri_normaliser",
     "ScorePrior",
-    "sample_unconditional",
     "fit_high_noise",
     "sigma_to_t",
     "tweedie_denoise",

@@ -45,7 +45,6 @@ __all__ = [
     "ScorePrior",
     "sigma_to_t",
     "tweedie_denoise",
-    "sample_unconditional",
     "sha256_file",
     "fit_high_noise",
 ]
@@ -105,65 +104,6 @@ def tweedie_denoise(score_fn: ScoreFn, sde: SDE, y: Tensor, sigma: float) -> Ten
     std = float(sde.std(t[:1].double())[0])
     xt = a * y
     return (xt + std**2 * score_fn(xt, t)) / a
-
-
-@torch.no_grad()
-def sample_unconditional(
-    score_fn: ScoreFn,
-    sde: SDE,
-    shape: tuple[int, ...],
-    *,
-    n_steps: int = 200,
-    snr: float = 0.16,
-    corrector_steps: int = 1,
-    generator: torch.Generator | None = None,
-    device: torch.device | str | None = None,
-    dtype: torch.dtype = torch.float32,
-) -> Tensor:
-    """Unconditional predictor–corrector samples (reverse diffusion + Langevin, ALGORITHMS.md §2).
-
-    Runs the solvers' one sampling loop (:func:`medrecon.solvers.sampler.sample`) with no
-    conditioning; used for previews and the sample grids.  The last step returns the
-    Tweedie-denoised mean.
-
-    Parameters
-    ----------
-    score_fn : callable ``(x, t) -> score``
-    sde : SDE
-    shape : tuple
-        ``(B, C, H, W)``.
-    n_steps : int
-        Number of predictor steps (the SDE is re-discretised on this grid).
-    snr : float
-        Langevin signal-to-noise ratio.
-    corrector_steps : int
-        Langevin steps per predictor step (0 disables the corrector).
-    generator : torch.Generator, optional
-        Source of randomness (default: seed 0).
-
-    Returns
-    -------
-    Tensor, shape ``shape``, normalised space
-    """
-    import dataclasses
-    from types import SimpleNamespace
-
-    from medrecon.solvers import pieces
-    from medrecon.solvers.sampler import ScoreCounter, sample
-
-    sde_n = dataclasses.replace(sde, n_steps=n_steps)
-    rng = generator if generator is not None else torch.Generator().manual_seed(0)
-    score = ScoreCounter(SimpleNamespace(sde=sde_n, score=score_fn))
-    x = sde_n.prior_sample(shape, rng, device, dtype)
-    ts = sde_n.timesteps(n_steps, device=device, dtype=dtype)
-    corrector = (
-        pieces.langevin(score, snr, corrector_steps) if corrector_steps > 0 and snr > 0 else pieces.identity_step
-    )
-    x = sample(x, ts, pieces.reverse_diffusion(score), corrector, pieces.identity_step, rng)
-    t_last = ts[-1].expand(shape[0])
-    a = sde_n.mean_coeff(t_last).reshape(-1, 1, 1, 1)
-    s = sde_n.std(t_last).reshape(-1, 1, 1, 1)
-    return (x + s**2 * score(x, t_last)) / a
 
 
 @torch.no_grad()
@@ -381,29 +321,6 @@ class ScorePrior(nn.Module):
     def denoise_sigma(self, y: Tensor, sigma: float) -> Tensor:
         """Denoise ``y = x + sigma n`` (normalised space) with Tweedie's formula."""
         return tweedie_denoise(self.score, self.sde, y, sigma)
-
-    def sample(
-        self,
-        n: int,
-        size: tuple[int, int] | None = None,
-        *,
-        n_steps: int = 200,
-        snr: float = 0.16,
-        generator: torch.Generator | None = None,
-    ) -> Tensor:
-        """Unconditional samples, shape ``(n, 1, H, W)``, normalised space."""
-        p = next(self.net.parameters())
-        hw = size or tuple(self.card.get("resolution", (256, 256)))
-        return sample_unconditional(
-            self.score,
-            self.sde,
-            (n, 1, *hw),
-            n_steps=n_steps,
-            snr=snr,
-            generator=generator,
-            device=p.device,
-            dtype=torch.float32,
-        )
 
     # --- files --------------------------------------------------------------------------
     def save(

@@ -5,11 +5,19 @@ What a run does
 * Data: 2-D slices from ``.npz`` files (key ``images``, shape ``(N, H, W)``), normalised with
   the modality's normaliser (CT: HU window → [0, 1]; MRI: uint16 already scaled to
   ``[0, 1]·65535``), held in memory as float16.
-* Batches: an epoch is a seeded permutation of the slices; each slice gives one random
-  ``patch_size`` crop (or the whole image when ``patch_size`` is ``None``), flipped and rotated
-  by a multiple of 90° at random.  Crops that are almost constant (air) are re-drawn up to
-  three times.  The U-Net is fully convolutional with attention only at its lowest level, so a
-  net trained on patches applies to whole images.
+  Files may carry ``valid_box`` (cropped series padded onto the canvas, ``ct/extra``): patches
+  are drawn inside it (:func:`medrecon.datasets.training.valid_boxes`).
+* Batches: an epoch is a seeded permutation of the slices (or, with ``data_weights``, as many
+  weighted draws); each slice gives one random ``patch_size`` crop (or the whole image when
+  ``patch_size`` is ``None``), flipped and rotated by a multiple of 90° at random.  Crops that
+  are almost constant (air) are re-drawn up to three times.  The U-Net is fully convolutional
+  with attention only at its lowest level, so a net trained on patches applies to whole
+  images.  Mixed patch sizes (``patch_sizes`` with ``patch_probs``): each batch draws one
+  size, and its batch size (``patch_batch``); a slice whose valid region cannot hold the size
+  is passed over for that batch.
+* Position-aware nets (``coords=True``, PaDIS): each patch comes with the x/y coordinates of
+  its pixels in the whole slice (:func:`medrecon.priors.networks.image_coords`), and the flip
+  and rotation move the coordinate channels with the image (see :class:`PatchSampler`).
 * Loss: ``E_t E_z || F(x0 + std(t) z, t) + z ||^2`` — DSM with weighting ``std(t)^2``
   (Song et al. 2021), ``t ~ U(eps, 1)``.
 * Optimiser AdamW with linear warm-up, gradient clipping, EMA of the weights.
@@ -42,7 +50,7 @@ import signal
 import sys
 import time
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -50,14 +58,31 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from medrecon.datasets.training import dihedral, npz_source_info, patch_origin, valid_boxes
 from medrecon.errors import InputError, SettingsError
-from medrecon.priors.networks import ScoreNet, network_spec
+from medrecon.priors.networks import (
+    NetworkSpec,
+    ScoreNet,
+    image_coords,
+    network_spec,
+    widen_for_coords,
+)
 from medrecon.priors.normalise import Normaliser, ct_normaliser, mri_normaliser
-from medrecon.priors.prior import ScorePrior, fit_high_noise, sample_unconditional, tweedie_denoise
+from medrecon.priors.prior import ScorePrior, fit_high_noise, tweedie_denoise
 from medrecon.priors.registry import read_card, write_card
 from medrecon.priors.sde import SDE, VESDE, VPSDE
 
-__all__ = ["TrainConfig", "train", "load_slices", "PatchSampler", "PRESETS", "data_root", "main"]
+__all__ = [
+    "TrainConfig",
+    "train",
+    "load_slices",
+    "load_training_data",
+    "PatchSampler",
+    "PRESETS",
+    "data_root",
+    "runtime_info",
+    "main",
+]
 
 CKPT_FORMAT = "medrecon-train-ckpt-1"
 RESERVED = ("val.npz", "totalseg_example_ct")  # never train on these (benchmarks / validation)
@@ -97,7 +122,23 @@ class TrainConfig:
     sigma_data : float
         Typical std of normalised images (VE input scaling).
     patch_size : int or None
-        Random square crops of this size; ``None`` trains on whole images.
+        Random square crops of this size; ``None`` trains on whole images.  Must be ``None``
+        when ``patch_sizes`` is given.
+    patch_sizes : tuple of int
+        Mixed patch sizes (e.g. ``(64, 128, 256)``; a size equal to the slices' is a whole
+        slice); each batch draws one.  Empty: ``patch_size`` alone.
+    patch_probs : tuple of float
+        Probability of each of ``patch_sizes`` (empty: equal; normalised to sum 1).
+    patch_batch : tuple of int
+        Batch size for each of ``patch_sizes`` (empty: ``batch_size`` for all), e.g.
+        ``(16, 4, 1)`` for the same pixel count per step.
+    coords : bool
+        Position-aware network (two coordinate input channels, PaDIS); patches carry the
+        coordinates of their pixels in the whole slice.
+    augment : bool
+        Random flips and 90° rotations (the coordinates move with the image).
+    data_weights : tuple of float
+        Share of the draws for each file of ``data`` (empty: in proportion to its slices).
     batch_size : int
     lr, weight_decay, warmup_steps, grad_clip, ema_decay : float / int
         AdamW, linear warm-up, global-norm clipping, EMA decay.
@@ -129,9 +170,13 @@ class TrainConfig:
         Preview sample size (pixels).
     sample_steps : int
         Predictor steps for previews.
+    sample_count : int
+        Preview samples per grid.
     seed : int
     threads : int or None
-        ``torch.set_num_threads``.
+        ``torch.set_num_threads`` (intra-op threads of this process).  Whether tcmalloc is
+        preloaded and how many threads ran are recorded (:func:`runtime_info`) in the
+        checkpoint, the summary and the exported card.
     out_dir : str or None
     init_from : str or None
         Shipped prior (name or card path) to start from; optimiser re-initialised.
@@ -152,6 +197,12 @@ class TrainConfig:
     beta_max: float = 20.0
     sigma_data: float = 0.2
     patch_size: int | None = 64
+    patch_sizes: tuple[int, ...] = ()
+    patch_probs: tuple[float, ...] = ()
+    patch_batch: tuple[int, ...] = ()
+    coords: bool = False
+    augment: bool = True
+    data_weights: tuple[float, ...] = ()
     batch_size: int = 16
     lr: float = 2e-4
     weight_decay: float = 0.0
@@ -171,6 +222,7 @@ class TrainConfig:
     sample_every_s: float = 1800.0
     sample_size: int = 64
     sample_steps: int = 100
+    sample_count: int = 8
     seed: int = 0
     threads: int | None = None
     out_dir: str | None = None
@@ -189,6 +241,37 @@ class TrainConfig:
             raise SettingsError(
                 f"TrainConfig: patch_size must be a multiple of 8 (>= 8); got {self.patch_size}"
             )
+        if self.patch_sizes:
+            if self.patch_size is not None:
+                raise SettingsError(
+                    f"TrainConfig: give patch_size=None with patch_sizes {self.patch_sizes}; "
+                    f"got patch_size={self.patch_size}"
+                )
+            if any(p < 8 or p % 8 for p in self.patch_sizes) or len(set(self.patch_sizes)) < len(
+                self.patch_sizes
+            ):
+                raise SettingsError(
+                    "TrainConfig: patch_sizes must be distinct multiples of 8 (>= 8); got "
+                    f"{self.patch_sizes}"
+                )
+        n_sizes = len(self.patch_sizes)
+        for name, vals in (("patch_probs", self.patch_probs), ("patch_batch", self.patch_batch)):
+            if vals and (len(vals) != n_sizes or any(v <= 0 for v in vals)):
+                raise SettingsError(
+                    f"TrainConfig: {name} must be empty or {n_sizes} positive values, one per "
+                    f"patch size {self.patch_sizes}; got {vals}"
+                )
+        if self.data_weights and (
+            len(self.data_weights) != len(self.data)
+            or any(w < 0 for w in self.data_weights)
+            or not sum(self.data_weights) > 0
+        ):
+            raise SettingsError(
+                f"TrainConfig: data_weights must be empty or {len(self.data)} non-negative "
+                f"values (one per data file) with a positive sum; got {self.data_weights}"
+            )
+        if self.sample_count < 1:
+            raise SettingsError(f"TrainConfig: sample_count must be >= 1; got {self.sample_count}")
         if self.patience < 0 or self.min_delta_db < 0:
             raise SettingsError(
                 f"TrainConfig: patience and min_delta_db must be >= 0; got {self.patience}, "
@@ -214,10 +297,21 @@ class TrainConfig:
         "beta_max",
         "sigma_data",
         "patch_size",
+        "patch_sizes",
+        "patch_probs",
+        "patch_batch",
+        "coords",
+        "augment",
+        "data_weights",
         "batch_size",
         "data",
         "seed",
     )
+
+    def network_spec(self) -> NetworkSpec:
+        """Architecture of this run's network (the named size, with coordinate channels when
+        ``coords``)."""
+        return replace(network_spec(self.size), coords=self.coords)
 
     def build_sde(self) -> SDE:
         """Build the forward SDE of this run."""
@@ -243,59 +337,177 @@ def load_slices(paths: Sequence[str], modality: str) -> Tensor:
     """Read ``images`` from ``.npz`` files and normalise them; returns float16 ``(N, H, W)``.
 
     CT files are HU (int16) → ``(HU + 1024) / 4096`` clipped; MRI files are uint16 scaled
-    ``[0, 1]·65535`` → ``/ 65535``.
+    ``[0, 1]·65535`` → ``/ 65535``.  (:func:`load_training_data` also returns each slice's
+    valid region and file.)
 
     Raises
     ------
     InputError
         A file is missing, unreadable or has no 3-D ``images`` array.
     """
-    out = []
-    for p in paths:
+    return load_training_data(paths, modality)[0]
+
+
+def load_training_data(paths: Sequence[str], modality: str) -> tuple[Tensor, Tensor, Tensor]:
+    """Slices of ``.npz`` files, normalised, with the region of real data in each.
+
+    Parameters
+    ----------
+    paths : sequence of str
+        ``.npz`` files with ``images`` ``(N, H, W)`` (relative paths are under
+        :func:`data_root`), optionally ``valid_box`` ``(N, 4)``.
+    modality : {"ct", "mri"}
+
+    Returns
+    -------
+    images : Tensor, shape (N, H, W), float16
+        As :func:`load_slices`.
+    boxes : Tensor, shape (N, 4), int64
+        ``(row0, row1, col0, col1)`` half-open: ``valid_box`` where the file has it (cropped
+        series padded onto the canvas), else the whole slice.
+    owner : Tensor, shape (N,), int64
+        Index into ``paths`` of each slice's file.
+
+    Raises
+    ------
+    InputError
+        A file is missing, unreadable, has no 3-D ``images`` array or a bad ``valid_box``.
+    SettingsError
+        The files' slices differ in size.
+    """
+    out, boxes, owner = [], [], []
+    for k, p in enumerate(paths):
         f = _resolve(p)
         try:
             with np.load(f) as z:
                 if "images" not in z.files:
                     raise InputError(f, f"no 'images' array (has {', '.join(z.files)})")
                 a = z["images"]
+                if a.ndim != 3:
+                    raise InputError(f, f"'images' must be (N, H, W); got shape {a.shape}")
+                box = valid_boxes(z, a.shape[0], a.shape[1:], f)
         except (OSError, ValueError) as err:
             raise InputError(f, f"cannot read training data ({err})") from err
-        if a.ndim != 3:
-            raise InputError(f, f"'images' must be (N, H, W); got shape {a.shape}")
         x = torch.from_numpy(a.astype(np.float32))
         if modality == "ct":
             x = ct_normaliser().normalise(x)
         else:
             x = (x / 65535.0).clamp(0, 1) if a.dtype == np.uint16 else x.clamp(0, 1)
         out.append(x.to(torch.float16))
+        boxes.append(torch.from_numpy(box))
+        owner.append(torch.full((a.shape[0],), k, dtype=torch.int64))
     shapes = {tuple(x.shape[1:]) for x in out}
     if len(shapes) > 1:
         raise SettingsError(f"load_slices: all slices must share one size; got {sorted(shapes)}")
-    return torch.cat(out)
+    return torch.cat(out), torch.cat(boxes), torch.cat(owner)
 
 
 class PatchSampler:
-    """Seeded, resumable batches of augmented crops.
+    """Seeded, resumable batches of augmented crops (and their coordinate channels).
 
     Parameters
     ----------
     images : Tensor, shape (N, H, W)
     batch_size : int
     patch_size : int or None
+        One patch size (``None``: whole slices); must be ``None`` with ``patch_sizes``.
     seed : int
+    boxes : Tensor, shape (N, 4), optional
+        Valid region of each slice (``(row0, row1, col0, col1)``, half-open); patches stay
+        inside it, and a whole-slice draw (``patch_size=None``) takes only slices whose region
+        is the whole slice.  Default: whole slices.
+    patch_sizes : sequence of int, optional
+        Mixed sizes: each batch draws one (probabilities ``patch_probs``, batch size
+        ``patch_batch``).  A slice whose region cannot hold the size is passed over for
+        that batch (it comes back with the next permutation).
+    patch_probs, patch_batch : sequence, optional
+        As in :class:`TrainConfig`.
+    weights : Tensor, shape (N,), optional
+        Relative draw probability of each slice: an epoch is then ``N`` weighted draws with
+        replacement instead of a permutation.
+    augment : bool
+        Random flips and 90° rotations.
+
+    Notes
+    -----
+    **Coordinates follow the flip and rotation** (:meth:`next_batch_coords`).  A patch at
+    ``(top, left)`` of an ``H x W`` slice gets ``image_coords(p, p, top=top, left=left,
+    frame=(H, W))`` — the coordinates of its pixels in the slice's display frame (row 0
+    anterior, column 0 the patient's right) — and the same :func:`dihedral` transform is then
+    applied to the image and the coordinate channels, so every pixel keeps its true position
+    in the slice, wherever the transform puts it.  This is the convention consistent with
+    whole-image inference: there the net sees an image in the display frame with the plain grid
+    ``image_coords(H, W)``, which is exactly a training input drawn with the identity
+    transform, so what the net learns for the plain grid is the distribution of unrotated
+    slices (anatomy where it belongs: spine posterior, table below).  The rotated draws carry
+    visibly rotated coordinate fields (x no longer increasing along the columns), so they do
+    not blur that; they still teach the filters the rotated textures.  The other convention,
+    the plain grid of the augmented patch's own frame, would make the net learn the
+    8-fold symmetrised distribution for that grid, and at inference it would find a patient
+    upside down as likely as upright.  ``augment=False`` trains on the identity alone.
+
+    The random stream is that of the single-size sampler whenever one size is used (the
+    whole-slice box gives the same corners), so runs started before boxes, sizes and
+    coordinates existed resume exactly.
     """
 
-    def __init__(self, images: Tensor, batch_size: int, patch_size: int | None, seed: int):
+    def __init__(
+        self,
+        images: Tensor,
+        batch_size: int,
+        patch_size: int | None,
+        seed: int,
+        *,
+        boxes: Tensor | None = None,
+        patch_sizes: Sequence[int] = (),
+        patch_probs: Sequence[float] = (),
+        patch_batch: Sequence[int] = (),
+        weights: Tensor | None = None,
+        augment: bool = True,
+    ):
         self.images = images
         self.batch_size = batch_size
         self.patch_size = patch_size
+        self.augment = augment
+        n, h, w = images.shape
+        if patch_sizes and patch_size is not None:
+            raise SettingsError("PatchSampler: give patch_size=None with patch_sizes")
+        self.sizes: list[int | None] = list(patch_sizes) if patch_sizes else [patch_size]
+        probs = torch.tensor(
+            [float(v) for v in patch_probs] if patch_probs else [1.0] * len(self.sizes),
+            dtype=torch.float64,
+        )
+        self.cum_probs = (probs / probs.sum()).cumsum(0)
+        self.batches = [int(b) for b in patch_batch] if patch_batch else [batch_size] * len(self.sizes)
+        full = torch.tensor([0, h, 0, w], dtype=torch.int64)
+        self.boxes = full.expand(n, 4).clone() if boxes is None else boxes.to(torch.int64)
+        if self.boxes.shape != (n, 4):
+            raise SettingsError(f"PatchSampler: boxes must be ({n}, 4); got {tuple(self.boxes.shape)}")
+        self.weights = None if weights is None else weights.to(torch.float64)
+        bh = self.boxes[:, 1] - self.boxes[:, 0]
+        bw = self.boxes[:, 3] - self.boxes[:, 2]
+        self.eligible = []
+        for p in self.sizes:
+            if p is not None and (p > h or p > w):
+                raise SettingsError(f"PatchSampler: patch_size {p} exceeds image size {h}x{w}")
+            ok = (self.boxes == full).all(1) if p is None else (bh >= p) & (bw >= p)
+            if self.weights is not None:
+                ok = ok & (self.weights > 0)
+            if not bool(ok.any()):
+                raise SettingsError(
+                    f"PatchSampler: no slice can give a {'whole-slice' if p is None else p} "
+                    "patch inside its valid region"
+                )
+            self.eligible.append(ok)
         self.gen = torch.Generator().manual_seed(seed)
         self.epoch = 0
         self.pos = 0
-        self.perm = torch.randperm(len(images), generator=self.gen)
-        h, w = images.shape[1:]
-        if patch_size is not None and (patch_size > h or patch_size > w):
-            raise SettingsError(f"PatchSampler: patch_size {patch_size} exceeds image size {h}x{w}")
+        self.perm = self._new_perm()
+
+    def _new_perm(self) -> Tensor:
+        if self.weights is None:
+            return torch.randperm(len(self.images), generator=self.gen)
+        return torch.multinomial(self.weights, len(self.images), replacement=True, generator=self.gen)
 
     def state_dict(self) -> dict[str, Any]:
         """Return the data position and RNG state."""
@@ -315,40 +527,65 @@ class PatchSampler:
         if self.pos >= len(self.perm):
             self.epoch += 1
             self.pos = 0
-            self.perm = torch.randperm(len(self.images), generator=self.gen)
+            self.perm = self._new_perm()
         i = int(self.perm[self.pos])
         self.pos += 1
         return i
 
     def next_batch(self) -> Tensor:
         """Draw the next float32 batch ``(B, 1, P, P)``."""
-        out = []
+        return self._draw(with_coords=False)[0]
+
+    def next_batch_coords(self) -> tuple[Tensor, Tensor]:
+        """Draw the next batch and its coordinate channels: ``(B, 1, P, P)`` images and
+        ``(B, 2, P, P)`` x/y coordinates of each pixel in its whole slice, transformed with the
+        image (see the class notes)."""
+        x, c = self._draw(with_coords=True)
+        assert c is not None
+        return x, c
+
+    def _draw(self, with_coords: bool) -> tuple[Tensor, Tensor | None]:
+        k = 0
+        if len(self.sizes) > 1:  # one extra draw only when sizes are mixed
+            u = float(torch.rand(1, generator=self.gen, dtype=torch.float64))
+            k = min(int(torch.searchsorted(self.cum_probs, torch.tensor([u], dtype=torch.float64))),
+                    len(self.sizes) - 1)
+        p, ok = self.sizes[k], self.eligible[k]
         h, w = self.images.shape[1:]
-        p = self.patch_size
-        for _ in range(self.batch_size):
-            img = self.images[self._next_index()]
+        out, coords = [], []
+        for _ in range(self.batches[k]):
+            i = self._next_index()
+            while not bool(ok[i]):
+                i = self._next_index()
+            img = self.images[i]
             r = torch.randint(0, 2**31 - 1, (10,), generator=self.gen).tolist()
-            crop = img
+            crop, top, left = img, 0, 0
             if p is not None:
-                for k in range(4):  # up to 4 candidates; keep the first that is not flat air
-                    y0, x0 = r[2 * k] % (h - p + 1), r[2 * k + 1] % (w - p + 1)
-                    crop = img[y0 : y0 + p, x0 : x0 + p]
+                for j in range(4):  # up to 4 candidates; keep the first that is not flat air
+                    top, left = patch_origin(self.boxes[i].tolist(), p, r[2 * j], r[2 * j + 1])
+                    crop = img[top : top + p, left : left + p]
                     if float(crop.float().std()) > 0.01:
                         break
-            crop = torch.rot90(crop, k=r[8] % 4, dims=(0, 1))
-            if r[9] % 2:
-                crop = torch.flip(crop, dims=(1,))
-            out.append(crop)
-        return torch.stack(out).unsqueeze(1).float()
+            rot, flip = (r[8] % 4, bool(r[9] % 2)) if self.augment else (0, False)
+            out.append(dihedral(crop, rot, flip))
+            if with_coords:
+                c = image_coords(crop.shape[0], crop.shape[1], top=top, left=left, frame=(h, w))
+                coords.append(dihedral(c[0], rot, flip))
+        x = torch.stack(out).unsqueeze(1).float()
+        return x, (torch.stack(coords) if with_coords else None)
 
 
-def dsm_loss(net: torch.nn.Module, sde: SDE, x0: Tensor, gen: torch.Generator) -> Tensor:
-    """Denoising score-matching loss ``mean || F(x_t, t) + z ||^2`` (weighting ``std^2``)."""
+def dsm_loss(
+    net: torch.nn.Module, sde: SDE, x0: Tensor, gen: torch.Generator, coords: Tensor | None = None
+) -> Tensor:
+    """Denoising score-matching loss ``mean || F(x_t, t) + z ||^2`` (weighting ``std^2``);
+    ``coords`` (position-aware nets) are passed to the net with the noisy patches."""
     t = sde.eps + (1.0 - sde.eps) * torch.rand(
         x0.shape[0], generator=gen, device=x0.device, dtype=x0.dtype
     )
     xt, z, _ = sde.perturb(x0, t, generator=gen)
-    return ((net(xt, t) + z) ** 2).mean()
+    out = net(xt, t) if coords is None else net(xt, t, coords)
+    return ((out + z) ** 2).mean()
 
 
 def _psnr(x: Tensor, ref: Tensor) -> float:
@@ -484,7 +721,7 @@ def export_prior(
     """
     ck = load_checkpoint(checkpoint)
     cfg = TrainConfig(**_cfg_from_dict(ck["config"]))
-    net = ScoreNet(network_spec(cfg.size), cfg.build_sde(), cfg.sigma_data)
+    net = ScoreNet(cfg.network_spec(), cfg.build_sde(), cfg.sigma_data)
     net.load_state_dict(ck["ema"])
     prior = ScorePrior(net, cfg.normaliser())
     earlier = ck.get("earlier", {"steps": 0, "wall_time_s": 0.0})
@@ -495,6 +732,8 @@ def export_prior(
         "optimiser_state_shipped": False,
         "config": ck["config"],
     }
+    if ck.get("runtime"):
+        training["runtime"] = ck["runtime"]
     if earlier["steps"]:
         training["resumed_from"] = (
             f"{earlier['steps']} earlier steps ({ck['config'].get('init_from')}); this run "
@@ -502,6 +741,10 @@ def export_prior(
         )
     extra: dict[str, Any] = dict(card or {})
     extra["training"] = {**training, **extra.get("training", {})}
+    extra["training_data"] = card_training_data(cfg.data, extra.get("training_data"))
+    summary = licence_summary(extra["training_data"])
+    if summary:
+        extra["licence_summary"] = summary
     replaced = Path(directory) / f"{name}.json"
     if overwrite and replaced.exists():
         # measurements made on the prior (tuned solver settings; uncertainty calibrations, which
@@ -549,12 +792,82 @@ def export_prior(
     return path
 
 
+def card_training_data(
+    data: Sequence[str], curated: Sequence[dict[str, Any]] | None = None
+) -> list[dict[str, Any]]:
+    """The card's list of training files with their licences.
+
+    ``curated`` entries (a preset's :data:`CARD_INFO`, one or more per file, with
+    ``non_commercial`` / ``origin_documented`` where reviewed) are kept as written; every file
+    of ``data`` that none of them names is added as found in the file
+    (:func:`medrecon.datasets.training.npz_source_info`: slices, patients, source, collection,
+    licence) with ``"licence_reviewed": False``, so no training file goes unlisted.
+    """
+    out = [dict(e) for e in (curated or [])]
+    named = {e.get("file") for e in out}
+    for f in data:
+        if f not in named:
+            info = npz_source_info(_resolve(f), name=f)
+            out.append({**info, "licence_reviewed": False})
+    return out
+
+
+def licence_summary(entries: Sequence[dict[str, Any]]) -> dict[str, list[str]]:
+    """Files of a card's ``training_data`` that are non-commercial, of undocumented origin or
+    whose licence nobody reviewed (empty lists left out)."""
+    groups = {
+        "non_commercial": [e["file"] for e in entries if e.get("non_commercial")],
+        "origin_undocumented": [e["file"] for e in entries if e.get("origin_documented") is False],
+        "licence_not_reviewed": [e["file"] for e in entries if e.get("licence_reviewed") is False],
+    }
+    return {k: sorted(set(v)) for k, v in groups.items() if v}
+
+
+def runtime_info() -> dict[str, Any]:
+    """How this process computes: intra-op threads, whether tcmalloc is preloaded (it is
+    mapped into the process), ``OMP_WAIT_POLICY``, device — for comparing thread settings
+    (one run at 2 threads with tcmalloc against two runs at 1 thread)."""
+    tcmalloc = False
+    with contextlib.suppress(OSError):
+        with open("/proc/self/maps") as f:
+            tcmalloc = any("tcmalloc" in line for line in f)
+    return {
+        "threads": torch.get_num_threads(),
+        "tcmalloc": tcmalloc,
+        "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
+        "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
+    }
+
+
 def _cfg_from_dict(d: dict[str, Any]) -> dict[str, Any]:
+    tuples = {f.name for f in fields(TrainConfig) if str(f.type).startswith("tuple")}
     names = {f.name for f in fields(TrainConfig)}
     d = {k: v for k, v in d.items() if k in names}
-    if "data" in d:
-        d["data"] = tuple(d["data"])
+    for k in tuples & set(d):
+        d[k] = tuple(d[k])
     return d
+
+
+def _make_sampler(
+    config: TrainConfig, images: Tensor, boxes: Tensor, owner: Tensor, seed: int
+) -> PatchSampler:
+    weights = None
+    if config.data_weights:  # each file's share of the draws, spread over its slices
+        share = torch.tensor(config.data_weights, dtype=torch.float64)
+        counts = torch.bincount(owner, minlength=len(config.data)).to(torch.float64)
+        weights = (share / counts.clamp_min(1))[owner]
+    return PatchSampler(
+        images,
+        config.batch_size,
+        config.patch_size,
+        seed,
+        boxes=boxes,
+        patch_sizes=config.patch_sizes,
+        patch_probs=config.patch_probs,
+        patch_batch=config.patch_batch,
+        weights=weights,
+        augment=config.augment,
+    )
 
 
 def _agree(world: int, *flags: bool) -> tuple[bool, ...]:
@@ -586,7 +899,8 @@ def train(config: TrainConfig) -> dict[str, Any]:
     Returns
     -------
     dict
-        ``step``, ``wall_s``, ``last_loss``, ``out_dir``, ``checkpoint``, ``stopped_by``.
+        ``step``, ``wall_s``, ``last_loss``, ``out_dir``, ``checkpoint``, ``stopped_by``,
+        ``runtime`` (:func:`runtime_info`).
 
     Raises
     ------
@@ -597,7 +911,12 @@ def train(config: TrainConfig) -> dict[str, Any]:
     """
     if config.threads:
         torch.set_num_threads(config.threads)
+    runtime = runtime_info()
     rank, world = _ddp()
+    if rank == 0 and runtime["device"] == "cpu" and runtime["threads"] > 1 and not runtime["tcmalloc"]:
+        print(f"train: {runtime['threads']} threads without tcmalloc: on a shared 2-core host "
+              "preload it (LD_PRELOAD=.../libtcmalloc_minimal.so.4) and set "
+              "OMP_WAIT_POLICY=PASSIVE (docs/priors.md)", file=sys.stderr)
     device = torch.device(
         f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if torch.cuda.is_available() else "cpu"
     )
@@ -607,23 +926,19 @@ def train(config: TrainConfig) -> dict[str, Any]:
     sde = config.build_sde()
     with torch.random.fork_rng(devices=[]):  # seeded initialisation; global RNG untouched
         torch.manual_seed(config.seed)
-        net = ScoreNet(network_spec(config.size), sde, config.sigma_data).to(device)
+        net = ScoreNet(config.network_spec(), sde, config.sigma_data).to(device)
     ema = copy.deepcopy(net).requires_grad_(False)
     opt = torch.optim.AdamW(net.parameters(), lr=config.lr, weight_decay=config.weight_decay)
-    images = load_slices(config.data, config.modality)
-    sampler = PatchSampler(images, config.batch_size, config.patch_size, config.seed * 1000 + rank)
+    images, boxes, owner = load_training_data(config.data, config.modality)
+    sampler = _make_sampler(config, images, boxes, owner, config.seed * 1000 + rank)
     noise_gen = torch.Generator(device=device).manual_seed(config.seed * 1000 + 500 + rank)
     step, wall = 0, 0.0
     earlier = {"steps": 0, "wall_time_s": 0.0}  # training the init_from weights had already had
     ckpath = out / "last.pt"
     if config.resume and ckpath.exists():
         ck = load_checkpoint(ckpath)
-        old = ck["config"]
-        diff = [
-            k
-            for k in TrainConfig.ARCH_FIELDS
-            if _cfg_from_dict(old).get(k) != _cfg_from_dict(asdict(config)).get(k)
-        ]
+        old = TrainConfig(**_cfg_from_dict(ck["config"]))  # fields added since: defaults
+        diff = [k for k in TrainConfig.ARCH_FIELDS if getattr(old, k) != getattr(config, k)]
         if diff:
             raise SettingsError(
                 f"train: {ckpath} was made with other settings ({', '.join(diff)}); "
@@ -639,8 +954,8 @@ def train(config: TrainConfig) -> dict[str, Any]:
             sampler.load_state_dict(ranks[rank]["sampler"])
             noise_gen.set_state(ranks[rank]["noise_rng"])
         else:  # another number of processes: fresh, distinct streams from the step on
-            sampler = PatchSampler(images, config.batch_size, config.patch_size,
-                                   config.seed * 1000 + rank + 7919 * step)
+            sampler = _make_sampler(config, images, boxes, owner,
+                                    config.seed * 1000 + rank + 7919 * step)
             noise_gen.manual_seed(config.seed * 1000 + 500 + rank + 7919 * step)
             if rank == 0:
                 print(f"train: {ckpath} was written by {len(ranks)} process(es), this run has {world}: "
@@ -650,9 +965,14 @@ def train(config: TrainConfig) -> dict[str, Any]:
         _truncate_log(out / "val.csv", step)
     elif config.init_from:
         init = ScorePrior.load(config.init_from)
-        if init.net.spec != net.spec or init.sde.to_dict() != sde.to_dict():
+        widen = net.spec.coords and not init.net.spec.coords
+        base = replace(net.spec, coords=False) if widen else net.spec
+        if init.net.spec != base or init.sde.to_dict() != sde.to_dict():
             raise SettingsError(f"train: init_from {config.init_from} has another architecture/SDE")
-        net.unet.load_state_dict(init.net.unet.state_dict())
+        state = init.net.unet.state_dict()
+        # a position-aware net may start from weights without coordinates: the coordinate
+        # channels get zero input weights, so it starts as exactly the net it came from
+        net.unet.load_state_dict(widen_for_coords(state) if widen else state)
         ema.load_state_dict(net.state_dict())
         # shipped weights carry no optimiser state: AdamW starts fresh (warm-up again)
         before = init.card.get("training", {})
@@ -693,6 +1013,7 @@ def train(config: TrainConfig) -> dict[str, Any]:
             "noise_rng": noise_gen.get_state(),
             "rank_states": ranks,
             "earlier": earlier,
+            "runtime": runtime,
             "torch_version": str(torch.__version__),
         }
         if rank == 0:
@@ -727,11 +1048,16 @@ def train(config: TrainConfig) -> dict[str, Any]:
             t_prev = time.monotonic()
             while step < config.max_steps:
                 net.train()
-                x0 = sampler.next_batch().to(device)
+                c0 = None
+                if config.coords:
+                    x0, c0 = sampler.next_batch_coords()
+                    x0, c0 = x0.to(device), c0.to(device)
+                else:
+                    x0 = sampler.next_batch().to(device)
                 lr = config.lr * min(1.0, (step + 1) / max(1, config.warmup_steps))
                 for g in opt.param_groups:
                     g["lr"] = lr
-                loss = dsm_loss(model, sde, x0, noise_gen)
+                loss = dsm_loss(model, sde, x0, noise_gen, coords=c0)
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 gnorm = float(torch.nn.utils.clip_grad_norm_(net.parameters(), config.grad_clip))
@@ -816,6 +1142,7 @@ def train(config: TrainConfig) -> dict[str, Any]:
         "out_dir": str(out),
         "checkpoint": str(ckpath),
         "stopped_by": stopped_by,
+        "runtime": runtime,
     }
 
 
@@ -880,9 +1207,11 @@ def _preview(ema: ScoreNet, config: TrainConfig, path: Path) -> None:
     ema.eval()
     gen = torch.Generator().manual_seed(config.seed + 7)
     s = config.sample_size
-    with torch.no_grad():
+    from medrecon.solvers.presets import sample_unconditional  # the solvers' one loop
+
+    with torch.no_grad():  # a position-aware net sees each sample as a whole image
         x = sample_unconditional(
-            ema.score, ema.sde, (8, 1, s, s), n_steps=config.sample_steps, snr=0.16, generator=gen
+            ema, (config.sample_count, 1, s, s), n_steps=config.sample_steps, snr=0.16, generator=gen
         )
     save_grid_png(x, path)
 
@@ -906,6 +1235,30 @@ _SHIPPED_DESIGN: dict[str, Any] = dict(
     min_delta_db=0.02,
 )
 
+# the grown CT set (2026-12-06): ct/train.npz, the head volume and ct/extra (ct/extra/SOURCES.md);
+# ct/val.npz and the 3-D benchmark volume stay out (RESERVED)
+CT_GROWN_DATA: tuple[str, ...] = (
+    "ct/train.npz",
+    "ct/volumes/promed_ct0051_head.npz",
+    "ct/extra/dashvtk_midrc_ricord1a.npz",
+    "ct/extra/itkelastix_4dct_phase00.npz",
+    "ct/extra/cornerstonedemo_ct_chest.npz",
+    "ct/extra/cornerstonetools_bellona_chest.npz",
+    "ct/extra/ibsi_ct_radiomics_phantom_lung.npz",
+    "ct/extra/ibsi_sts_ct_crops.npz",
+)
+
+# the issue-23 design comparison on the grown set, both CT designs at the shipped SDE (the
+# largest pairwise distance of the 1,977 grown slices is still 53.7, so sigma_max 60 holds and
+# either can start from the shipped ct-256 with --init-from)
+_CT_GROWN: dict[str, Any] = dict(
+    modality="ct",
+    data=CT_GROWN_DATA,
+    sigma_max=60.0,
+    sigma_data=0.2,
+    val_data="ct/val.npz",
+)
+
 PRESETS: dict[str, dict[str, Any]] = {
     "ct-256": dict(
         _SHIPPED_DESIGN,
@@ -925,6 +1278,23 @@ PRESETS: dict[str, dict[str, Any]] = {
         sigma_data=0.25,
         val_data="mri/val.npz",
     ),
+    "ct-256-grown": dict(_SHIPPED_DESIGN, **_CT_GROWN, run="ct-256-grown"),
+    # position-aware (PaDIS): coordinate channels, patches of 64, 128 and whole 256 slices, batch
+    # sizes for the same 65,536 pixels per step as the 64-pixel design (so steps cost about the
+    # same), whole-image previews; validation is whole-slice Tweedie as for every design
+    "ct-256-pos": dict(
+        _SHIPPED_DESIGN,
+        **_CT_GROWN,
+        run="ct-256-pos",
+        coords=True,
+        patch_size=None,
+        patch_sizes=(64, 128, 256),
+        patch_probs=(0.5, 0.3, 0.2),
+        patch_batch=(16, 4, 1),
+        sample_size=256,
+        sample_count=2,
+        sample_every_s=7200.0,
+    ),
 }
 
 
@@ -932,6 +1302,118 @@ _COMMON_NOTES = [
     "Research use only; not a medical device.",
     "Weights are the EMA of the network weights, stored as fp16; the optimiser state is not "
     "shipped, so training resumed from these weights (--init-from) re-initialises AdamW.",
+]
+
+# every file of CT_GROWN_DATA with its licence as found (ct/SOURCES.md, ct/extra/SOURCES.md,
+# data/README.md), marked non-commercial / of undocumented origin for the card's licence_summary
+_CT_GROWN_TRAINING_DATA: list[dict[str, Any]] = [
+    {
+        "file": "ct/train.npz",
+        "slices": 82,
+        "patients": 48,
+        "source": "TCIA TCGA-LUAD / TCGA-LUSC via a Kaggle selection mirrored on GitHub",
+        "licence": "CC BY 3.0 (TCIA); the mirror has no licence file: redistribution terms UNVERIFIED",
+        "non_commercial": False,
+        "origin_documented": True,
+    },
+    {
+        "file": "ct/train.npz",
+        "slices": 20,
+        "patients": 10,
+        "source": "TCIA COVID-19-NY-SBU via SaltyJoke/Image-Registration",
+        "licence": "CC BY 4.0 (TCIA); repository Apache-2.0",
+        "non_commercial": False,
+        "origin_documented": True,
+    },
+    {
+        "file": "ct/train.npz",
+        "slices": 30,
+        "patients": 1,
+        "source": "TCIA Lung-PET-CT-Dx via huyenbui117/lung_CT",
+        "licence": "CC BY 4.0 (TCIA); the repository has no licence file: UNVERIFIED",
+        "non_commercial": False,
+        "origin_documented": True,
+    },
+    {
+        "file": "ct/volumes/promed_ct0051_head.npz",
+        "slices": 108,
+        "patients": 1,
+        "source": "Debian package invesalius-examples, 'ProMED CT 0051' head CT",
+        "licence": "GPL-2 (package licence); clinical origin not stated",
+        "non_commercial": False,
+        "origin_documented": False,
+    },
+    {
+        "file": "ct/extra/dashvtk_midrc_ricord1a.npz",
+        "slices": 255,
+        "patients": 1,
+        "source": "TCIA MIDRC-RICORD-1A via plotly/dash-vtk (chest + upper abdomen)",
+        "licence": "CC BY-NC 4.0 (TCIA MIDRC-RICORD-1A); repository MIT: NON-COMMERCIAL",
+        "non_commercial": True,
+        "origin_documented": True,
+    },
+    {
+        "file": "ct/extra/itkelastix_4dct_phase00.npz",
+        "slices": 141,
+        "patients": 1,
+        "source": "InsightSoftwareConsortium/ITKElastix example data (thorax, one phase of a 4D CT)",
+        "licence": "repository Apache-2.0; image origin NOT documented (geometry matches the "
+        "POPI 4D-CT model, unverified)",
+        "non_commercial": False,
+        "origin_documented": False,
+    },
+    {
+        "file": "ct/extra/cornerstonedemo_ct_chest.npz",
+        "slices": 109,
+        "patients": 1,
+        "source": "chafey/cornerstoneDemo example study (chest + upper abdomen)",
+        "licence": "repository has no licence file; image origin NOT documented",
+        "non_commercial": False,
+        "origin_documented": False,
+    },
+    {
+        "file": "ct/extra/cornerstonetools_bellona_chest.npz",
+        "slices": 37,
+        "patients": 1,
+        "source": "cornerstonejs/cornerstoneTools example study (upper abdomen)",
+        "licence": "repository MIT; image origin NOT documented",
+        "non_commercial": False,
+        "origin_documented": False,
+    },
+    {
+        "file": "ct/extra/ibsi_ct_radiomics_phantom_lung.npz",
+        "slices": 60,
+        "patients": 1,
+        "source": "CancerData 'Radiomics Digital Phantom' (a lung-cancer patient) via "
+        "theibsi/data_sets; cropped to ~20 cm, valid_box",
+        "licence": "CC BY-NC 3.0: NON-COMMERCIAL",
+        "non_commercial": True,
+        "origin_documented": True,
+    },
+    {
+        "file": "ct/extra/ibsi_sts_ct_crops.npz",
+        "slices": 1135,
+        "patients": 51,
+        "source": "TCIA Soft-tissue-Sarcoma (Vallieres 2015) via theibsi/data_sets: arm/leg "
+        "crops around the tumour, every 3rd slice, valid_box",
+        "licence": "CC BY 3.0 (TCIA Soft-tissue-Sarcoma)",
+        "non_commercial": False,
+        "origin_documented": True,
+    },
+]
+
+_CT_GROWN_NOT_TRAINED_ON = [
+    "ct/val.npz (validation)",
+    "nifti/totalseg_example_ct.nii.gz (3D benchmark)",
+]
+
+_CT_GROWN_NOTES = [
+    "Trained on the grown CT set: 1,977 slices of 116 patients (ct/train.npz, the ProMED head "
+    "volume, ct/extra). Two sources are NON-COMMERCIAL (CC BY-NC: MIDRC-RICORD-1A, the "
+    "CancerData lung crop) and four are of undocumented origin (ProMED head, ITKElastix, "
+    "cornerstoneDemo, cornerstoneTools): see licence_summary; research use only.",
+    "The 1,195 crop slices (ct/extra/ibsi_*) are padded onto the 256x256 canvas; patches are "
+    "drawn inside their valid_box only.",
 ]
 
 CARD_INFO: dict[str, dict[str, Any]] = {
@@ -1046,6 +1528,35 @@ CARD_INFO: dict[str, dict[str, Any]] = {
             "network (score-MRI, Alg. 3).",
         ],
     },
+    "ct-256-grown": {
+        "modality": "ct",
+        "resolution": [256, 256],
+        "units": "HU window [-1024, 3071] -> [0, 1]: x = (HU + 1024) / 4096, clipped",
+        "design": "today's ct-256 design on the grown CT set: VE-SDE (sigma_min 0.01, "
+        "sigma_max 60; the largest pairwise L2 distance between the 1,977 normalised grown "
+        "slices is 53.7), 'S' U-Net without coordinates, random 64x64 patches (batch 16, inside "
+        "valid_box for the crops) with flips and 90-degree rotations; DSM with weight sigma^2, "
+        "AdamW, EMA 0.999; validated on whole 256x256 slices.",
+        "training_data": _CT_GROWN_TRAINING_DATA,
+        "not_trained_on": _CT_GROWN_NOT_TRAINED_ON,
+        "notes": _COMMON_NOTES + _CT_GROWN_NOTES,
+    },
+    "ct-256-pos": {
+        "modality": "ct",
+        "resolution": [256, 256],
+        "units": "HU window [-1024, 3071] -> [0, 1]: x = (HU + 1024) / 4096, clipped",
+        "design": "position-aware patch prior (PaDIS, Hu et al. NeurIPS 2024) on the grown CT "
+        "set: VE-SDE (sigma_min 0.01, sigma_max 60), 'S' U-Net with two coordinate input "
+        "channels (x, y of each pixel centre in the whole slice, in [-1, 1]); patches of 64 / "
+        "128 / 256 (= whole slices) pixels with probabilities 0.5 / 0.3 / 0.2 and batches "
+        "16 / 4 / 1 (65,536 pixels per step), inside valid_box for the crops; flips and "
+        "90-degree rotations move the coordinate channels with the image, so each pixel keeps "
+        "its true position; at inference a whole image gets the plain coordinate grid of its "
+        "own size. DSM with weight sigma^2, AdamW, EMA 0.999; validated on whole slices.",
+        "training_data": _CT_GROWN_TRAINING_DATA,
+        "not_trained_on": _CT_GROWN_NOT_TRAINED_ON,
+        "notes": _COMMON_NOTES + _CT_GROWN_NOTES,
+    },
 }
 
 
@@ -1057,6 +1568,8 @@ def build_parser() -> argparse.ArgumentParser:
         flag = "--" + f.name.replace("_", "-")
         if f.name == "data":
             p.add_argument(flag, nargs="+", help="training .npz files")
+        elif str(f.type).startswith("tuple"):  # e.g. --patch-sizes 64 128 256 (none: empty)
+            p.add_argument(flag, nargs="*", metavar=f.name.upper())
         elif f.type in ("bool",):
             p.add_argument(flag, type=lambda s: s.lower() in ("1", "true", "yes"), metavar="BOOL")
         else:
@@ -1081,6 +1594,13 @@ def config_from_args(ns: argparse.Namespace) -> TrainConfig:
             continue
         if name == "data":
             base[name] = tuple(v)
+        elif str(typ).startswith("tuple"):
+            item = float if "float" in str(typ) else int if "int" in str(typ) else str
+            try:
+                base[name] = tuple(item(x) for x in v)
+            except ValueError as err:
+                raise SettingsError(f"train: --{name.replace('_', '-')} takes {item.__name__} "
+                                    f"values; got {' '.join(v)}") from err
         elif typ == "bool":
             base[name] = bool(v)
         elif v.lower() == "none":

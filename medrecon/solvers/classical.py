@@ -17,9 +17,9 @@ import torch
 from torch import Tensor
 
 from medrecon.errors import SettingsError, ShapeError
+from medrecon.linalg import conjugate_gradient
 from medrecon.operators.base import LinearOperator
 from medrecon.operators.diff import FiniteDifference
-from medrecon.solvers.cg import conjugate_gradient
 from medrecon.solvers.wavelet import Wavelet2D
 
 __all__ = [
@@ -141,6 +141,10 @@ class ADMMTV:
         self.u: Tensor | None = None
         self.v: Tensor | None = None
         self.u2: Tensor | None = None
+
+    def reset(self) -> None:
+        """Forget the splitting variables and duals: the next :meth:`step` starts afresh."""
+        self.w = self.u = self.v = self.u2 = None
 
     def _normal(self, x: Tensor) -> Tensor:
         out = self.A.normal(x) / self.scale2 + self.rho * self.D.normal(x)

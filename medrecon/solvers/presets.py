@@ -32,9 +32,10 @@ from medrecon.operators.ct import _Projector
 from medrecon.operators.mri import MaskedFourier as MaskedFourierType
 from medrecon.operators.mri import MultiCoilMRI
 from medrecon.solvers import classical, pieces
+from medrecon.solvers.cards import operator_key, same_setting
 from medrecon.solvers.sampler import ScoreCounter, ScoreModel, randn_like, sample
 
-__all__ = ["DiffusionSettings", "PRESETS", "DIFFUSION_METHODS", "run_diffusion"]
+__all__ = ["DiffusionSettings", "PRESETS", "DIFFUSION_METHODS", "run_diffusion", "sample_unconditional"]
 
 
 @dataclass(frozen=True)
@@ -74,7 +75,13 @@ class DiffusionSettings:
     tv_axes : tuple of str
         mbir3d: ("z",) (default, TV along slices) or ("z", "y", "x") (isotropic 3-D TV).
     admm_cg_iters : int
-        mbir3d: CG steps of the ADMM x-update per diffusion step (DiffusionMBIR's fast code: 1).
+        mbir3d and dds3d: CG steps of the ADMM x-update (DiffusionMBIR's fast code: 1).
+    dc_iters : int
+        dds: conjugate-gradient steps of the data consistency on x̂₀ per step (M).
+    dc_gamma : float
+        dds: proximal weight γ relative to ‖A‖² (0: plain CG from x̂₀; > 0 for noisy data).
+    admm_iters : int
+        dds3d: ADMM iterations of the data term + TV along z on x̂₀ per step.
     chunk : int, optional
         Network evaluations on at most this many slices at a time (wins over ``max_memory``).
     max_memory : float or None
@@ -99,6 +106,9 @@ class DiffusionSettings:
     rho_tv: float = 1e-2
     tv_axes: tuple[str, ...] = ("z",)
     admm_cg_iters: int = 1
+    dc_iters: int = 5
+    dc_gamma: float = 0.0
+    admm_iters: int = 1
     chunk: int | None = None
     max_memory: float | None = 4 * 2**30
     extra: dict[str, Any] = field(default_factory=dict)
@@ -118,7 +128,22 @@ PRESETS: dict[str, dict[str, Any]] = {
     # setting: 64 slices of 256² with 8 views in 29 min on one CPU core (docs/benchmarks.md);
     # the Langevin corrector (snr 0.16) doubles the time for +0.3 dB there
     "mbir3d": {"steps": 100, "snr": 0.0, "t0": 0.3, "lam_tv": 1e-3, "rho_tv": 1e-2},
+    # DDS (Chung, Lee & Ye, ICLR 2024): DDIM (η 0.85 as in the paper) whose Tweedie estimate
+    # gets M = 5 CG steps of data consistency before re-noising; started, as CCDF, from a TV
+    # image forward-diffused to t0.  t0 = 0.2 of an N = 150 grid is 30 network evaluations.
+    # Operator-specific values come from the card's tuned settings (benchmarks/tune.py).
+    "dds": {"steps": 150, "predictor": "ddim", "eta": 0.85, "snr": 0.0, "t0": 0.2, "init": "tv",
+            "start": "ccdf", "dc_iters": 5},
+    # DDS for volumes: the 2-D prior slice-wise in chunks; the data consistency on x̂₀ is ADMM on
+    # the data term + TV along z over the whole volume (CG inner steps)
+    "dds3d": {"steps": 150, "predictor": "ddim", "eta": 0.85, "snr": 0.0, "t0": 0.3, "init": "tv",
+              "start": "ccdf", "lam_tv": 1e-3, "rho_tv": 1e-2, "admm_iters": 2, "admm_cg_iters": 3},
 }
+
+#: methods that run one volume per posterior sample (their data consistency couples slices)
+VOLUME_METHODS = ("mbir3d", "dds3d")
+#: methods whose data consistency acts on the Tweedie estimate inside the DDIM step
+DDS_METHODS = ("dds", "dds3d")
 
 #: memory per slice of a network evaluation, in bytes per pixel (measured for the "S" UNet at
 #: 256², about 0.4 GB per image in inference, ENVIRONMENT.md)
@@ -138,8 +163,61 @@ def chunk_for_budget(max_memory: float, volume: Tensor) -> int:
 DIFFUSION_METHODS = tuple(PRESETS)
 
 
+def settings_defaults() -> dict[str, Any]:
+    """Every :class:`DiffusionSettings` field with its default value."""
+    return {f.name: f.default if f.default is not dataclasses.MISSING else f.default_factory()
+            for f in dataclasses.fields(DiffusionSettings) if f.name != "extra"}
+
+
+def tuned_defaults(card: dict[str, Any] | None, A: LinearOperator, method: str) -> dict[str, Any]:  # noqa: N803
+    """The tuned settings stored on ``card`` for ``A``'s key and ``method`` (only settings fields):
+    ``card["tuned"][operator_key(A)][method]``."""
+    entry = (card or {}).get("tuned", {}).get(operator_key(A), {}).get(method, {})
+    names = settings_defaults()
+    return {k: v for k, v in entry.items() if k in names}
+
+
+#: tuned values that scale with the number of steps, kept right by a rule when the caller
+#: changes ``steps``: DPS's ζ (the total guidance Σζ over the run stays the same)
+_PER_STEP_RULES = {"dps": {"zeta": lambda zeta, tuned_steps, steps: zeta * tuned_steps / steps}}
+
+
+def _tuned_for(
+    method: str, tuned: dict[str, Any], overrides: dict[str, Any], key: str,
+) -> tuple[dict[str, Any], list[str]]:
+    """The card's tuned settings for a run whose caller overrides some of them.
+
+    Tuned values hold for the settings they were tuned with.  Where the caller changes one of
+    those (``steps`` most often), a value with a known rule is rescaled (DPS's ζ with the step
+    count); any other tuned value still applied is named in a warning, since it was measured at
+    other settings.
+    """
+    changed = sorted(k for k, v in overrides.items() if k in tuned and not same_setting(tuned[k], v))
+    if not changed:
+        return tuned, []
+    out, warnings = dict(tuned), []
+    rules = _PER_STEP_RULES.get(method, {})
+    if "steps" in changed:
+        for name, rule in rules.items():
+            if name in out and name not in overrides:
+                new = float(f"{rule(float(out[name]), int(tuned['steps']), int(overrides['steps'])):.4g}")
+                warnings.append(
+                    f"{method}: {name} {out[name]} was tuned for {tuned['steps']} steps on {key}; "
+                    f"rescaled to {new} for {overrides['steps']} steps"
+                )
+                out[name] = new
+    rest = sorted(k for k in out if k not in overrides and k not in rules)
+    if rest:
+        at = ", ".join(f"{k} {tuned[k]}" for k in changed)
+        warnings.append(
+            f"{method}: the tuned {', '.join(f'{k} {out[k]}' for k in rest)} for {key} were measured with "
+            f"{at}; this run changes that, so they may not suit it (re-tune with benchmarks/tune.py)"
+        )
+    return out, warnings
+
+
 def _settings(method: str, overrides: dict[str, Any]) -> DiffusionSettings:
-    names = {f.name for f in dataclasses.fields(DiffusionSettings)} - {"extra"}
+    names = set(settings_defaults())
     unknown = sorted(set(overrides) - names)
     if unknown:
         raise SettingsError(
@@ -220,15 +298,14 @@ def run_diffusion(
         raise SettingsError(f"{method}: the operator must be a SamplingOperator, got {A.name}")
     if n_samples < 1:
         raise SettingsError(f"n_samples must be ≥ 1, got {n_samples}")
-    from medrecon.solvers.tuning import operator_key, tuned_defaults  # card["tuned"][key][method]
-
     tuned = tuned_defaults(getattr(model, "card", None), A, method)
+    tuned, warnings = _tuned_for(method, tuned, overrides, operator_key(A))
     s = _settings(method, {**tuned, **overrides})
     b = y.shape[0]
-    start = s.start if s.start != "auto" else ("ccdf" if method in ("ccdf", "mbir3d") else "noise")
+    start = s.start if s.start != "auto" else ("ccdf" if method in ("ccdf", *VOLUME_METHODS) else "noise")
     # the initial estimate is deterministic: computed once, shared by every sample
     x_init = _initial_estimate(y, A, s.init) if start == "ccdf" else None
-    if method == "mbir3d":
+    if method in VOLUME_METHODS:
         # one volume per sample: the TV couples the slices of a volume, not different samples
         outs, nfe, steps_run = [], 0, 0
         for k in range(n_samples):
@@ -247,8 +324,17 @@ def run_diffusion(
         "steps_run": steps_run,
         "n_samples": n_samples,
         "tuned": operator_key(A) if tuned else None,  # the card's tuned defaults were applied
+        "warnings": warnings,
     }
     return samples, info
+
+
+def _tweedie(score: ScoreCounter, sde, x: Tensor, t1: Tensor) -> Tensor:
+    """The Tweedie estimate ``(x + s² score(x, t)) / a`` at the one time ``t1`` (shape (1,))."""
+    t = t1.expand(x.shape[0])
+    a = sde.mean_coeff(t.double()).reshape(-1, *([1] * (x.ndim - 1))).to(x.real.dtype)
+    sd = sde.std(t.double()).reshape(-1, *([1] * (x.ndim - 1))).to(x.real.dtype)
+    return (x + sd**2 * score(x, t)) / a
 
 
 def _chain(
@@ -279,9 +365,14 @@ def _chain(
         sd = sde.std(one).reshape(-1, *([1] * (like.ndim - 1))).to(like.real.dtype)
         x = sd * randn_like(like, rng)
 
-    predictor = _predictor(s, score)
     corrector = pieces.langevin(score, s.snr, s.corrector_steps) if s.snr > 0 else pieces.identity_step
-    if method == "dps":
+    condition = pieces.identity_step
+    x0_step = None
+    if method == "dds":
+        x0_step = pieces.cg_consistency(A, yr, s.dc_iters, s.dc_gamma, classical.operator_norm(A, like) ** 2)
+    elif method == "dds3d":
+        x0_step = pieces.admm_tv_consistency(A, yr, s.lam_tv, s.rho_tv, s.admm_iters, tuple(s.tv_axes), s.admm_cg_iters)
+    elif method == "dps":
         condition = pieces.dps_guidance(A, yr, score, s.zeta, classical.operator_norm(A, like))
     elif method == "mbir3d":
         condition = pieces.admm_tv(A, yr, s.lam_tv, s.rho_tv, tuple(s.tv_axes), s.admm_cg_iters)
@@ -289,12 +380,65 @@ def _chain(
         condition = pieces.song_consistency(A, yr, sde, s.lam, exact=exact)
         if method == "score-mri" and isinstance(A, MultiCoilMRI):
             condition = pieces.chain(condition, pieces.sense_gradient(A, yr, s.sense_every, len(schedule)))
+    if x0_step is not None and s.predictor != "ddim":
+        raise SettingsError(f"{method} decomposes the DDIM step: predictor must be 'ddim', got {s.predictor!r}")
+    predictor = pieces.ddim(score, s.eta, x0_step) if x0_step is not None else _predictor(s, score)
     x = sample(x, schedule, predictor, corrector, condition, rng, progress=progress)
+    if x0_step is None:
+        # noise removal: Tweedie at the last time, then an exact λ = 1 projection
+        x = _tweedie(score, sde, x, schedule[-1:])
+        x = A.data_consistency(x, yr, 1.0, exact=True, cg_iters=10)
+    # (DDS: the last DDIM step lands on t = 0 with the data-consistent x̂₀ itself)
+    return x.detach(), score.nfe, int(len(schedule))
 
-    # noise removal: Tweedie at the last time, then an exact λ = 1 projection
-    t_last = schedule[-1:].expand(x.shape[0])
-    a = sde.mean_coeff(t_last.double()).reshape(-1, *([1] * (x.ndim - 1))).to(x.real.dtype)
-    sd = sde.std(t_last.double()).reshape(-1, *([1] * (x.ndim - 1))).to(x.real.dtype)
-    x = (x + sd**2 * score(x, t_last)) / a
-    x = A.data_consistency(x, yr, 1.0, exact=True, cg_iters=10).detach()
-    return x, score.nfe, int(len(schedule))
+
+@torch.no_grad()
+def sample_unconditional(
+    model: ScoreModel,
+    shape: tuple[int, ...],
+    *,
+    n_steps: int = 200,
+    snr: float = 0.16,
+    corrector_steps: int = 1,
+    generator: torch.Generator | None = None,
+    device: torch.device | str | None = None,
+    dtype: torch.dtype = torch.float32,
+) -> Tensor:
+    """Samples of the prior itself: the one loop with reverse diffusion + Langevin and no
+    conditioning (ALGORITHMS.md §2), finished by a Tweedie step.  Used by the trainer's previews
+    and the priors benchmark's sample grids.
+
+    Parameters
+    ----------
+    model : ScoreModel
+        Anything with ``sde`` and ``score(x, t)`` (a ``ScorePrior`` or a ``ScoreNet``).
+    shape : tuple
+        ``(B, C, H, W)``.
+    n_steps : int
+        Number of predictor steps (the SDE is re-discretised on this grid).
+    snr : float
+        Langevin signal-to-noise ratio.
+    corrector_steps : int
+        Langevin steps per predictor step (0 disables the corrector).
+    generator : torch.Generator, optional
+        Source of randomness (default: seed 0).
+    device, dtype
+        Of the samples (default: the model's parameters' device, float32).
+
+    Returns
+    -------
+    Tensor, shape ``shape``, normalised space
+    """
+    if device is None:
+        params = getattr(model, "parameters", None)
+        first = next(params(), None) if callable(params) else None
+        device = first.device if first is not None else "cpu"
+    sde = dataclasses.replace(model.sde, n_steps=n_steps)
+    rng = generator if generator is not None else torch.Generator().manual_seed(0)
+    score = ScoreCounter(model)
+    score.sde = sde
+    x = sde.prior_sample(shape, rng, device, dtype)
+    ts = sde.timesteps(n_steps, device=device, dtype=dtype)
+    corrector = pieces.langevin(score, snr, corrector_steps) if corrector_steps > 0 and snr > 0 else pieces.identity_step
+    x = sample(x, ts, pieces.reverse_diffusion(score), corrector, pieces.identity_step, rng)
+    return _tweedie(score, sde, x, ts[-1:])

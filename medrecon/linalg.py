@@ -1,4 +1,7 @@
-"""Conjugate gradients for Hermitian positive (semi-)definite systems, batched per item."""
+"""Conjugate gradients for Hermitian positive (semi-)definite systems, batched per item.
+
+The bottom layer: operators (exact data consistency) and solvers both use it.
+"""
 
 from __future__ import annotations
 

@@ -5,7 +5,8 @@ them (ALGORITHMS.md §8).  :func:`tune` runs successive halving over random conf
 search space (λ, snr, ζ, t₀, steps, ...) on a few validation images, with PSNR as the objective,
 and always keeps the current defaults as a candidate, so its answer is never worse than them on
 the tuning images.  :func:`store_tuned_defaults` writes the winner to the card as
-``card["tuned"][operator_key][method]``; :func:`medrecon.solvers.presets.run_diffusion` applies it
+``card["tuned"][operator_key][method]``; :func:`medrecon.solvers.presets.run_diffusion` applies it (through
+:mod:`medrecon.solvers.cards`)
 between the preset and the caller's overrides.  The card's sha256 covers the weights file only,
 so editing the card keeps the prior loadable.
 
@@ -22,7 +23,6 @@ Poisson disc), ``sense-8`` (multi-coil, 8×).
 
 from __future__ import annotations
 
-import dataclasses
 import math
 import time
 from collections.abc import Callable
@@ -33,22 +33,22 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from medrecon.api import reconstruct
 from medrecon.errors import SettingsError
+from medrecon.metrics import calibration
 from medrecon.operators.base import LinearOperator
 from medrecon.priors.registry import read_card, write_card
+from medrecon.solvers.cards import SPREAD_SETTINGS, operator_key
+from medrecon.solvers.presets import PRESETS, settings_defaults, tuned_defaults
 
 __all__ = [
     "DEFAULT_SPACES",
-    "operator_key",
     "tune",
     "store_tuned_defaults",
-    "tuned_defaults",
     "calibrate",
     "store_calibration",
-    "std_scale",
 ]
 
-#: search spaces per method: a list = choices; (low, high) = uniform; (low, high, "log") = log-uniform
 DEFAULT_SPACES: dict[str, dict[str, Any]] = {
     "song": {"lam": (0.5, 1.0), "snr": (0.04, 0.4, "log"), "steps": [50, 100, 200]},
     # CCDF: the start (FBP / zero-filled / CG-SENSE vs TV) matters as much as t0: from a TV image
@@ -62,38 +62,16 @@ DEFAULT_SPACES: dict[str, dict[str, Any]] = {
     },
     "dps": {"zeta": (0.1, 3.0, "log"), "steps": [50, 100, 200]},
     "score-mri": {"snr": (0.04, 0.4, "log"), "steps": [50, 100, 200]},
+    # DDS: the start (t0 on a grid of `steps`: t0·steps network evaluations), the DDIM noise η,
+    # the CG steps on x̂₀ and the proximal weight (which matters for noisy data)
+    "dds": {
+        "t0": (0.1, 0.5),
+        "steps": [60, 100, 150, 200],
+        "eta": (0.5, 1.0),
+        "dc_iters": [2, 3, 5, 10],
+        "dc_gamma": [0.0, 0.0, 1e-3, 1e-2, 1e-1],
+    },
 }
-
-
-def operator_key(A: LinearOperator) -> str:  # noqa: N803
-    """A short name of the measurement setting: geometry and sampling, not the image size.
-
-    ``parallel-<views>``, ``fan-<views>``, ``mri-1d-<R>`` / ``mri-2d-<R>`` (single coil, line or 2-D
-    mask, R = round(pixels / measured)), ``sense-<R>`` (multi-coil); otherwise the operator's name.
-    """
-    from medrecon.operators.ct import FanBeamCT, ParallelBeamCT
-    from medrecon.operators.mri import MaskedFourier, MultiCoilMRI
-
-    if isinstance(A, ParallelBeamCT | FanBeamCT):
-        kind = "parallel" if isinstance(A, ParallelBeamCT) else "fan"
-        return f"{kind}-{int(np.asarray(A.view_mask_np).sum())}"
-    if isinstance(A, MaskedFourier | MultiCoilMRI):
-        m = A.mask.reshape(-1, *A.mask.shape[-2:])[0] != 0
-        acc = round(m.numel() / max(1, int(m.sum())))
-        if isinstance(A, MultiCoilMRI):
-            return f"sense-{acc}"
-        lines = bool((m == m[:1]).all())  # every row the same: whole phase-encode lines
-        return f"mri-{'1d' if lines else '2d'}-{acc}"
-    return A.name
-
-
-def tuned_defaults(card: dict[str, Any] | None, A: LinearOperator, method: str) -> dict[str, Any]:  # noqa: N803
-    """The tuned settings stored on ``card`` for ``A``'s key and ``method`` (only settings fields)."""
-    from medrecon.solvers.presets import DiffusionSettings
-
-    entry = (card or {}).get("tuned", {}).get(operator_key(A), {}).get(method, {})
-    names = {f.name for f in dataclasses.fields(DiffusionSettings)} - {"extra"}
-    return {k: v for k, v in entry.items() if k in names}
 
 
 def _draw(space: dict[str, Any], rng: np.random.Generator) -> dict[str, Any]:
@@ -204,12 +182,13 @@ def tune(
     >>> hu = prior.sample(2, torch.Generator().manual_seed(0)).float() * 4096 - 1024
     >>> res = tune(prior, lambda i: A, hu, {"lam": (0.5, 1.0)}, budget=4, method="song")  # doctest: +SKIP
     """
-    from medrecon.api import reconstruct
-    from medrecon.solvers.presets import PRESETS
-
     if method not in PRESETS:
         raise SettingsError(
             f"tune: unknown diffusion method {method!r}; known: {', '.join(PRESETS)}"
+        )
+    if space is None and method not in DEFAULT_SPACES:
+        raise SettingsError(
+            f"tune: no default search space for {method!r} (defaults exist for {', '.join(DEFAULT_SPACES)}); pass space="
         )
     space = dict(DEFAULT_SPACES[method] if space is None else space)
     for k in fixed or {}:
@@ -315,10 +294,8 @@ def tune(
 
 
 def _preset_field(name: str) -> Any:
-    from medrecon.solvers.presets import DiffusionSettings
-
-    fields = {f.name: f.default for f in dataclasses.fields(DiffusionSettings)}
-    if name not in fields or name == "extra":
+    fields = settings_defaults()
+    if name not in fields:
         raise SettingsError(
             f"tune: {name!r} is not a diffusion setting; known: {', '.join(sorted(fields))}"
         )
@@ -350,11 +327,9 @@ def store_tuned_defaults(
     dict
         The card as written.
     """
-    from medrecon.solvers.presets import PRESETS, DiffusionSettings
-
     path = Path(card_path)
     card = read_card(path)
-    names = {f.name for f in dataclasses.fields(DiffusionSettings)} - {"extra"}
+    names = set(settings_defaults())
     for method, values in settings.items():
         if method not in PRESETS or not isinstance(values, dict):
             raise SettingsError(
@@ -374,17 +349,6 @@ def store_tuned_defaults(
 
 
 # ----------------------------------------------------------------------------- calibration
-#: settings that change the posterior spread: a stored calibration factor is applied only to a
-#: run that uses the values it was measured with
-SPREAD_SETTINGS = ("steps", "predictor", "snr", "corrector_steps", "lam", "zeta", "t0", "init", "eta", "start")
-
-
-def _same(a: Any, b: Any) -> bool:
-    if isinstance(a, int | float) and isinstance(b, int | float) and not isinstance(a, bool):
-        return math.isclose(float(a), float(b), rel_tol=1e-6, abs_tol=1e-12)
-    return a == b
-
-
 def calibrate(
     prior: Any,
     operator_factory: Callable[[int], LinearOperator],
@@ -428,9 +392,6 @@ def calibrate(
         inside ±2·std and ±2·c·std on these images), ``spearman_raw`` (mean over images) and
         ``seconds``.
     """
-    from medrecon.api import reconstruct
-    from medrecon.metrics import calibration
-
     if n_samples < 2:
         raise SettingsError(f"calibrate: n_samples must be ≥ 2 to have a spread; got {n_samples}")
     if not 0 < level < 1:
@@ -501,37 +462,3 @@ def store_calibration(card_path: str | Path, result: dict[str, Any]) -> dict[str
     return card
 
 
-def std_scale(
-    card: dict[str, Any] | None, A: LinearOperator, method: str, n_samples: int, settings: dict[str, Any],  # noqa: N803
-) -> tuple[float, str]:
-    """The calibration factor for a run, and a note saying where it came from (or why none).
-
-    A stored factor fitted with ``n_ref`` samples is converted to ``n_samples`` by the ratio of
-    Student-t quantiles ``t_{n−1}(q) / t_{n_ref−1}(q)`` with ``q = (1 + level)/2``: if the error
-    is Gaussian and the samples scatter by a fixed fraction of it, ``|error| / std`` of ``n``
-    samples is that fraction times a t variable with ``n − 1`` degrees of freedom.  The factor is
-    applied only when ``settings`` (the run's) agree with the calibrated ones on
-    :data:`SPREAD_SETTINGS`, and when it was measured on the card's weights (``weights_sha256``
-    equal to the card's ``sha256``, where both are recorded).
-    """
-    from scipy.stats import t as student_t
-
-    key = operator_key(A)
-    entry = (card or {}).get("calibration", {}).get(key, {}).get(method)
-    if not entry:
-        return 1.0, f"none stored for {key}/{method}"
-    if n_samples < 2:
-        return 1.0, "one sample: no spread to calibrate"
-    measured_on, weights = entry.get("weights_sha256"), (card or {}).get("sha256")
-    if measured_on and weights and measured_on != weights:
-        return 1.0, (
-            f"not applied: {key}/{method} was calibrated on other weights (sha256 {measured_on[:12]}…, "
-            f"these are {weights[:12]}…); re-run benchmarks/calibrate.py --store"
-        )
-    differ = sorted(k for k, v in entry.get("settings", {}).items() if not _same(settings.get(k), v))
-    if differ:
-        return 1.0, f"not applied: {', '.join(differ)} differ from the calibrated settings of {key}/{method}"
-    q = (1 + float(entry["level"])) / 2
-    n_ref = int(entry["n_samples"])
-    c = float(entry["std_scale"]) * float(student_t.ppf(q, n_samples - 1) / student_t.ppf(q, n_ref - 1))
-    return c, f"{key}/{method}: fitted with {n_ref} samples on {entry.get('n_images', '?')} held-out images"
