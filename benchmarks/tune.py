@@ -56,6 +56,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:  # noqa: D103
     p.add_argument("--crop", type=int, default=None)
     p.add_argument("--device", default="cpu")
     p.add_argument("--store", default=None, help="model card to write the winner into")
+    p.add_argument("--pool-noisy", action="store_true",
+                   help="CT: tune on the noiseless and the noisy measurements of the tuning rows together "
+                        "(one card entry per operator serves both)")
     return p.parse_args(argv)
 
 
@@ -96,8 +99,15 @@ def _run(args: argparse.Namespace) -> dict[str, Any]:
     prior = ScorePrior.load(name, device=args.device)
     A = cfg.build(d["size"])  # noqa: N806
     x = recon.ground_truth(d, rows)
+    noisy = by_name.get(f"{cfg.name}-noisy") if args.pool_noisy and not cfg.noise else None
+    if args.pool_noisy and noisy is None:
+        raise SystemExit(f"--pool-noisy: {cfg.name} has no noisy twin setting")
+    if noisy is not None:  # each row twice, noiseless then with the twin's noise (so every rung of
+        x = x.repeat_interleave(2, dim=0)  # the successive halving sees both kinds)
 
     def noise(y: torch.Tensor, i: int) -> torch.Tensor:
+        if noisy is not None:
+            return recon.measure(noisy, A, x[i : i + 1], args.seed + i // 2) if i % 2 else y
         return recon.measure(cfg, A, x[i : i + 1], args.seed + i) if cfg.noise else y
 
     space = _space(args.space, args.method)
@@ -155,6 +165,7 @@ def _run(args: argparse.Namespace) -> dict[str, Any]:
         "threads": torch.get_num_threads(),
         "setting": cfg.name,
         "rows": rows,
+        "pooled_noisy": noisy is not None,
         "prior": name,
         "stored": stored,
         "wall_s": round(wall, 1),

@@ -477,3 +477,38 @@ def test_torch_radon_with_other_geometry_is_refused(monkeypatch):
         ParallelBeamCT(16, np.array([0.2]), backend="torch-radon")(torch.rand(1, 1, 16, 16))
     with pytest.raises(SettingsError, match="backend must be one of"):
         ParallelBeamCT(16, backend="astra")
+
+
+@pytest.mark.parametrize("method", ["dds", "dds3d"])
+@pytest.mark.parametrize("case", OPERATOR_CASES, ids=IDS)
+def test_dds_runs_on_every_sampling_operator(case, method):
+    """DDS (2-D, and 3-D on the batch as a volume) on each sampling operator of the table, with
+    an analytic Gaussian prior: finite posterior samples of the operator's image shape and
+    dtype, which fit the measurement better than the prior mean does."""
+    from medrecon.priors.sde import VESDE
+    from medrecon.solvers.analytic import GaussianPrior, periodic_rbf_covariance
+    from medrecon.solvers.presets import run_diffusion
+
+    op = case.build()
+    if not isinstance(op, SamplingOperator):
+        pytest.skip("not a sampling operator")
+    h, w = op.in_shape[-2:]
+    if h == w:
+        cov = periodic_rbf_covariance(h)
+    else:  # a separable smooth covariance on the rectangle
+
+        def rbf(n):
+            i = torch.arange(n, dtype=torch.float64)
+            return torch.exp(-((i[:, None] - i[None, :]) ** 2) / (2 * 1.5**2))
+
+        cov = 0.04 * torch.kron(rbf(h), rbf(w)) + 1e-3 * torch.eye(h * w, dtype=torch.float64)
+    prior = GaussianPrior(0.5 * torch.ones(h, w, dtype=torch.float64), cov, VESDE(0.01, 5.0))
+    x = prior.sample(case.batch, torch.Generator().manual_seed(0))
+    x = x.to(torch.complex128) if op.in_complex else x
+    y = op(x)
+    smp, info = run_diffusion(y, op, prior, method, n_samples=2, seed=0, steps=40, t0=0.5, chunk=2)
+    assert smp.shape == (2, *x.shape) and smp.dtype == x.dtype and torch.isfinite(smp).all()
+    mean = smp.mean(0)
+    prior_mean = prior.mean.reshape(1, 1, h, w).expand_as(x).to(x.dtype)
+    assert torch.linalg.norm(op(mean) - y) < 0.5 * torch.linalg.norm(op(prior_mean) - y)
+    assert info["nfe"] > 0

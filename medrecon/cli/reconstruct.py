@@ -63,7 +63,7 @@ def run(a: argparse.Namespace) -> int:
         printer = WarningPrinter("reconstruct")
         warnings.showwarning = printer
         rec = run_case(cfg, stem=stem, notify=note)
-        for text in rec.get("warnings", []):  # the method's own, not raised as Python warnings
+        for text in rec["info"].get("warnings", []) or []:  # the method's own (may not be Python warnings)
             printer.line(text)
     m = rec["metrics"]
     line = f"{rec['case_id']}: {cfg.method} on {rec['problem']}, {rec['info'].get('wall_time_s', 0):.1f} s"

@@ -414,7 +414,8 @@ def estimate_diffusion_time(model: Any, A: Any, y: torch.Tensor, method: str, *,
     Returns
     -------
     dict
-        ``nfe``, ``batch``, ``seconds_per_evaluation`` and ``seconds``.
+        ``nfe``, ``batch``, ``seconds_per_evaluation``, ``seconds`` (the network's share) and
+        ``initial_estimate`` (the classical method a CCDF-style start runs first, or None).
     """
     from medrecon.solvers.presets import (DDS_METHODS, PRESETS, VOLUME_METHODS, chunk_for_budget, settings_defaults,
                                           tuned_defaults)
@@ -454,7 +455,7 @@ def estimate_diffusion_time(model: Any, A: Any, y: torch.Tensor, method: str, *,
         per_eval = min(per_eval, timed())
     per_eval *= cost
     return {"nfe": int(nfe), "batch": int(batch), "seconds_per_evaluation": round(per_eval, 4),
-            "seconds": round(nfe * per_eval, 1)}
+            "seconds": round(nfe * per_eval, 1), "initial_estimate": s["init"] if start == "ccdf" else None}
 
 
 def _hide_paths(text: str, paths: set[str], case: str) -> str:
@@ -586,8 +587,10 @@ def _run_case(cfg: ReconstructConfig, stem: str, notify: Callable[[str], None] |
         except Exception as err:  # noqa: BLE001 - an estimate never stops a run
             estimate = {"error": warning_text(f"{type(err).__name__}: {err}")}
         if estimate.get("seconds", 0) >= 10:
-            notify(f"{cfg.method}: about {_duration(estimate['seconds'])} ({estimate['nfe']} network evaluations "
-                   f"on {estimate['batch']} image(s), {estimate['seconds_per_evaluation']:.2f} s each on {device})")
+            init = estimate.get("initial_estimate")
+            notify(f"{cfg.method}: about {_duration(estimate['seconds'])} for {estimate['nfe']} network evaluations "
+                   f"on {estimate['batch']} image(s), {estimate['seconds_per_evaluation']:.2f} s each on {device}"
+                   + (f", after its {init} initial estimate" if init else ""))
     rec = reconstruct(y, prob.A, method=cfg.method, seed=seed, progress=cfg.progress, **settings)
     mean = _real(rec.mean).detach().cpu()
     std = None if rec.std is None else rec.std.detach().cpu()
