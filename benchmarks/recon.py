@@ -267,13 +267,13 @@ def slice_metrics(
             HU_WIDTH if cfg.modality == "ct" else 1.0
         )
     for i in range(rec_n.shape[0]):
-        out["psnr"].append(psnr(rec_c[i], ref_n[i]))
-        out["ssim"].append(ssim(rec_c[i], ref_n[i]))
+        out["psnr"].append(psnr(rec_c[i], ref_n[i], data_range=1.0))
+        out["ssim"].append(ssim(rec_c[i], ref_n[i], data_range=1.0))
         if cfg.modality == "ct":
             lo, hi = SOFT_TISSUE_HU
             w_rec, w_ref = window(mean[i], lo, hi), window(x[i], lo, hi)
-            out["psnr_soft"].append(psnr(w_rec, w_ref))
-            out["ssim_soft"].append(ssim(w_rec, w_ref))
+            out["psnr_soft"].append(psnr(w_rec, w_ref, data_range=1.0))
+            out["ssim_soft"].append(ssim(w_rec, w_ref, data_range=1.0))
         if std is not None:
             c = calibration(rec_n[i], std_n[i], ref_n[i])
             out["coverage_2sigma"].append(c["coverage_2sigma"])

@@ -44,7 +44,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:  # noqa: D103
     p.add_argument("--size", type=int, default=256)
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--t", type=float, default=0.2, help="diffusion time of the test input")
-    p.add_argument("--skip", default="", help="comma-separated variant names to skip")
+    p.add_argument("--skip", default="", help="semicolon-separated variant names to skip")
     p.add_argument("--recon", action="store_true", help="add the end-to-end DDS rows")
     return p.parse_args(argv)
 
@@ -64,32 +64,17 @@ def _variants(prior: ScorePrior) -> dict[str, Callable[[], Callable[[torch.Tenso
     """name -> builder of a function (x, t) -> network output F(x, t) (float32 out)."""
     net = prior.net
 
-    def eager(layout, threads=2, dtype=None):
+    def variant(layout=torch.channels_last, threads=2, dtype=None, compiled=False):
         def build():
             torch.set_num_threads(threads)
             net.to(memory_format=layout)
+            run = torch.compile(net, dynamic=False) if compiled else net
 
             def f(x, t):
                 if dtype is None:
-                    return net(x, t)
+                    return run(x, t)
                 with torch.autocast("cpu", dtype=dtype):
-                    return net(x, t).float()
-
-            return f
-
-        return build
-
-    def compiled(dtype=None):
-        def build():
-            torch.set_num_threads(2)
-            net.to(memory_format=torch.channels_last)
-            cnet = torch.compile(net, dynamic=False)
-
-            def f(x, t):
-                if dtype is None:
-                    return cnet(x, t)
-                with torch.autocast("cpu", dtype=dtype):
-                    return cnet(x, t).float()
+                    return run(x, t).float()
 
             return f
 
@@ -121,12 +106,12 @@ def _variants(prior: ScorePrior) -> dict[str, Callable[[], Callable[[torch.Tenso
         return build
 
     out = {
-        "fp32 eager (contiguous)": eager(torch.contiguous_format),
-        "fp32 eager (channels-last, default)": eager(torch.channels_last),
-        "fp32 eager, 1 thread": eager(torch.channels_last, threads=1),
-        "bf16 autocast": eager(torch.channels_last, dtype=torch.bfloat16),
-        "fp32 torch.compile": compiled(),
-        "bf16 torch.compile": compiled(torch.bfloat16),
+        "fp32 eager (contiguous)": variant(torch.contiguous_format),
+        "fp32 eager (channels-last)": variant(),
+        "fp32 eager, 1 thread": variant(threads=1),
+        "bf16 autocast (default)": variant(dtype=torch.bfloat16),
+        "fp32 torch.compile": variant(compiled=True),
+        "bf16 torch.compile": variant(dtype=torch.bfloat16, compiled=True),
     }
     try:
         out["onnxruntime fp32"] = onnx()
@@ -158,7 +143,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     xt = x0 + sigma * torch.randn(x0.shape, generator=gen)
     rows = []
     ref = None
-    skip = {s.strip() for s in args.skip.split(",") if s.strip()}
+    skip = {s.strip() for s in args.skip.split(";") if s.strip()}
     print(f"# speed: prior {args.prior}, batch {args.batch} × {args.size}², t {args.t} (σ {sigma:.3f}), "
           f"torch {torch.__version__}, {platform.machine()}, {os.cpu_count()} CPUs")
     for name, build in _variants(prior).items():

@@ -42,15 +42,16 @@ BEST_DIFFUSION = "dds"
 FAILING_RATIO, FAILING_FLOOR = 3.0, 0.1
 
 
-def default_method(operator: LinearOperator, prior: Any = None) -> str:  # noqa: D103
-    """The method :func:`reconstruct` uses when none is named: :data:`BEST_DIFFUSION` when a
-    prior is given or a shipped prior exists for the operator's modality (``ct-256`` for CT
-    projectors, ``mri-256`` otherwise), else ``"tv"``."""
+def default_method(operator: LinearOperator | None = None, prior: Any = None, *, modality: str | None = None) -> str:
+    """The method :func:`reconstruct` (and ``medrecon reconstruct``) uses when none is named:
+    :data:`BEST_DIFFUSION` when a prior is given or a shipped prior exists for the modality
+    (``ct-256`` for CT projectors or ``modality="ct"``, ``mri-256`` otherwise), else ``"tv"``."""
     if prior is not None:
         return BEST_DIFFUSION
     from medrecon.priors.registry import shipped_registry
 
-    return BEST_DIFFUSION if _default_prior_name(operator) in shipped_registry().names() else "tv"
+    name = _default_prior_name(operator) if operator is not None else f"{(modality or 'ct').lower()}-256"
+    return BEST_DIFFUSION if name in shipped_registry().names() else "tv"
 
 
 def _default_prior_name(operator: LinearOperator) -> str:

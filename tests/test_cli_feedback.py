@@ -19,6 +19,7 @@ from medrecon.cli.main import main
 from medrecon.datasets import Volume, save_nifti
 from medrecon.errors import SettingsError
 from medrecon.pipeline.case import ReconstructConfig, free_stem, run_case, unused_settings
+from test_cli_reconstruct import _err_line as _one_line  # one error line, no traceback
 
 REPO = Path(__file__).resolve().parents[1]
 DATA = Path(os.environ.get("MEDRECON_DATA", REPO.parent / "shared" / "data"))
@@ -32,10 +33,6 @@ def _phantom(path: Path, n: int = 32, z: int = 1, modality: str = "CT", air: flo
     return path
 
 
-def _one_line(capsys) -> str:
-    err = capsys.readouterr().err
-    assert err.count("\n") == 1 and "Traceback" not in err, err
-    return err
 
 
 def _ct(tmp_path: Path, *extra: str) -> list[str]:
@@ -138,7 +135,7 @@ def test_too_many_views_are_refused_before_the_matrices_are_built(tmp_path, caps
     monkeypatch.setattr(ct, "ray_matrix", no_build)
     assert main(_ct(tmp_path, "--views", "100000", "--method", "fbp")) == 2
     err = _one_line(capsys)
-    assert "--views 100000: a 100000-view CT projector on a 128×128 grid" in err
+    assert "--views 100000: a 100000-view CT projector on a 256×256 grid" in err
     assert "GiB of memory" in err and "available" in err
 
 
@@ -147,7 +144,7 @@ def test_memory_check_compares_with_the_available_memory(tmp_path, monkeypatch):
 
     monkeypatch.setattr(problems, "available_memory_bytes", lambda: 8 * 2**20)
     cfg = ReconstructConfig(out=str(tmp_path / "o"), method="fbp", views=60)
-    with pytest.raises(SettingsError, match=r"--views 60: .* needs about \d+ MiB .*; 8 MiB is available"):
+    with pytest.raises(SettingsError, match=r"--views 60: .* needs about [\d.]+ [MG]iB .*; 8 MiB is available"):
         run_case(cfg)
     monkeypatch.setattr(problems, "available_memory_bytes", lambda: None)  # unknown: no refusal
     assert run_case(cfg)["metrics"]["psnr"] > 20
@@ -497,5 +494,14 @@ def test_psnr_needs_a_range_outside_zero_one():
 
 
 def test_cli_metrics_unchanged_by_the_explicit_range(tmp_path):
+    """The record's PSNR is over the HU window's width (4096), computed here independently from
+    the written NIfTI and the bundled slice."""
+    from medrecon.datasets import load_nifti, load_volume
+    from medrecon.datasets.simulate import bundled_ct_slice
+
     rec = run_case(ReconstructConfig(out=str(tmp_path), method="fbp", views=23))
-    assert rec["metrics"]["psnr"] == pytest.approx(27.66, abs=0.01)  # the value before data_range was explicit
+    out = next(p for p in rec["outputs"] if p.endswith(".nii.gz"))
+    mean = load_nifti(out).array.astype(np.float64)
+    ref = load_volume(str(bundled_ct_slice())).array.astype(np.float64)
+    want = 10 * np.log10(4096.0**2 / np.mean((mean - ref) ** 2))
+    assert rec["metrics"]["psnr"] == pytest.approx(want, abs=0.02)

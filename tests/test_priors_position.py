@@ -40,12 +40,7 @@ from medrecon.priors.train import (
 DATA = Path(os.environ.get("MEDRECON_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def coord_net(seed: int = 0, speak: bool = True) -> ScoreNet:
@@ -303,6 +298,7 @@ def test_position_aware_prior_keeps_the_score_api_and_round_trips(tmp_path):
     """prior.score / denoise take (x, t) as before (coordinates built inside); the card's
     architecture records the option; save + load is bit-exact."""
     prior = ScorePrior(coord_net(), ct_normaliser(), {"modality": "ct", "resolution": [32, 32]})
+    prior.precision = "float32"  # exact comparison with the bare network below
     x, t = torch.rand(2, 1, 24, 40), torch.tensor([0.3, 0.6])
     with torch.no_grad():
         s = prior.score(x, t)
@@ -313,6 +309,7 @@ def test_position_aware_prior_keeps_the_score_api_and_round_trips(tmp_path):
     arch = json.loads(card.read_text())["architecture"]
     assert arch["coords"] is True and "whole-image frame" in arch["coord_channels"]
     back = ScorePrior.load(card)
+    back.precision = "float32"
     assert back.net.spec.coords and back.net.spec == prior.net.spec
     with torch.no_grad():
         torch.testing.assert_close(back.score(x, t), s)

@@ -34,8 +34,10 @@ def add_recon_options(p: argparse.ArgumentParser, *, batch: bool = False) -> Non
     g.add_argument("--center-fraction", type=float, default=0.08, help="fully sampled centre (default %(default)s)")
     g.add_argument("--mask", default="equispaced", help="random | equispaced | gaussian1d | poisson")
     g = p.add_argument_group("method")
-    g.add_argument("--method", default="tv",
-                   help="fbp | zero-filled | cg | tv | l1-wavelet, or a diffusion method (default %(default)s)")
+    g.add_argument("--method", default=None,
+                   help="fbp | zero-filled | cg | tv | l1-wavelet, or a diffusion method: dds, ccdf, song, dps, "
+                        "score-mri, dds3d, mbir3d (default: " + ("tv" if batch else
+                        "the best measured diffusion method, dds, when a prior exists for the modality; else tv") + ")")
     g.add_argument("--prior", help="score prior for diffusion methods (see: medrecon priors list)")
     g.add_argument("--samples", type=int, help="posterior samples (diffusion methods; gives the uncertainty map)")
     g.add_argument("--steps", type=int, help="sampler steps (diffusion methods)")
@@ -70,6 +72,12 @@ def recon_settings(a: argparse.Namespace) -> dict[str, Any]:
     """The ReconstructConfig keyword arguments the parsed options give."""
     out = {k: getattr(a, k) for k in _FIELDS if hasattr(a, k)}
     out["limited_angle_deg"] = out.pop("limited_angle")
+    if out.get("method") is None:  # reconstruct: the library's default for the modality; batch: tv
+        out.pop("method", None)
+        if getattr(a, "default_method", False):
+            from medrecon.api import default_method
+
+            out["method"] = default_method(modality=a.modality, prior=getattr(a, "prior", None))
     return out
 
 

@@ -38,7 +38,7 @@ def add_parser(sub) -> None:
                    "BART .cfl (default: bundled CT slice)")
     p.add_argument("--out", default="medrecon-out", help="output folder (default: %(default)s)")
     add_recon_options(p)
-    p.set_defaults(run=run)
+    p.set_defaults(run=run, default_method=True)
 
 
 def run(a: argparse.Namespace) -> int:
@@ -70,6 +70,15 @@ def run(a: argparse.Namespace) -> int:
     if "psnr" in m:
         line += f"; PSNR {m['psnr']:.2f} dB (initial {m['psnr_initial']:.2f} dB), SSIM {m['ssim']:.3f}"
     print(line)
+    u = rec.get("uncertainty")
+    if u:
+        cal = f"calibrated ×{u['std_scale']:g}: {u['calibration']}" if u.get("std_scale") not in (None, 1.0) \
+            else f"not calibrated ({u.get('calibration')})"
+        text = (f"  uncertainty: posterior std of {u['samples']} samples, median {u['median']:.3g} {u['unit']}, "
+                f"99th percentile {u['p99']:.3g} {u['unit']} ({cal})")
+        if "coverage_2sigma" in m:
+            text += f"; ±2σ holds {100 * m['coverage_2sigma']:.1f} % of the error vs the reference"
+        print(text)
     for f in rec["outputs"]:
         print(f"  wrote {f}")
     return 0

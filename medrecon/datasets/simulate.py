@@ -45,10 +45,10 @@ MU_WATER_PER_MM = 0.0192  # about 70 keV
 
 
 def bundled_ct_slice() -> Path:
-    """Path of pydicom's bundled real CT slice ``CT_small.dcm`` (the README's default input)."""
-    from pydicom.data import get_testdata_file
-
-    return Path(get_testdata_file("CT_small.dcm"))
+    """Path of the bundled real CT slice (the README's default input): a 256² head CT slice at
+    0.98 mm, the grid and pixel size of the shipped ``ct-256`` prior (``medrecon/data/NOTICE.md``
+    says where it comes from and its licence)."""
+    return Path(__file__).resolve().parents[1] / "data" / "ct_head_256.dcm"
 
 
 def _image_array(image: np.ndarray | Volume) -> tuple[np.ndarray, float]:

@@ -520,6 +520,23 @@ def _metrics(prob, mean: torch.Tensor, initial: torch.Tensor, std: torch.Tensor 
     return m
 
 
+def _uncertainty_summary(std: torch.Tensor, info: dict[str, Any], unit: str) -> dict[str, Any]:
+    """What the uncertainty map says in numbers: the posterior std's median and 99th percentile
+    over the pixels where it is not negligible (the background of a CT slice has none), and
+    how it was calibrated (the card's factor, or why none was applied)."""
+    s = std.double().flatten()
+    top = float(s.max()) if s.numel() else 0.0
+    body = s[s > 0.01 * top] if top > 0 else s
+    return {
+        "unit": unit,
+        "samples": int(info.get("n_samples", 0)),
+        "median": round(float(body.median()), 4) if body.numel() else 0.0,
+        "p99": round(float(body.quantile(0.99)) if body.numel() > 1 else top, 4),
+        "std_scale": info.get("std_scale"),
+        "calibration": info.get("std_calibration"),
+    }
+
+
 def run_case(cfg: ReconstructConfig, *, stem: str | None = None,
              notify: Callable[[str], None] | None = None) -> dict[str, Any]:
     """Run one case and return its JSON record (also written to ``<out>/<stem>.json``).
@@ -652,6 +669,8 @@ def _run_case(cfg: ReconstructConfig, stem: str, notify: Callable[[str], None] |
         "warnings": hidden,
         "outputs": [str(p) for p in files],
     }
+    if std is not None:
+        record["uncertainty"] = _uncertainty_summary(std, rec.info, prob.unit)
     if estimate is not None:
         record["time_estimate"] = estimate
     _write_json(record_path, record, cfg.overwrite)
