@@ -25,7 +25,7 @@ sys.path.insert(0, str(ROOT))
 
 
 def main(argv: list[str] | None = None) -> dict:
-    from medrecon.priors.networks import ScoreNet, network_spec
+    from medrecon.priors.networks import ScoreNet
     from medrecon.priors.train import TrainConfig, _cfg_from_dict, load_checkpoint, load_slices, validate
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -42,7 +42,7 @@ def main(argv: list[str] | None = None) -> dict:
         cfg = TrainConfig(**_cfg_from_dict(ck["config"]))
         if images is None:
             images = load_slices([a.val], cfg.modality)[:: a.every]
-        net = ScoreNet(network_spec(cfg.size), cfg.build_sde(), cfg.sigma_data)
+        net = ScoreNet(cfg.network_spec(), cfg.build_sde(), cfg.sigma_data)
         net.load_state_dict(ck["ema"])
         with torch.no_grad():
             res = validate(net, images)

@@ -33,7 +33,7 @@ import torch
 
 from medrecon.priors import ScorePrior
 from medrecon.priors.registry import shipped_registry
-from medrecon.priors.train import PRESETS, data_root, load_slices, save_grid_png
+from medrecon.priors.train import CT_GROWN_DATA, PRESETS, data_root, load_slices, save_grid_png
 from medrecon.solvers.presets import sample_unconditional
 
 SIGMAS = (0.02, 0.05, 0.1, 0.2)
@@ -160,7 +160,8 @@ def main() -> None:
         preset = PRESETS[f"{tag}-256"]
         val_all = load_slices([str(data_root() / f"{tag}/val.npz")], tag)
         val = val_all[:: max(1, len(val_all) // n_val)][:n_val]
-        train = load_slices(list(preset["data"]), tag)
+        # the memorisation check runs over every slice a CT prior may have seen: the grown set
+        train = load_slices(list(CT_GROWN_DATA if tag == "ct" else preset["data"]), tag)
         res = evaluate(prior, val, train, n_samp, steps, 256, Path(a.out), tag)
         res["prior"] = str(name)
         res["steps_trained"] = prior.card.get("training", {}).get("steps")

@@ -54,7 +54,8 @@ def test_unknown_method_or_setting_is_named():
 
 
 def test_cli_reconstruct_bundled_sample(tmp_path, capsys):
-    rc = main(["reconstruct", "--modality", "ct", "--views", "23", "--iters", "5", "--out", str(tmp_path)])
+    rc = main(["reconstruct", "--modality", "ct", "--views", "23", "--method", "tv", "--iters", "5",
+               "--out", str(tmp_path)])
     assert rc == 0
     record = json.loads((tmp_path / "bundled-ct_tv_23v.json").read_text())
     assert record["metrics"]["psnr"] > record["metrics"]["psnr_initial"] - 1
@@ -93,3 +94,31 @@ def test_cli_bad_input_exit_2_without_traceback(tmp_path):
 def test_cli_info(capsys):
     assert main(["info"]) == 0
     assert "medrecon" in capsys.readouterr().out
+
+
+def test_default_method_is_the_best_diffusion_method_where_a_prior_exists():
+    """The benchmark's best diffusion method (dds) is the default wherever a prior is given or
+    shipped for the modality; TV where none is."""
+    from medrecon.priors.registry import shipped_registry
+
+    assert api.BEST_DIFFUSION == "dds"
+    assert {"ct-256", "mri-256"} <= set(shipped_registry().names())
+    assert api.default_method(ParallelBeamCT.sparse_view(16, 4)) == "dds"
+    assert api.default_method(modality="ct") == "dds" and api.default_method(modality="mri") == "dds"
+    assert api.default_method(modality="pet") == "tv"  # no shipped prior
+    assert api.default_method(modality="pet", prior=object()) == "dds"  # a prior object is given
+
+
+def test_cli_default_runs_the_prior_and_writes_the_uncertainty(tmp_path, capsys):
+    """`medrecon reconstruct --modality ct --views 23` with no --method: DDS with ct-256, the
+    reconstruction and its uncertainty map written and both printed (on a 4× smaller copy of
+    the bundled slice to stay CI-sized)."""
+    rc = main(["reconstruct", "--modality", "ct", "--views", "23", "--downsample", "4", "--samples", "2",
+               "--out", str(tmp_path)])
+    assert rc == 0
+    out = capsys.readouterr().out
+    record = json.loads((tmp_path / "bundled-ct_dds_23v.json").read_text())
+    assert record["info"]["method"] == "dds" and record["info"]["prior"] == "ct-256"
+    assert (tmp_path / "bundled-ct_dds_23v_std.nii.gz").stat().st_size > 0
+    assert "uncertainty: posterior std of 2 samples" in out and "PSNR" in out
+    assert record["uncertainty"]["median"] > 0 and record["uncertainty"]["unit"] == "HU"

@@ -51,7 +51,7 @@ def test_bundled_sample_fbp(tmp_path, capsys):
     rec = json.loads((tmp_path / "bundled-ct_fbp_23v.json").read_text())
     assert rec["case_id"] == "bundled-ct" and rec["device"] == "cpu"
     assert rec["metrics"]["psnr"] > 20 and rec["seed"] != 0  # derived from run seed + case ID
-    assert load_nifti(tmp_path / "bundled-ct_fbp_23v.nii.gz").shape == (1, 128, 128)
+    assert load_nifti(tmp_path / "bundled-ct_fbp_23v.nii.gz").shape == (1, 256, 256)
     assert (tmp_path / "bundled-ct_fbp_23v.png").read_bytes()[:4] == b"\x89PNG"
 
 
@@ -61,7 +61,7 @@ def test_fan_beam_angles_and_limited_angle(tmp_path):
     assert main([*base, "--angles", "0,30,60,90,120,150", "--case-id", "ang"]) == 0
     assert main([*base, "--geometry", "fan", "--limited-angle", "200", "--case-id", "fla"]) == 0
     fan = json.loads((tmp_path / "fan_fbp_fan60v.json").read_text())
-    assert fan["problem"] == "CT fan beam, 60 views" and fan["shape"] == [1, 64, 64]
+    assert fan["problem"] == "CT fan beam, 60 views" and fan["shape"] == [1, 128, 128]
     assert json.loads((tmp_path / "ang_fbp_6angles.json").read_text())["problem"].endswith("6 views")
     assert json.loads((tmp_path / "fla_fbp_fanla200.json").read_text())["problem"].endswith("limited angle")
     assert fan["metrics"]["psnr"] > json.loads((tmp_path / "ang_fbp_6angles.json").read_text())["metrics"]["psnr"]

@@ -14,7 +14,7 @@ EXAMPLES = """examples:
 
 def _configure(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument("modality", choices=["ct", "mri"])
-    p.add_argument("input", help="DICOM folder/file, NIfTI or image folder; 'bundled' = pydicom's CT_small.dcm")
+    p.add_argument("input", help="DICOM folder/file, NIfTI or image folder; 'bundled' = the bundled 256² head CT slice")
     p.add_argument("out_dir")
     p.add_argument("--name", default="sim", help="file stem of the outputs (default %(default)s)")
     p.add_argument("--seed", type=int, default=0)

@@ -17,7 +17,7 @@ class SimulateConfig:
     """Settings of ``medrecon simulate`` (see ``medrecon simulate --help``)."""
 
     modality: str
-    input: str  # "bundled" = pydicom's CT_small.dcm
+    input: str  # "bundled" = the bundled 256² head CT slice (medrecon/data)
     out_dir: str
     name: str = "sim"
     seed: int = 0

@@ -136,9 +136,9 @@ def test_simulate_cli_on_bundled_ct(tmp_path, capsys):
         == 0
     )
     sino = load_sinogram(tmp_path / "sim")
-    assert sino.data.shape == (1, 20, 182)
+    assert sino.data.shape == (1, 20, 363)  # the bundled slice is 256²: ⌈√2·256⌉ bins
     assert main(["mri", "bundled", str(tmp_path / "m"), "--coils", "2", "--acceleration", "4"]) == 0
-    assert load_fastmri(tmp_path / "m" / "sim.h5").data.shape == (2, 1, 128, 128)
+    assert load_fastmri(tmp_path / "m" / "sim.h5").data.shape == (2, 1, 256, 256)
     assert "sim.h5" in capsys.readouterr().out
 
 
