@@ -209,3 +209,23 @@ def test_dds_needs_the_ddim_predictor(prior):
     A, y, _, _ = _problem(prior, "mri")
     with pytest.raises(SettingsError, match="ddim"):
         run_diffusion(y, A, prior, "dds", n_samples=1, steps=10, predictor="reverse-diffusion")
+
+
+def test_a_failing_diffusion_run_says_so(prior):
+    """A run that returns noise which still fits the data (a broken score: no denoising at all,
+    so DDS keeps the start's noise and only fits the measured directions) is reported in
+    info["warnings"]; a good run with the right score is not."""
+    from medrecon import reconstruct
+
+    class NoDenoising:  # a score model that has learned nothing
+        sde = prior.sde
+
+        def score(self, x, t):
+            return torch.zeros_like(x)
+
+    A, y, _, _ = _problem(prior, "ct")
+    hu_y = y * 4096 + A(torch.full((1, 1, N, N), -1024.0, dtype=torch.float64))  # the same image in HU
+    good = reconstruct(hu_y, A, method="dds", prior=prior, n_samples=4, steps=60, t0=0.5)
+    assert not good.info["warnings"], good.info["warnings"]
+    bad = reconstruct(hu_y, A, method="dds", prior=NoDenoising(), n_samples=4, steps=60, start="noise")
+    assert any("is failing" in w for w in bad.info["warnings"]), bad.info
