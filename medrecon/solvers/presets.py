@@ -1,4 +1,4 @@
-"""Diffusion methods as presets of sampler pieces: Song et al. 2022, DPS, CCDF and score-MRI.
+"""Diffusion methods as presets of sampler pieces: Song et al. 2022, DPS, CCDF, score-MRI, DDS.
 
 | method | start | predictor / corrector | conditioning |
 |---|---|---|---|
@@ -7,6 +7,8 @@
 | ``ccdf`` | forward-diffused initial estimate (TV by default) at t₀ | as ``song`` | as ``song``, N′ = t₀·N steps |
 | ``score-mri`` | noise | reverse diffusion + Langevin | hard consistency; SENSE gradient every m steps (multi-coil) |
 | ``mbir3d`` | forward-diffused FBP/TV at t₀ (or noise) | slice-wise in chunks | one ADMM-TV iteration along z on the volume |
+| ``dds`` | forward-diffused TV at t₀ (or noise) | DDIM whose x̂₀ gets M CG steps before re-noising | (inside the predictor) |
+| ``dds3d`` | as ``dds`` | as ``dds``, slice-wise in chunks | ADMM on data + TV along z on x̂₀ (inside the predictor) |
 
 ``mbir3d`` (Chung et al., CVPR 2023) takes a volume as slices on the batch axis; its network
 evaluations run on chunks of slices whose size follows ``max_memory``, the ADMM variables and
@@ -282,7 +284,7 @@ def run_diffusion(
     A : SamplingOperator
     model : ScoreModel
         Prior with ``sde`` and ``score(x, t)``.
-    method : {"song", "dps", "ccdf", "score-mri"}
+    method : {"dds", "ccdf", "song", "dps", "score-mri", "dds3d", "mbir3d"}
     n_samples : int
         Posterior draws per item, run as one batch of ``n_samples·B``.
     seed : int
