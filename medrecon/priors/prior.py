@@ -24,6 +24,7 @@ mean 0.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import math
 import os
@@ -185,8 +186,9 @@ def _check_card(card: dict[str, Any], path: Path) -> None:
         raise InputError(path, f"model card format {card['format']!r}; expected {CARD_FORMAT!r}")
 
 
+@functools.lru_cache(maxsize=1)
 def _native_bf16() -> bool:
-    """Whether oneDNN computes bfloat16 natively on this CPU (AVX512-BF16 / AMX)."""
+    """Whether oneDNN computes bfloat16 natively on this CPU (AVX512-BF16 / AMX); asked once."""
     try:
         return bool(torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported())
     except (AttributeError, RuntimeError):
