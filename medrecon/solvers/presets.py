@@ -334,11 +334,17 @@ def run_diffusion(
     return samples, info
 
 
+def _coeffs(sde, t: Tensor, like: Tensor) -> tuple[Tensor, Tensor]:
+    """``(a(t), s(t))`` per item, shaped to broadcast over ``like`` in its real dtype."""
+    shape = (-1, *([1] * (like.ndim - 1)))
+    return (sde.mean_coeff(t.double()).reshape(shape).to(like.real.dtype),
+            sde.std(t.double()).reshape(shape).to(like.real.dtype))
+
+
 def _tweedie(score: ScoreCounter, sde, x: Tensor, t1: Tensor) -> Tensor:
     """The Tweedie estimate ``(x + s² score(x, t)) / a`` at the one time ``t1`` (shape (1,))."""
     t = t1.expand(x.shape[0])
-    a = sde.mean_coeff(t.double()).reshape(-1, *([1] * (x.ndim - 1))).to(x.real.dtype)
-    sd = sde.std(t.double()).reshape(-1, *([1] * (x.ndim - 1))).to(x.real.dtype)
+    a, sd = _coeffs(sde, t, x)
     return (x + sd**2 * score(x, t)) / a
 
 
@@ -362,12 +368,11 @@ def _chain(
     if x0 is not None:
         schedule = schedule[schedule <= s.t0 + 1e-9]
         t_start = schedule[:1].expand(x0.shape[0])
-        a = sde.mean_coeff(t_start.double()).reshape(-1, *([1] * (x0.ndim - 1))).to(like.real.dtype)
-        sd = sde.std(t_start.double()).reshape(-1, *([1] * (x0.ndim - 1))).to(like.real.dtype)
+        a, sd = _coeffs(sde, t_start, like)
         x = a * x0 + sd * randn_like(x0, rng)
     else:
         one = torch.ones(like.shape[0], dtype=torch.float64, device=yr.device)
-        sd = sde.std(one).reshape(-1, *([1] * (like.ndim - 1))).to(like.real.dtype)
+        sd = _coeffs(sde, one, like)[1]
         x = sd * randn_like(like, rng)
 
     corrector = pieces.langevin(score, s.snr, s.corrector_steps) if s.snr > 0 else pieces.identity_step
