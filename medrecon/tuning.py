@@ -309,8 +309,10 @@ def store_tuned_defaults(
 ) -> dict[str, Any]:
     """Write ``card["tuned"][operator_key][method] = {...}`` into a model card, atomically.
 
-    Entries of other operators and methods are kept; a method's entry is replaced.  Only the
-    card (JSON) changes: its ``sha256`` covers the weights file, so the prior still loads.
+    Entries of other operators and methods are kept; a method's entry is replaced, with the
+    sha256 of the weights it was tuned on (``weights_sha256``: a re-export of the prior with new
+    weights does not silently reuse it).  Only the card (JSON) changes: its ``sha256`` covers the
+    weights file, so the prior still loads.
 
     Parameters
     ----------
@@ -344,6 +346,8 @@ def store_tuned_defaults(
     entry = card.setdefault("tuned", {}).setdefault(operator_key, {})
     for method, values in settings.items():
         entry[method] = {k: (v.item() if hasattr(v, "item") else v) for k, v in values.items()}
+        if card.get("sha256"):  # tuned values hold for the weights they were measured on
+            entry[method]["weights_sha256"] = card["sha256"]
     write_card(path, card)
     return card
 

@@ -69,3 +69,48 @@ def test_prior_designs_compares_checkpoints(capsys, tmp_path):
     assert out["results"][1]["design"].startswith("VP tiny") and all(r["step"] == 2 for r in out["results"])
     assert all(np.isfinite(r["psnr_sigma0.1"]) for r in out["results"])
     assert any(line.startswith("toy-vp") for line in lines)
+
+
+def test_prior_designs_takes_exported_priors(capsys, tmp_path):
+    """A design given as an exported prior (card) is judged like a checkpoint: same Tweedie numbers
+    for the same weights; reconstruction (--recon) refuses checkpoints with the fix named."""
+    import numpy as np
+    import pytest
+
+    from medrecon.priors.train import TrainConfig, export_prior, train
+
+    imgs = np.full((4, 32, 32), -1000.0)
+    imgs[:, 8:24, 8:24] = 40.0
+    data = tmp_path / "toy.npz"
+    np.savez(data, images=imgs.astype(np.int16))
+    cfg = TrainConfig(run="toy-pos", data=(str(data),), modality="ct", size="tiny", sigma_max=20.0, coords=True,
+                      patch_size=16, batch_size=2, warmup_steps=1, max_steps=2, out_dir=str(tmp_path / "r"),
+                      validate_every_s=0, sample_every_s=0, progress=False, threads=1)
+    train(cfg)
+    ck = str(tmp_path / "r" / "last.pt")
+    card = export_prior(ck, tmp_path / "w", "toy-pos", card={"modality": "ct"}, dtype=torch.float32)
+    threads = torch.get_num_threads()
+    bench = _load("prior_designs")
+    out = bench.main([ck, str(card), "--val", str(data), "--threads", "1"])
+    torch.set_num_threads(threads)
+    a, b = out["results"]
+    assert a["design"] == b["design"] and "+xy" in a["design"] and a["step"] == b["step"] == 2
+    assert abs(a["psnr_sigma0.1"] - b["psnr_sigma0.1"]) < 1e-3  # the same EMA weights (stored as float32)
+    with pytest.raises(SystemExit, match="exported priors"):
+        bench.main([ck, "--val", str(data), "--threads", "1", "--recon", "ct-10v"])
+    torch.set_num_threads(threads)
+    capsys.readouterr()
+
+
+def test_benchmark_targets_of_issue_23():
+    """priors.py states the denoising targets; recon.py states the 10-view target (TV + 3 dB)."""
+    priors = _load("priors")
+    got = priors.check_targets({"ct_denoise_gain_vs_tv_sigma0.05": 5.2, "ct_denoise_gain_vs_tv_sigma0.1": 4.9})
+    assert [(t["value"], t["ok"]) for t in got] == [(5.2, True), (4.9, False)]  # MRI not measured: not listed
+    recon = _load("recon")
+    rows = [{"config": "ct-10v", "method": "tv", "psnr": 30.0, "ssim": 0.9},
+            {"config": "ct-10v", "method": "dds", "psnr": 32.5, "ssim": 0.91}]
+    by_name = {t["target"]: t for t in recon.check_targets(rows)}
+    three = [t for name, t in by_name.items() if "TV + 3 dB" in name]
+    two = [t for name, t in by_name.items() if "TV + 2 dB" in name]
+    assert three and three[0]["ok"] is False and three[0]["value"] == 2.5 and two[0]["ok"] is True

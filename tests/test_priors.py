@@ -562,7 +562,8 @@ def test_training_stops_on_a_validation_plateau_and_export_keeps_measurements(tm
     card.write_text(json.dumps(saved))
     again = json.loads(export_prior(Path(cfg.out_dir) / "last.pt", tmp_path / "w", "toy-32",
                                     card={"modality": "ct"}, overwrite=True).read_text())
-    assert again["tuned"] == saved["tuned"]
+    # kept, tied to the weights they were measured on: a new export does not apply them silently
+    assert again["tuned"] == {"parallel-4": {"ccdf": {"t0": 0.3, "weights_sha256": saved["sha256"]}}}
     kept = again["calibration"]["parallel-4"]
     assert kept["ccdf"] == saved["calibration"]["parallel-4"]["ccdf"]
     assert kept["song"] == {"std_scale": 3.0, "weights_sha256": saved["sha256"]}  # made on those weights

@@ -110,11 +110,12 @@ def test_stored_defaults_are_picked_up(tmp_path, prior):
     store_tuned_defaults(card, key, {"ccdf": {"steps": 9, "t0": 0.5}})
     store_tuned_defaults(card, "parallel-23", {"ccdf": {"lam": 0.8}})
     saved = json.loads(card.read_text())
+    sha = {"weights_sha256": saved["sha256"]}  # each entry names the weights it was tuned on
     assert saved["tuned"][key] == {
-        "song": {"steps": 7, "snr": 0.05},
-        "ccdf": {"steps": 9, "t0": 0.5},
+        "song": {"steps": 7, "snr": 0.05, **sha},
+        "ccdf": {"steps": 9, "t0": 0.5, **sha},
     }
-    assert saved["tuned"]["parallel-23"] == {"ccdf": {"lam": 0.8}}
+    assert saved["tuned"]["parallel-23"] == {"ccdf": {"lam": 0.8, **sha}}
     loaded = ScorePrior.load(card)
     assert loaded.card["tuned"] == saved["tuned"] and tuned_defaults(loaded.card, A, "song") == {
         "steps": 7,
@@ -135,6 +136,10 @@ def test_stored_defaults_are_picked_up(tmp_path, prior):
         B(y.new_ones(1, 1, N, N)), B, prior, "song", n_samples=1, seed=0, steps=3
     )
     assert info["tuned"] is None and info["settings"]["snr"] == 0.16  # another operator: the preset
+    prior.card = {**loaded.card, "sha256": "f" * 64}  # the same card on other weights
+    _, info = run_diffusion(y, A, prior, "song", n_samples=1, seed=0, steps=3)
+    assert info["settings"]["snr"] == 0.16  # the tuned snr is not applied to weights it was not tuned on
+    assert any("tuned on other weights" in w and f"{key}/song" in w for w in info["warnings"])
     prior.card = {}
     with pytest.raises(SettingsError, match="not diffusion settings"):
         store_tuned_defaults(card, key, {"song": {"bogus": 1}})

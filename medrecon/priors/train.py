@@ -747,14 +747,16 @@ def export_prior(
         extra["licence_summary"] = summary
     replaced = Path(directory) / f"{name}.json"
     if overwrite and replaced.exists():
-        # measurements made on the prior (tuned solver settings; uncertainty calibrations, which
-        # carry the sha256 of the weights they hold for) survive a re-export of new weights
+        # measurements made on the prior (tuned solver settings, uncertainty calibrations) are
+        # kept with the sha256 of the weights they were measured on, so that they are not applied
+        # to the new weights (solvers.cards.tuned_on_other_weights) until re-measured
         before_card = read_card(replaced)
         kept = {k: before_card[k] for k in ("tuned", "calibration") if k in before_card and k not in extra}
         if before_card.get("sha256"):
-            for methods in kept.get("calibration", {}).values():  # entries older than the hash field
-                for entry in methods.values():
-                    entry.setdefault("weights_sha256", before_card["sha256"])
+            for section in kept.values():  # entries older than the hash field
+                for methods in section.values():
+                    for entry in methods.values():
+                        entry.setdefault("weights_sha256", before_card["sha256"])
         extra.update(kept)
     path = prior.save(directory, name, dtype=dtype, card=extra, overwrite=overwrite)
     if validate_on:

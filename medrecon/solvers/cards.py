@@ -61,6 +61,22 @@ def same_setting(a: Any, b: Any) -> bool:
     return a == b
 
 
+def tuned_on_other_weights(card: dict[str, Any] | None, entry: dict[str, Any], label: str = "this setting") -> str:
+    """Why a stored measurement (a ``tuned`` or ``calibration`` entry) does not hold for the card's
+    weights, or ``""`` when it does.
+
+    An entry records the sha256 of the weights it was measured on (``weights_sha256``); it holds
+    when that equals the card's ``sha256``.  Entries without the field (cards older than it) hold.
+    """
+    measured_on, weights = (entry or {}).get("weights_sha256"), (card or {}).get("sha256")
+    if measured_on and weights and measured_on != weights:
+        what = "calibrated" if "std_scale" in entry else "tuned"
+        fix = "benchmarks/calibrate.py --store" if what == "calibrated" else "benchmarks/tune.py --store"
+        return (f"not applied: {label} was {what} on other weights (sha256 "
+                f"{measured_on[:12]}…, these are {weights[:12]}…); re-run {fix}")
+    return ""
+
+
 def std_scale(
     card: dict[str, Any] | None, A: LinearOperator, method: str, n_samples: int, settings: dict[str, Any],  # noqa: N803
 ) -> tuple[float, str]:
@@ -82,12 +98,9 @@ def std_scale(
         return 1.0, f"none stored for {key}/{method}"
     if n_samples < 2:
         return 1.0, "one sample: no spread to calibrate"
-    measured_on, weights = entry.get("weights_sha256"), (card or {}).get("sha256")
-    if measured_on and weights and measured_on != weights:
-        return 1.0, (
-            f"not applied: {key}/{method} was calibrated on other weights (sha256 {measured_on[:12]}…, "
-            f"these are {weights[:12]}…); re-run benchmarks/calibrate.py --store"
-        )
+    stale = tuned_on_other_weights(card, entry, f"{key}/{method}")
+    if stale:
+        return 1.0, stale
     differ = sorted(k for k, v in entry.get("settings", {}).items() if not same_setting(settings.get(k), v))
     if differ:
         return 1.0, f"not applied: {', '.join(differ)} differ from the calibrated settings of {key}/{method}"

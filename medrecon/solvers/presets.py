@@ -34,7 +34,7 @@ from medrecon.operators.ct import _Projector
 from medrecon.operators.mri import MaskedFourier as MaskedFourierType
 from medrecon.operators.mri import MultiCoilMRI
 from medrecon.solvers import classical, pieces
-from medrecon.solvers.cards import operator_key, same_setting
+from medrecon.solvers.cards import operator_key, same_setting, tuned_on_other_weights
 from medrecon.solvers.sampler import ScoreCounter, ScoreModel, randn_like, sample
 
 __all__ = ["DiffusionSettings", "PRESETS", "DIFFUSION_METHODS", "run_diffusion", "sample_unconditional"]
@@ -176,8 +176,11 @@ def settings_defaults() -> dict[str, Any]:
 
 def tuned_defaults(card: dict[str, Any] | None, A: LinearOperator, method: str) -> dict[str, Any]:  # noqa: N803
     """The tuned settings stored on ``card`` for ``A``'s key and ``method`` (only settings fields):
-    ``card["tuned"][operator_key(A)][method]``."""
+    ``card["tuned"][operator_key(A)][method]``; empty when they were tuned on other weights
+    (:func:`~medrecon.solvers.cards.tuned_on_other_weights`)."""
     entry = (card or {}).get("tuned", {}).get(operator_key(A), {}).get(method, {})
+    if tuned_on_other_weights(card, entry):
+        return {}
     names = settings_defaults()
     return {k: v for k, v in entry.items() if k in names}
 
@@ -303,8 +306,13 @@ def run_diffusion(
         raise SettingsError(f"{method}: the operator must be a SamplingOperator, got {A.name}")
     if n_samples < 1:
         raise SettingsError(f"n_samples must be ≥ 1, got {n_samples}")
-    tuned = tuned_defaults(getattr(model, "card", None), A, method)
+    card = getattr(model, "card", None)
+    tuned = tuned_defaults(card, A, method)
     tuned, warnings = _tuned_for(method, tuned, overrides, operator_key(A))
+    stale = tuned_on_other_weights(card, (card or {}).get("tuned", {}).get(operator_key(A), {}).get(method, {}),
+                                   f"{operator_key(A)}/{method}")
+    if stale:
+        warnings.append(stale)
     s = _settings(method, {**tuned, **overrides})
     b = y.shape[0]
     start = s.start if s.start != "auto" else ("ccdf" if method in ("ccdf", *VOLUME_METHODS) else "noise")
