@@ -5,8 +5,10 @@ PSNR, the current defaults always a candidate) on the tuning rows of ``benchmark
 rows 7 and 24 of ``ct/val.npz``; the middle slices of the first two MRI subjects) — never the
 slices recon.py reports.  The settings are those of recon.py (``--setting ct-23v``, ...,
 including its CT noise).  Prints a table of the trials and one JSON line; ``--store`` writes the
-winner to a model card as ``card["tuned"][operator_key][method]`` (only when it beats the
-defaults), which ``run_diffusion`` then uses as defaults.  Do not store into the shipped cards
+winner to a model card as ``card["tuned"][operator_key][method]`` (when it beats the defaults, or
+when the card holds no values measured on these weights: a prior with new weights gets its
+settings re-measured, the old ones being a candidate), which ``run_diffusion`` then uses as
+defaults.  Do not store into the shipped cards
 in ``medrecon/priors/weights`` without the prior's owner.
 
     python benchmarks/tune.py --setting ct-23v --method ccdf --budget 12 --fixed '{"steps": 50}'
@@ -29,6 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import recon  # noqa: E402  (the sibling benchmark script: data, settings and noise)
 
 from medrecon.priors import ScorePrior  # noqa: E402
+from medrecon.solvers.cards import tuned_on_other_weights  # noqa: E402
 from medrecon.tuning import DEFAULT_SPACES, store_tuned_defaults, tune  # noqa: E402
 
 
@@ -153,7 +156,9 @@ def _run(args: argparse.Namespace) -> dict[str, Any]:
         f"(+{gain:.2f} dB), {res['runs']} runs, {wall:.0f} s"
     )
     stored = None
-    if args.store and gain > 0:
+    card_entry = prior.card.get("tuned", {}).get(res["operator_key"], {}).get(args.method)
+    # store a gain, or the best measured on these weights where the card holds none for them
+    if args.store and (gain > 0 or not card_entry or tuned_on_other_weights(prior.card, card_entry)):
         store_tuned_defaults(
             args.store, res["operator_key"], {args.method: {**(fixed or {}), **res["best"]}}
         )

@@ -38,7 +38,7 @@ from medrecon.errors import SettingsError
 from medrecon.metrics import calibration
 from medrecon.operators.base import LinearOperator
 from medrecon.priors.registry import read_card, write_card
-from medrecon.solvers.cards import SPREAD_SETTINGS, operator_key
+from medrecon.solvers.cards import SPREAD_SETTINGS, operator_key, tuned_on_other_weights
 from medrecon.solvers.presets import PRESETS, settings_defaults, tuned_defaults
 
 __all__ = [
@@ -130,7 +130,8 @@ def tune(
     images: the first rung uses ``ceil(n / eta²)`` images (at least one), each next rung keeps
     the best ``1/eta`` and uses ``eta`` times more images, up to all of them.  The current
     defaults (preset, then the tuned values already on the prior's card) are always a candidate
-    and always reach the last rung, so the result is at least as good as them on ``images``.
+    and always reach the last rung, so the result is at least as good as them on ``images``; so
+    do the values the card holds from earlier weights of the prior (re-measured on these).
     All runs use the same seed (common random numbers), so differences are due to the settings.
 
     Parameters
@@ -235,7 +236,14 @@ def tune(
     rng = np.random.default_rng(seed)
     held = dict(fixed or {})
     start = {**held, **start}
-    configs = [start] + [{**held, **_draw(space, rng)} for _ in range(max(0, n_conf - 1))]
+    # values tuned on earlier weights of this prior (the card keeps them, not applied: see
+    # solvers.cards.tuned_on_other_weights) are re-measured as a candidate that, like the
+    # defaults, always reaches the last rung
+    entry = (card or {}).get("tuned", {}).get(key, {}).get(method, {})
+    earlier = ({**held, **{k: entry.get(k, start[k]) for k in space}}
+               if entry and tuned_on_other_weights(card, entry) else None)
+    seeded = [start] + ([earlier] if earlier and earlier != start else [])
+    configs = seeded + [{**held, **_draw(space, rng)} for _ in range(max(0, n_conf - len(seeded)))]
     scores: dict[int, dict[int, float]] = {c: {} for c in range(len(configs))}
     trials: dict[int, dict[str, Any]] = {}
     runs = 0
@@ -271,8 +279,7 @@ def tune(
             break
         keep = max(1, math.ceil(len(alive) / eta))
         alive = sorted(alive, key=lambda c: -vals[c])[:keep]
-        if 0 not in alive:  # the defaults always reach the last rung
-            alive.append(0)
+        alive += [c for c in range(len(seeded)) if c not in alive]  # the seeded ones reach the last rung
     final = {c: trials[c]["psnr"] for c in alive}
     # ties go to the cheaper configuration (fewer network evaluations)
     best = max(alive, key=lambda c: (final[c], -trials[c]["nfe"]))

@@ -114,3 +114,23 @@ def test_benchmark_targets_of_issue_23():
     three = [t for name, t in by_name.items() if "TV + 3 dB" in name]
     two = [t for name, t in by_name.items() if "TV + 2 dB" in name]
     assert three and three[0]["ok"] is False and three[0]["value"] == 2.5 and two[0]["ok"] is True
+
+
+def test_train_threads_compares_layouts(capsys, tmp_path):
+    """One run at T threads against T one-thread runs, read off the runs' own loss.csv (a tiny
+    net for a few seconds; T = 1 here so that it runs on any machine)."""
+    import numpy as np
+
+    imgs = np.full((4, 32, 32), -1000.0)
+    imgs[:, 8:24, 8:24] = 40.0
+    data = tmp_path / "toy.npz"
+    np.savez(data, images=imgs.astype(np.int16))
+    out = _load("train_threads").main(["--preset", "", "--seconds", "3", "--threads", "1", "--no-tcmalloc",
+                                       "--out", str(tmp_path / "runs"), "--", "--data", str(data), "--modality",
+                                       "ct", "--size", "tiny", "--patch-size", "16", "--batch-size", "2",
+                                       "--sigma-max", "20", "--warmup-steps", "1"])
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert json.loads(lines[-1]) == json.loads(json.dumps(out))
+    assert [r["layout"] for r in out["results"]] == ["1x1", "1x1"] and out["tcmalloc"] is None
+    assert all(r["steps_per_s_total"] > 0 for r in out["results"])
+    assert (tmp_path / "runs" / "glibc-1x1" / "loss.csv").is_file()

@@ -218,3 +218,21 @@ def test_calibration_is_stored_and_applied(tmp_path, prior):
         calibrate(prior, lambda i: A, hu, method="song", n_samples=1)
     with pytest.raises(SettingsError, match="lacks"):
         store_calibration(card, {"std_scale": 2.0})
+
+
+def test_tune_re_measures_values_tuned_on_earlier_weights(tmp_path):
+    """A card whose tuned entry names other weights: tune() does not start from it (the preset
+    does) but re-measures it as a candidate that reaches the last rung."""
+    from medrecon.operators import ParallelBeamCT
+    from medrecon.priors.sde import VESDE
+    from medrecon.solvers.analytic import GaussianPrior, periodic_rbf_covariance
+
+    prior = GaussianPrior(0.3 * torch.ones(8, 8, dtype=torch.float64), periodic_rbf_covariance(8), VESDE(0.01, 5.0))
+    A = ParallelBeamCT.sparse_view(8, 4)  # noqa: N806
+    prior.card = {"sha256": "a" * 64,
+                  "tuned": {operator_key(A): {"song": {"snr": 0.3, "steps": 6, "weights_sha256": "b" * 64}}}}
+    hu = prior.sample(2, torch.Generator().manual_seed(0)).float() * 4096 - 1024
+    res = tune(prior, lambda i: A, hu, {"snr": (0.05, 0.2), "steps": [5, 6]}, budget=4, method="song")
+    assert res["defaults"]["snr"] != 0.3  # the stale value is not the starting point
+    earlier = [t for t in res["trials"] if t["settings"]["snr"] == 0.3 and t["settings"]["steps"] == 6]
+    assert earlier and earlier[0]["n_images"] == 2  # re-measured on every image

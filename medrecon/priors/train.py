@@ -1256,9 +1256,16 @@ CT_GROWN_DATA: tuple[str, ...] = (
 _CT_GROWN: dict[str, Any] = dict(
     modality="ct",
     data=CT_GROWN_DATA,
+    # draws per file (CT_GROWN_DATA order): the arm/leg crops are 57 % of the slices but get a
+    # quarter of the draws, the chest/abdomen files (the validation's anatomy) most of the rest
+    data_weights=(0.2, 0.08, 0.17, 0.12, 0.09, 0.04, 0.05, 0.25),
     sigma_max=60.0,
     sigma_data=0.2,
     val_data="ct/val.npz",
+    # the comparison continued the 13,844-step ct-256 (v1) weights (--init-from) at this lr
+    lr=1e-4,
+    warmup_steps=100,
+    seed=23,
 )
 
 PRESETS: dict[str, dict[str, Any]] = {
@@ -1298,6 +1305,16 @@ PRESETS: dict[str, dict[str, Any]] = {
         sample_every_s=7200.0,
     ),
 }
+# the position-aware design on the unchanged MRI set (issue 23 item 3), ready to continue
+# mri-256 (--init-from mri-256 widens it with zero-weight coordinate inputs)
+PRESETS["mri-256-pos"] = dict(
+    PRESETS["mri-256"],
+    run="mri-256-pos",
+    **{k: PRESETS["ct-256-pos"][k] for k in ("coords", "patch_size", "patch_sizes", "patch_probs", "patch_batch",
+                                             "sample_size", "sample_count", "sample_every_s")},
+    lr=1e-4,
+    warmup_steps=100,
+)
 
 
 _COMMON_NOTES = [
@@ -1559,6 +1576,13 @@ CARD_INFO: dict[str, dict[str, Any]] = {
         "not_trained_on": _CT_GROWN_NOT_TRAINED_ON,
         "notes": _COMMON_NOTES + _CT_GROWN_NOTES,
     },
+}
+CARD_INFO["mri-256-pos"] = {
+    **{k: v for k, v in CARD_INFO["mri-256"].items() if k not in ("design", "design_comparison")},
+    "design": "position-aware patch prior (PaDIS, Hu et al. NeurIPS 2024) on the mri-256 set: the "
+    "mri-256 VE-SDE (sigma_max 110) and 'S' U-Net with two coordinate input channels; patches of "
+    "64 / 128 / 256 pixels with probabilities 0.5 / 0.3 / 0.2 and batches 16 / 4 / 1; flips and "
+    "90-degree rotations move the coordinates with the image; whole-image inference.",
 }
 
 
