@@ -243,7 +243,8 @@ def tune(
     earlier = ({**held, **{k: entry.get(k, start[k]) for k in space}}
                if entry and tuned_on_other_weights(card, entry) else None)
     seeded = [start] + ([earlier] if earlier and earlier != start else [])
-    configs = seeded + [{**held, **_draw(space, rng)} for _ in range(max(0, n_conf - len(seeded)))]
+    draws = [{**held, **_draw(space, rng)} for _ in range(max(0, n_conf - len(seeded)))]
+    configs = seeded + [c for c in draws if c not in seeded]  # a draw equal to a seeded one is not run twice
     scores: dict[int, dict[int, float]] = {c: {} for c in range(len(configs))}
     trials: dict[int, dict[str, Any]] = {}
     runs = 0

@@ -348,17 +348,19 @@ def test_old_cards_without_coordinates_load_and_run(tmp_path):
         assert back.score(torch.rand(1, 1, 30, 21), 0.5).shape == (1, 1, 30, 21)
 
 
-@pytest.mark.parametrize("name", ["ct-256", "mri-256"])
-def test_shipped_priors_without_coordinates_still_verify_and_run(name):
+@pytest.mark.parametrize("name, coords", [("ct-256", True), ("mri-256", False)])
+def test_shipped_priors_verify_and_run_with_and_without_coordinates(name, coords):
+    """ct-256 (v2) is position-aware; mri-256's card predates coordinates and loads without them."""
     reg = shipped_registry()
     if name not in reg.names():
         pytest.skip(f"{name} is not shipped")
     card = reg.card(name)
     weights = reg.card_path(name).with_suffix(".safetensors")
     assert hashlib.sha256(weights.read_bytes()).hexdigest() == card["sha256"]
-    assert "coords" not in card["architecture"]
+    assert bool(card["architecture"].get("coords", False)) is coords
     prior = ScorePrior.load(name)  # verifies the sha256 itself
-    assert prior.net.spec.coords is False
+    assert prior.net.spec.coords is coords
+    assert prior.net.unet.conv_in.conv.weight.shape[1] == 1 + 2 * coords
     with torch.no_grad():
         out = prior.score(torch.rand(1, 1, 40, 40), 0.5)
     assert out.shape == (1, 1, 40, 40) and torch.isfinite(out).all()

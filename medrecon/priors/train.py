@@ -1269,9 +1269,10 @@ _CT_GROWN: dict[str, Any] = dict(
 )
 
 PRESETS: dict[str, dict[str, Any]] = {
-    "ct-256": dict(
+    # the first shipped CT prior (13,844 steps, 2026-12-05): "S", 64² patches, 240 slices
+    "ct-256-v1": dict(
         _SHIPPED_DESIGN,
-        run="ct-256",
+        run="ct-256-v1",
         modality="ct",
         data=("ct/train.npz", "ct/volumes/promed_ct0051_head.npz"),
         sigma_max=60.0,
@@ -1305,6 +1306,10 @@ PRESETS: dict[str, dict[str, Any]] = {
         sample_every_s=7200.0,
     ),
 }
+# the shipped ct-256 (v2, issue 23): the position-aware design on the grown set, the winner of
+# the design comparison; a new machine continues from the shipped weights (a checkpoint in the
+# run's folder takes precedence: it resumes exactly)
+PRESETS["ct-256"] = dict(PRESETS["ct-256-pos"], run="ct-256", init_from="ct-256")
 # the position-aware design on the unchanged MRI set (issue 23 item 3), ready to continue
 # mri-256 (--init-from mri-256 widens it with zero-weight coordinate inputs)
 PRESETS["mri-256-pos"] = dict(
@@ -1436,7 +1441,7 @@ _CT_GROWN_NOTES = [
 ]
 
 CARD_INFO: dict[str, dict[str, Any]] = {
-    "ct-256": {
+    "ct-256-v1": {
         "modality": "ct",
         "resolution": [256, 256],
         "units": "HU window [-1024, 3071] -> [0, 1]: x = (HU + 1024) / 4096, clipped",
@@ -1575,6 +1580,50 @@ CARD_INFO: dict[str, dict[str, Any]] = {
         "training_data": _CT_GROWN_TRAINING_DATA,
         "not_trained_on": _CT_GROWN_NOT_TRAINED_ON,
         "notes": _COMMON_NOTES + _CT_GROWN_NOTES,
+    },
+}
+# the shipped ct-256 (v2): ct-256-pos continued from v1, chosen by the issue-23 comparison
+CARD_INFO["ct-256"] = {
+    **CARD_INFO["ct-256-pos"],
+    "design": CARD_INFO["ct-256-pos"]["design"] + " Continued from ct-256 v1 (13,844 steps of the "
+    "64x64-patch design without coordinates on 240 slices; the coordinate inputs start at zero "
+    "weight) at AdamW lr 1e-4 (100 warm-up steps, re-initialised), gradient clipping 1.0, with "
+    "per-file draw shares 0.2 / 0.08 / 0.17 / 0.12 / 0.09 / 0.04 / 0.05 / 0.25 (ct/train, head "
+    "volume, MIDRC, ITKElastix, cornerstoneDemo, cornerstoneTools, IBSI lung crop, IBSI sarcoma "
+    "crops: the limb crops are 57 % of the slices but a quarter of the draws). Chosen over the "
+    "same continuation without coordinates: see design_comparison.",
+    "design_comparison": {
+        "how": "both designs continued the v1 weights on the grown set for the same 4,500 s, side "
+        "by side on one core each of the 2-core CPU (one thread each, tcmalloc), with the same "
+        "data shares, lr, seed and steps cost (65,536 pixels per step). Judged by "
+        "benchmarks/prior_designs.py: Tweedie denoising PSNR (dB, normalised space) on all 31 "
+        "slices of ct/val.npz, and the DDS reconstruction (2 samples, v1's tuned DDS settings for "
+        "every design, so that only the prior differs) of ct/val.npz rows 4, 7, 18, 24 (not the "
+        "rows benchmarks/recon.py --quick reports) against TV at its swept weight",
+        "sigmas": [0.02, 0.05, 0.1, 0.2],
+        "designs": {
+            "v1 (start)": {"steps": 13844, "tweedie_db": [45.23, 40.54, 37.03, 33.45],
+                           "dds_10_views_db": 30.01, "dds_23_views_db": 38.22},
+            "S, 64x64 patches, no coordinates": {
+                "steps": 19787, "tweedie_db": [45.33, 40.66, 37.07, 33.52],
+                "dds_10_views_db": 30.05, "dds_23_views_db": 38.52},
+            "S + coordinates, patches 64/128/256 (kept)": {
+                "steps": 19568, "tweedie_db": [45.42, 40.82, 37.41, 33.97],
+                "dds_10_views_db": 30.07, "dds_23_views_db": 38.79},
+        },
+        "tv_db": {"10_views": 29.98, "23_views": 36.22},
+        "trainer_validation_8_slices": {
+            "no_coordinates": {"steps": [1553, 3165, 4770],
+                               "db": [[45.352, 40.633, 37.060, 33.561], [45.357, 40.657, 37.018, 33.545],
+                                      [45.400, 40.653, 36.983, 33.510]]},
+            "coordinates": {"steps": [1493, 3051, 4593],
+                            "db": [[45.429, 40.725, 37.214, 33.854], [45.419, 40.743, 37.225, 33.850],
+                                   [45.437, 40.764, 37.313, 33.909]]},
+        },
+        "kept": "coordinates: ahead at every sigma (+0.09 / +0.16 / +0.34 / +0.45 dB over the "
+        "design without them) and in reconstruction (+0.27 dB at 23 views, +0.02 dB at 10 views)",
+        "not_run": "a step up in capacity ('M') or larger patches without coordinates: the 2-core "
+        "clock of the session allowed two designs",
     },
 }
 CARD_INFO["mri-256-pos"] = {
