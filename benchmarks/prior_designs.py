@@ -77,8 +77,12 @@ def _describe(cfg: Any) -> str:
 
 
 def _settings_for(card: dict[str, Any], key: str, method: str) -> dict[str, Any]:
-    """The card's tuned settings of ``method`` for operator ``key`` (empty: the preset's)."""
-    return dict(card.get("tuned", {}).get(key, {}).get(method, {}))
+    """The card's tuned settings of ``method`` for operator ``key`` (empty: the preset's), without
+    the entry's bookkeeping (``weights_sha256``)."""
+    from medrecon.solvers.presets import settings_defaults
+
+    names = settings_defaults()
+    return {k: v for k, v in card.get("tuned", {}).get(key, {}).get(method, {}).items() if k in names}
 
 
 def reconstruct_rows(designs: list[dict[str, Any]], settings: list[str], rows: list[int], method: str,
@@ -140,6 +144,11 @@ def main(argv: list[str] | None = None) -> dict:
     a = p.parse_args(argv)
     torch.set_num_threads(a.threads)
     designs = [_load_design(path) for path in a.designs]
+    seen: dict[str, int] = {}
+    for d in designs:  # two priors of one name (a shipped card and an earlier copy): tell them apart
+        seen[d["run"]] = seen.get(d["run"], 0) + 1
+        if seen[d["run"]] > 1:
+            d["run"] = f"{d['run']}#{seen[d['run']]}"
     if a.recon and any(d["prior"] is None for d in designs):
         raise SystemExit("--recon needs exported priors (cards), not trainer checkpoints: export with "
                          "`medrecon train --run RUN --export DIR` first")

@@ -390,7 +390,7 @@ def toy_boxed_npz(tmp_path: Path) -> Path:
 def tiny_pos_config(tmp_path: Path, data: Path, **kw) -> TrainConfig:
     """The ct-256-pos preset with a tiny net, the toy data and sizes 8 / 16 / 32 (= whole)."""
     base = dict(PRESETS["ct-256-pos"])
-    base.update(data=(str(data),), size="tiny", sigma_max=20.0, patch_sizes=(8, 16, 32),
+    base.update(data=(str(data),), data_weights=(), size="tiny", sigma_max=20.0, patch_sizes=(8, 16, 32),
                 patch_batch=(4, 2, 1), lr=1e-3, warmup_steps=1, max_steps=4, val_data=None,
                 out_dir=str(tmp_path / "run"), validate_every_s=0, sample_every_s=0, progress=False,
                 log_every=1, threads=None)
@@ -540,6 +540,13 @@ def test_cli_takes_lists_and_threads():
     assert (cfg.patch_sizes, cfg.patch_probs, cfg.patch_batch, cfg.threads) == ((64, 128), (0.7, 0.3), (16, 4), 2)
     with pytest.raises(SettingsError, match="--patch-sizes takes int"):
         config_from_args(build_parser().parse_args(["--patch-sizes", "big"]))
+    # the preset's per-file shares belong to its files: other --data drops them, unless given again
+    own = config_from_args(build_parser().parse_args(["--preset", "ct-256", "--data", "a.npz", "b.npz"]))
+    assert own.data == ("a.npz", "b.npz") and own.data_weights == ()
+    own = config_from_args(build_parser().parse_args(["--preset", "ct-256", "--data", "a.npz", "b.npz",
+                                                      "--data-weights", "1", "3"]))
+    assert own.data_weights == (1.0, 3.0)
+    assert config_from_args(build_parser().parse_args(["--preset", "ct-256"])).data_weights == PRESETS["ct-256"]["data_weights"]
 
 
 def test_runtime_info_reports_threads_and_tcmalloc():

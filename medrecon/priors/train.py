@@ -1662,6 +1662,8 @@ def build_parser() -> argparse.ArgumentParser:
 def config_from_args(ns: argparse.Namespace) -> TrainConfig:
     """Merge preset and flags into a :class:`TrainConfig`."""
     base: dict[str, Any] = dict(PRESETS[ns.preset]) if ns.preset else {}
+    if getattr(ns, "data", None) and getattr(ns, "data_weights", None) is None:
+        base.pop("data_weights", None)  # the preset's shares are per file of the preset's data
     types = {f.name: f.type for f in fields(TrainConfig)}
     for name, typ in types.items():
         v = getattr(ns, name, None)
