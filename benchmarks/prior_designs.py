@@ -76,21 +76,12 @@ def _describe(cfg: Any) -> str:
     return f"{cfg.sde.upper()} {cfg.size} patch {patches}{' +xy' if cfg.coords else ''}"
 
 
-def _settings_for(card: dict[str, Any], key: str, method: str) -> dict[str, Any]:
-    """The card's tuned settings of ``method`` for operator ``key`` (empty: the preset's), without
-    the entry's bookkeeping (``weights_sha256``)."""
-    from medrecon.solvers.presets import settings_defaults
-
-    names = settings_defaults()
-    return {k: v for k, v in card.get("tuned", {}).get(key, {}).get(method, {}).items() if k in names}
-
-
 def reconstruct_rows(designs: list[dict[str, Any]], settings: list[str], rows: list[int], method: str,
                      settings_from: str, samples: int, seed: int, log) -> list[dict[str, Any]]:
     """Per (setting, design) the mean PSNR / SSIM over ``rows`` of ``method`` with identical
     settings for every design, and TV's in the same run."""
     from medrecon.priors import ScorePrior
-    from medrecon.solvers.cards import operator_key
+    from medrecon.solvers.presets import tuned_defaults
 
     rb = _recon_module()
     data = rb.load_data(rb.data_root(), False, None).get("ct")
@@ -116,7 +107,7 @@ def reconstruct_rows(designs: list[dict[str, Any]], settings: list[str], rows: l
         out.append({"setting": name, "run": "TV", "method": "tv", "lam": lam, "psnr": round(float(np.mean(m["psnr"])), 3),
                     "ssim": round(float(np.mean(m["ssim"])), 4), "wall_s": round(wall, 1)})
         log(f"# {name}: TV λ {lam:.3g}: {out[-1]['psnr']:.2f} dB")
-        chosen = _settings_for(reference, operator_key(A), method)
+        chosen = tuned_defaults(reference, A, method)
         for d in designs:
             mean, _, info, wall = rb.run_method(cfg, A, y, method, chosen, d["prior"], samples, None, seed)
             m = rb.slice_metrics(cfg, mean, None, x)
