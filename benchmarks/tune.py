@@ -31,7 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import recon  # noqa: E402  (the sibling benchmark script: data, settings and noise)
 
 from medrecon.priors import ScorePrior  # noqa: E402
-from medrecon.solvers.cards import tuned_on_other_weights  # noqa: E402
+from medrecon.solvers.presets import tuned_entry  # noqa: E402
 from medrecon.tuning import DEFAULT_SPACES, store_tuned_defaults, tune  # noqa: E402
 
 
@@ -156,9 +156,9 @@ def _run(args: argparse.Namespace) -> dict[str, Any]:
         f"(+{gain:.2f} dB), {res['runs']} runs, {wall:.0f} s"
     )
     stored = None
-    card_entry = prior.card.get("tuned", {}).get(res["operator_key"], {}).get(args.method)
+    card_entry, stale = tuned_entry(prior.card, A, args.method)
     # store a gain, or the best measured on these weights where the card holds none for them
-    if args.store and (gain > 0 or not card_entry or tuned_on_other_weights(prior.card, card_entry)):
+    if args.store and (gain > 0 or not card_entry or stale):
         store_tuned_defaults(
             args.store, res["operator_key"], {args.method: {**(fixed or {}), **res["best"]}}
         )

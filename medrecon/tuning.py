@@ -38,8 +38,8 @@ from medrecon.errors import SettingsError
 from medrecon.metrics import calibration
 from medrecon.operators.base import LinearOperator
 from medrecon.priors.registry import read_card, write_card
-from medrecon.solvers.cards import SPREAD_SETTINGS, operator_key, tuned_on_other_weights
-from medrecon.solvers.presets import PRESETS, settings_defaults, tuned_defaults
+from medrecon.solvers.cards import SPREAD_SETTINGS, operator_key
+from medrecon.solvers.presets import PRESETS, settings_defaults, tuned_entry
 
 __all__ = [
     "DEFAULT_SPACES",
@@ -208,7 +208,8 @@ def tune(
     ops = [operator_factory(i) for i in range(n)]
     key = operator_key(ops[0])
     card = getattr(prior, "card", None)
-    defaults = {**PRESETS[method], **tuned_defaults(card, ops[0], method)}
+    tuned, stale = tuned_entry(card, ops[0], method)
+    defaults = {**PRESETS[method], **({} if stale else tuned)}
     start = {k: defaults.get(k, _preset_field(k)) for k in space}
     meas = [_measure(ops[i], images[i : i + 1], noise, i) for i in range(n)]
 
@@ -239,9 +240,7 @@ def tune(
     # values tuned on earlier weights of this prior (the card keeps them, not applied: see
     # solvers.cards.tuned_on_other_weights) are re-measured as a candidate that, like the
     # defaults, always reaches the last rung
-    entry = (card or {}).get("tuned", {}).get(key, {}).get(method, {})
-    earlier = ({**held, **{k: entry.get(k, start[k]) for k in space}}
-               if entry and tuned_on_other_weights(card, entry) else None)
+    earlier = {**held, **{k: tuned.get(k, start[k]) for k in space}} if stale else None
     seeded = [start] + ([earlier] if earlier and earlier != start else [])
     draws = [{**held, **_draw(space, rng)} for _ in range(max(0, n_conf - len(seeded)))]
     configs = seeded + [c for c in draws if c not in seeded]  # a draw equal to a seeded one is not run twice

@@ -508,6 +508,22 @@ def test_grown_ct_presets_list_every_file_and_keep_validation_out():
     assert [p * p * b for p, b in zip(pos.patch_sizes, pos.patch_batch, strict=True)] == [65536] * 3
 
 
+@pytest.mark.parametrize("name, modality", [("ct-256", "ct"), ("mri-256", "mri")])
+def test_shipped_presets_continue_the_position_aware_design_and_keep_v1(name, modality):
+    """The shipped NAME (v2) is NAME-pos continued from the shipped weights; NAME-v1 still
+    trains v1's design (64² patches, no coordinates) and keeps v1's card text."""
+    v2, pos, v1 = (TrainConfig(**PRESETS[n]) for n in (name, f"{name}-pos", f"{name}-v1"))
+    assert v2.init_from == name and v2.run == name and v2.modality == v1.modality == modality
+    assert {k: v for k, v in vars(v2).items() if k not in ("run", "init_from")} == \
+        {k: v for k, v in vars(pos).items() if k not in ("run", "init_from")}
+    assert v2.coords and not v1.coords and v1.patch_size == 64 and not v1.patch_sizes and v1.init_from is None
+    assert set(v1.data) <= set(v2.data) and v1.val_data == v2.val_data and v1.sigma_max == v2.sigma_max
+    assert "coordinate" in CARD_INFO[name]["design"] and "coordinate" not in CARD_INFO[f"{name}-v1"]["design"]
+    kept = CARD_INFO[name]["design_comparison"]["designs"]
+    assert any("(kept)" in d and "coordinates" in d for d in kept)
+    assert set(PRESETS) <= set(CARD_INFO), "every preset has its card text"
+
+
 @pytest.mark.skipif(not (DATA / "ct/extra").is_dir() or not (DATA / "ct/val.npz").is_file(),
                     reason="needs MEDRECON_DATA with ct/extra and ct/val.npz")
 def test_grown_ct_data_matches_the_card_and_shares_nothing_with_validation():

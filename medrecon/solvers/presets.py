@@ -174,15 +174,22 @@ def settings_defaults() -> dict[str, Any]:
             for f in dataclasses.fields(DiffusionSettings) if f.name != "extra"}
 
 
-def tuned_defaults(card: dict[str, Any] | None, A: LinearOperator, method: str) -> dict[str, Any]:  # noqa: N803
-    """The tuned settings stored on ``card`` for ``A``'s key and ``method`` (only settings fields):
-    ``card["tuned"][operator_key(A)][method]``; empty when they were tuned on other weights
-    (:func:`~medrecon.solvers.cards.tuned_on_other_weights`)."""
-    entry = (card or {}).get("tuned", {}).get(operator_key(A), {}).get(method, {})
-    if tuned_on_other_weights(card, entry):
-        return {}
+def tuned_entry(card: dict[str, Any] | None, A: LinearOperator, method: str) -> tuple[dict[str, Any], str]:  # noqa: N803
+    """The settings fields of ``card["tuned"][operator_key(A)][method]`` (empty when there is no
+    entry) and why they do not hold for the card's weights (``""`` when they do): entries tuned
+    on other weights (:func:`~medrecon.solvers.cards.tuned_on_other_weights`) are kept on the
+    card as a candidate for re-tuning but not applied."""
+    key = operator_key(A)
+    entry = (card or {}).get("tuned", {}).get(key, {}).get(method, {})
     names = settings_defaults()
-    return {k: v for k, v in entry.items() if k in names}
+    return {k: v for k, v in entry.items() if k in names}, tuned_on_other_weights(card, entry, f"{key}/{method}")
+
+
+def tuned_defaults(card: dict[str, Any] | None, A: LinearOperator, method: str) -> dict[str, Any]:  # noqa: N803
+    """The tuned settings stored on ``card`` for ``A``'s key and ``method`` that hold for its
+    weights (:func:`tuned_entry`); empty when there are none."""
+    settings, stale = tuned_entry(card, A, method)
+    return {} if stale else settings
 
 
 #: tuned values that scale with the number of steps, kept right by a rule when the caller
@@ -307,10 +314,8 @@ def run_diffusion(
     if n_samples < 1:
         raise SettingsError(f"n_samples must be ≥ 1, got {n_samples}")
     card = getattr(model, "card", None)
-    tuned = tuned_defaults(card, A, method)
-    tuned, warnings = _tuned_for(method, tuned, overrides, operator_key(A))
-    stale = tuned_on_other_weights(card, (card or {}).get("tuned", {}).get(operator_key(A), {}).get(method, {}),
-                                   f"{operator_key(A)}/{method}")
+    tuned, stale = tuned_entry(card, A, method)
+    tuned, warnings = _tuned_for(method, {} if stale else tuned, overrides, operator_key(A))
     if stale:
         warnings.append(stale)
     s = _settings(method, {**tuned, **overrides})
