@@ -348,9 +348,10 @@ def test_old_cards_without_coordinates_load_and_run(tmp_path):
         assert back.score(torch.rand(1, 1, 30, 21), 0.5).shape == (1, 1, 30, 21)
 
 
-@pytest.mark.parametrize("name, coords", [("ct-256", True), ("mri-256", False)])
-def test_shipped_priors_verify_and_run_with_and_without_coordinates(name, coords):
-    """ct-256 (v2) is position-aware; mri-256's card predates coordinates and loads without them."""
+@pytest.mark.parametrize("name, coords", [("ct-256", True), ("mri-256", True)])
+def test_shipped_priors_verify_and_run_with_coordinates(name, coords):
+    """ct-256 and mri-256 (v2) are position-aware (cards without coordinates: the tiny exported
+    card above, which loads as a network without them)."""
     reg = shipped_registry()
     if name not in reg.names():
         pytest.skip(f"{name} is not shipped")

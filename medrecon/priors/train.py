@@ -1664,6 +1664,7 @@ CARD_INFO["mri-256"] = {
         "8-bit (1/255 intensity steps), so denoising gains level off early",
         "not_run": "reconstruction per design at equal settings (MRI DDS costs 35-120 s per "
         "slice on the CPU) and a step up in capacity ('M')",
+        "v1_sde": CARD_INFO["mri-256-v1"]["design_comparison"],
     },
 }
 
