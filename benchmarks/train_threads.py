@@ -38,7 +38,7 @@ def find_tcmalloc() -> str | None:
 def steps_per_s(loss_csv: Path, skip: int = 10) -> tuple[int, float]:
     """(steps, steps/s) from a run's ``loss.csv``, leaving out the first ``skip`` steps (warm-up)."""
     with open(loss_csv, newline="") as f:
-        rows = list(csv.DictReader(f))
+        rows = list({r["step"]: r for r in reversed(list(csv.DictReader(f)))}.values())[::-1]  # one row per step
     if len(rows) <= skip + 1:
         raise SystemExit(f"{loss_csv}: only {len(rows)} steps logged; give more --seconds")
     step = np.array([int(r["step"]) for r in rows])

@@ -125,7 +125,7 @@ def test_train_threads_compares_layouts(capsys, tmp_path):
     imgs[:, 8:24, 8:24] = 40.0
     data = tmp_path / "toy.npz"
     np.savez(data, images=imgs.astype(np.int16))
-    out = _load("train_threads").main(["--preset", "", "--seconds", "3", "--threads", "1", "--no-tcmalloc",
+    out = _load("train_threads").main(["--preset", "", "--seconds", "8", "--threads", "1", "--no-tcmalloc",
                                        "--out", str(tmp_path / "runs"), "--", "--data", str(data), "--modality",
                                        "ct", "--size", "tiny", "--patch-size", "16", "--batch-size", "2",
                                        "--sigma-max", "20", "--warmup-steps", "1"])
