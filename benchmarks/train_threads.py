@@ -37,11 +37,8 @@ def find_tcmalloc() -> str | None:
 
 def steps_per_s(loss_csv: Path, skip: int = 10) -> tuple[int, float]:
     """(steps, steps/s) from a run's ``loss.csv``, leaving out the first ``skip`` steps (warm-up)."""
-    first: dict[str, dict[str, str]] = {}  # one row per step (a stopping run may log its last step twice)
     with open(loss_csv, newline="") as f:
-        for r in csv.DictReader(f):
-            first.setdefault(r["step"], r)
-    rows = list(first.values())
+        rows = list(csv.DictReader(f))
     if len(rows) <= skip + 1:
         raise SystemExit(f"{loss_csv}: only {len(rows)} steps logged; give more --seconds")
     step = np.array([int(r["step"]) for r in rows])
