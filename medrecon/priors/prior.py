@@ -45,6 +45,7 @@ __all__ = [
     "CARD_FORMAT",
     "ScorePrior",
     "sigma_to_t",
+    "native_bf16",
     "tweedie_denoise",
     "sha256_file",
     "fit_high_noise",
@@ -187,7 +188,7 @@ def _check_card(card: dict[str, Any], path: Path) -> None:
 
 
 @functools.lru_cache(maxsize=1)
-def _native_bf16() -> bool:
+def native_bf16() -> bool:
     """Whether oneDNN computes bfloat16 natively on this CPU (AVX512-BF16 / AMX); asked once."""
     try:
         return bool(torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported())
@@ -239,7 +240,7 @@ class ScorePrior(nn.Module):
             raise SettingsError(f"ScorePrior.precision must be one of {', '.join(self.PRECISIONS)}; got {self.precision!r}")
         if grad or x.device.type != "cpu" or self.precision == "float32":
             return None
-        if self.precision == "bfloat16" or _native_bf16():
+        if self.precision == "bfloat16" or native_bf16():
             return torch.bfloat16
         return None
 

@@ -68,7 +68,7 @@ from medrecon.priors.networks import (
     widen_for_coords,
 )
 from medrecon.priors.normalise import Normaliser, ct_normaliser, mri_normaliser
-from medrecon.priors.prior import ScorePrior, fit_high_noise, tweedie_denoise
+from medrecon.priors.prior import ScorePrior, fit_high_noise, native_bf16, sigma_to_t, tweedie_denoise
 from medrecon.priors.registry import read_card, write_card
 from medrecon.priors.sde import SDE, VESDE, VPSDE
 
@@ -86,6 +86,8 @@ __all__ = [
 
 CKPT_FORMAT = "medrecon-train-ckpt-1"
 RESERVED = ("val.npz", "totalseg_example_ct")  # never train on these (benchmarks / validation)
+PRECISIONS = ("float32", "bfloat16", "auto")
+T_DISTS = ("uniform", "focused")
 
 
 def data_root() -> Path:
@@ -180,6 +182,20 @@ class TrainConfig:
     out_dir : str or None
     init_from : str or None
         Shipped prior (name or card path) to start from; optimiser re-initialised.
+    precision : {"float32", "bfloat16", "auto"}
+        Arithmetic of the training forward and backward pass: ``"bfloat16"`` autocasts them
+        (weights, gradients, optimiser and EMA stay float32); ``"auto"`` is bfloat16 where the
+        CPU computes it natively (AVX512-BF16 / AMX) and float32 elsewhere.
+    compile : bool
+        ``torch.compile`` the network for the training step (its first steps pay the compile).
+    t_dist : {"uniform", "focused"}
+        Diffusion times of the training noise: uniform in ``[eps, 1]``, or ``"focused"``: a share
+        ``high_share`` uniform and the rest at noise levels log-uniform in ``[sigma_min,
+        focus_sigma]`` (the levels DDS and CCDF query from a classical start).
+    focus_sigma : float
+        Largest noise level (normalised units, noise of ``x_t / a(t)``) of the focused draws.
+    high_share : float
+        Share of uniform draws (all noise levels) under ``t_dist="focused"``.
     resume : bool
         Continue from ``out_dir/last.pt`` when present.
     progress : bool
@@ -229,6 +245,11 @@ class TrainConfig:
     init_from: str | None = None
     resume: bool = True
     progress: bool = True
+    precision: str = "float32"
+    compile: bool = False
+    t_dist: str = "uniform"
+    focus_sigma: float = 0.5
+    high_share: float = 0.25
 
     def __post_init__(self) -> None:
         if self.modality not in ("ct", "mri"):
@@ -269,6 +290,17 @@ class TrainConfig:
             raise SettingsError(
                 f"TrainConfig: data_weights must be empty or {len(self.data)} non-negative "
                 f"values (one per data file) with a positive sum; got {self.data_weights}"
+            )
+        if self.precision not in PRECISIONS:
+            raise SettingsError(
+                f"TrainConfig: precision must be one of {', '.join(PRECISIONS)}; got {self.precision!r}"
+            )
+        if self.t_dist not in T_DISTS:
+            raise SettingsError(f"TrainConfig: t_dist must be one of {', '.join(T_DISTS)}; got {self.t_dist!r}")
+        if not (0.0 <= self.high_share <= 1.0) or not self.focus_sigma > self.sigma_min:
+            raise SettingsError(
+                f"TrainConfig: high_share must lie in [0, 1] and focus_sigma above sigma_min "
+                f"({self.sigma_min}); got {self.high_share}, {self.focus_sigma}"
             )
         if self.sample_count < 1:
             raise SettingsError(f"TrainConfig: sample_count must be >= 1; got {self.sample_count}")
@@ -575,17 +607,58 @@ class PatchSampler:
         return x, (torch.stack(coords) if with_coords else None)
 
 
+def sample_t(
+    sde: SDE,
+    n: int,
+    gen: torch.Generator,
+    device: torch.device | str = "cpu",
+    dist: str = "uniform",
+    focus_sigma: float = 0.5,
+    high_share: float = 0.25,
+) -> Tensor:
+    """``n`` training diffusion times: uniform in ``[eps, 1]`` (``dist="uniform"``), or
+    ``"focused"``: each draw is uniform with probability ``high_share`` and otherwise uniform in
+    ``[eps, t(focus_sigma)]`` (log-uniform noise levels for the VE SDE).  Two uniforms are
+    drawn per item in either case, so the random stream does not depend on ``dist``."""
+    u = torch.rand(2, n, generator=gen, device=device)
+    t = sde.eps + (1.0 - sde.eps) * u[0]
+    if dist == "focused":
+        t_hi = float(sigma_to_t(sde, focus_sigma))
+        low = sde.eps + (t_hi - sde.eps) * u[0]
+        t = torch.where(u[1] < high_share, t, low)
+    elif dist != "uniform":
+        raise SettingsError(f"sample_t: dist must be one of {', '.join(T_DISTS)}; got {dist!r}")
+    return t
+
+
+def train_autocast(precision: str, device: torch.device) -> torch.dtype | None:
+    """bfloat16 when a training step with this ``precision`` should autocast to it, else None
+    (float32): ``"auto"`` asks whether the CPU computes bfloat16 natively."""
+    if precision == "bfloat16" or (precision == "auto" and device.type == "cpu" and native_bf16()):
+        return torch.bfloat16
+    return None
+
+
 def dsm_loss(
-    net: torch.nn.Module, sde: SDE, x0: Tensor, gen: torch.Generator, coords: Tensor | None = None
+    net: torch.nn.Module,
+    sde: SDE,
+    x0: Tensor,
+    gen: torch.Generator,
+    coords: Tensor | None = None,
+    t: Tensor | None = None,
+    cast: torch.dtype | None = None,
 ) -> Tensor:
     """Denoising score-matching loss ``mean || F(x_t, t) + z ||^2`` (weighting ``std^2``);
-    ``coords`` (position-aware nets) are passed to the net with the noisy patches."""
-    t = sde.eps + (1.0 - sde.eps) * torch.rand(
-        x0.shape[0], generator=gen, device=x0.device, dtype=x0.dtype
-    )
+    ``coords`` (position-aware nets) are passed to the net with the noisy patches; ``t``
+    (default: uniform, :func:`sample_t`) the diffusion times; ``cast`` (bfloat16) autocasts
+    the network, the loss is summed in float32."""
+    if t is None:
+        t = sample_t(sde, x0.shape[0], gen, x0.device)
+    t = t.to(x0.dtype)
     xt, z, _ = sde.perturb(x0, t, generator=gen)
-    out = net(xt, t) if coords is None else net(xt, t, coords)
-    return ((out + z) ** 2).mean()
+    with torch.autocast(x0.device.type, dtype=cast or torch.bfloat16, enabled=cast is not None):
+        out = net(xt, t) if coords is None else net(xt, t, coords)
+    return ((out.float() + z) ** 2).mean()
 
 
 def _psnr(x: Tensor, ref: Tensor) -> float:
@@ -825,6 +898,20 @@ def licence_summary(entries: Sequence[dict[str, Any]]) -> dict[str, list[str]]:
     return {k: sorted(set(v)) for k, v in groups.items() if v}
 
 
+def cpu_model() -> str:
+    """The CPU's model name and whether it computes bfloat16 natively (for timing records)."""
+    name = ""
+    with contextlib.suppress(OSError):
+        with open("/proc/cpuinfo") as f:
+            name = next((ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")), "")
+    flags = ""
+    with contextlib.suppress(OSError):
+        with open("/proc/cpuinfo") as f:
+            flags = next((ln for ln in f if ln.startswith("flags")), "")
+    isa = "AVX512-BF16" if "avx512_bf16" in flags else ("AVX2" if "avx2" in flags else "")
+    return f"{name or 'unknown CPU'} ({isa or 'no AVX2'}, {os.cpu_count()} cores)"
+
+
 def runtime_info() -> dict[str, Any]:
     """How this process computes: intra-op threads, whether tcmalloc is preloaded (it is
     mapped into the process), ``OMP_WAIT_POLICY``, device — for comparing thread settings
@@ -990,6 +1077,12 @@ def train(config: TrainConfig) -> dict[str, Any]:
     model: torch.nn.Module = net
     if world > 1:
         model = torch.nn.parallel.DistributedDataParallel(net)
+    if config.compile:
+        model = torch.compile(model)
+    cast = train_autocast(config.precision, device)
+    runtime["precision"] = "bfloat16" if cast is not None else "float32"
+    runtime["compile"] = bool(config.compile)
+    runtime["cpu"] = cpu_model()
     val_images = (
         load_slices([config.val_data], config.modality)[: config.val_slices]
         if config.val_data
@@ -1059,7 +1152,9 @@ def train(config: TrainConfig) -> dict[str, Any]:
                 lr = config.lr * min(1.0, (step + 1) / max(1, config.warmup_steps))
                 for g in opt.param_groups:
                     g["lr"] = lr
-                loss = dsm_loss(model, sde, x0, noise_gen, coords=c0)
+                t = sample_t(sde, x0.shape[0], noise_gen, device, config.t_dist,
+                             config.focus_sigma, config.high_share)
+                loss = dsm_loss(model, sde, x0, noise_gen, coords=c0, t=t, cast=cast)
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 gnorm = float(torch.nn.utils.clip_grad_norm_(net.parameters(), config.grad_clip))
@@ -1268,6 +1363,23 @@ _CT_GROWN: dict[str, Any] = dict(
     seed=23,
 )
 
+# the CT set grown again (2026-12-07, issue 32): the grown set plus ct/extra2 (ct/extra2/SOURCES.md:
+# 278 slices of 210 patients, most of them head CT); ct/val.npz and the 3-D benchmark volume stay out
+CT_V3_DATA: tuple[str, ...] = CT_GROWN_DATA + (
+    "ct/extra2/rsna_ich_george091.npz",
+    "ct/extra2/rsna_ich_ahmad_alqaisi215.npz",
+    "ct/extra2/rsna_ich_azza_elkhalifa.npz",
+    "ct/extra2/lidc_concept_to_clinic.npz",
+    "ct/extra2/tcga_thca_dashvtk_wholebody.npz",
+    "ct/extra2/pancreatic_ct_cbct_seg_pyvista.npz",
+    "ct/extra2/dcmqi_ct3slice_abdomen.npz",
+)
+# draws per file (CT_V3_DATA order): the grown set keeps its proportions at 83 % of the draws;
+# extra2 gets 17 %, most of it the 201 head-CT patients (the bundled main-job slice is a head)
+CT_V3_WEIGHTS: tuple[float, ...] = tuple(round(0.83 * w, 4) for w in _CT_GROWN["data_weights"]) + (
+    0.09, 0.01, 0.002, 0.03, 0.015, 0.015, 0.008,
+)
+
 PRESETS: dict[str, dict[str, Any]] = {
     # the first shipped CT prior (13,844 steps, 2026-12-05): "S", 64² patches, 240 slices
     "ct-256-v1": dict(
@@ -1310,7 +1422,12 @@ PRESETS: dict[str, dict[str, Any]] = {
 # the shipped ct-256 (v2, issue 23): the position-aware design on the grown set, the winner of
 # the design comparison; a new machine continues from the shipped weights (a checkpoint in the
 # run's folder takes precedence: it resumes exactly)
-PRESETS["ct-256"] = dict(PRESETS["ct-256-pos"], run="ct-256", init_from="ct-256")
+PRESETS["ct-256-v2"] = dict(PRESETS["ct-256-pos"], run="ct-256-v2", init_from="ct-256")
+# the shipped ct-256 (v3, issue 32): the v2 design on the CT set grown by ct/extra2, trained with
+# the recipe that won the throughput comparison (docs/priors.md)
+PRESETS["ct-256"] = dict(
+    PRESETS["ct-256-pos"], run="ct-256", init_from="ct-256", data=CT_V3_DATA, data_weights=CT_V3_WEIGHTS
+)
 # the position-aware design on the unchanged MRI set (issue 23 item 3), ready to continue
 # mri-256 (--init-from mri-256 widens it with zero-weight coordinate inputs)
 PRESETS["mri-256-pos"] = dict(
@@ -1630,6 +1747,94 @@ CARD_INFO["ct-256"] = {
         "not_run": "a step up in capacity ('M') or larger patches without coordinates: the 2-core "
         "clock of the session allowed two designs",
     },
+}
+CARD_INFO["ct-256-v2"] = CARD_INFO["ct-256"]
+
+# ct/extra2 (2026-12-07): 278 whole slices of 210 patients, licences as in ct/extra2/SOURCES.md
+_CT_EXTRA2_TRAINING_DATA: list[dict[str, Any]] = [
+    {
+        "file": "ct/extra2/rsna_ich_george091.npz",
+        "slices": 202,
+        "patients": 201,
+        "source": "RSNA Intracranial Hemorrhage Detection (Kaggle 2019) head CT via "
+        "George091/Brain-Hemorrhage-Detection-Model (one slice per study; 116 gantry-tilted)",
+        "licence": "RSNA-ICH: non-commercial research/education only (cite Flanders et al., "
+        "Radiol AI 2020, doi:10.1148/ryai.2020190211); repository has no licence file: NON-COMMERCIAL",
+        "non_commercial": True,
+        "origin_documented": True,
+    },
+    {
+        "file": "ct/extra2/rsna_ich_ahmad_alqaisi215.npz",
+        "slices": 11,
+        "patients": 1,
+        "source": "RSNA-ICH head CT, one contiguous 5 mm series, via "
+        "ahmad-alqaisi215/Automated-Brain-Hemorrhage-Detection-in-CT-Scans",
+        "licence": "RSNA-ICH non-commercial (as above); repository has no licence file: NON-COMMERCIAL",
+        "non_commercial": True,
+        "origin_documented": True,
+    },
+    {
+        "file": "ct/extra2/rsna_ich_azza_elkhalifa.npz",
+        "slices": 2,
+        "patients": 2,
+        "source": "RSNA-ICH head CT via Azza-ElKhalifa/CT-Brain-Hemorrhage-Classification",
+        "licence": "RSNA-ICH non-commercial (as above); repository has no licence file: NON-COMMERCIAL",
+        "non_commercial": True,
+        "origin_documented": True,
+    },
+    {
+        "file": "ct/extra2/lidc_concept_to_clinic.npz",
+        "slices": 36,
+        "patients": 3,
+        "source": "TCIA LIDC-IDRI (patients 0001-0003, chest) via drivendataorg/concept-to-clinic",
+        "licence": "CC BY 3.0 (TCIA LIDC-IDRI; cite Armato et al. 2015, "
+        "doi:10.7937/K9/TCIA.2015.LO9QL9SX); repository MIT-style",
+        "non_commercial": False,
+        "origin_documented": True,
+    },
+    {
+        "file": "ct/extra2/tcga_thca_dashvtk_wholebody.npz",
+        "slices": 12,
+        "patients": 1,
+        "source": "TCIA TCGA-THCA low-dose PET/CT, skull base to mid-thigh, via plotly/dash-vtk",
+        "licence": "TCIA TCGA collections are CC BY 3.0 (not stated in the repository, not "
+        "verified); repository MIT",
+        "non_commercial": False,
+        "origin_documented": True,
+    },
+    {
+        "file": "ct/extra2/pancreatic_ct_cbct_seg_pyvista.npz",
+        "slices": 12,
+        "patients": 1,
+        "source": "TCIA Pancreatic-CT-CBCT-SEG planning CT (chest + abdomen) via pyvista/vtk-data",
+        "licence": "CC BY 4.0 (TCIA Pancreatic-CT-CBCT-SEG; cite Hong et al. 2021, "
+        "doi:10.7937/TCIA.ESHQ-4D90); repository Apache-2.0",
+        "non_commercial": False,
+        "origin_documented": True,
+    },
+    {
+        "file": "ct/extra2/dcmqi_ct3slice_abdomen.npz",
+        "slices": 3,
+        "patients": 1,
+        "source": "dcmqi test data, upper-abdomen CT (3 slices)",
+        "licence": "repository BSD-3-Clause; image origin not documented",
+        "non_commercial": False,
+        "origin_documented": False,
+    },
+]
+# the shipped ct-256 (v3, issue 32): the v2 design continued on the CT set grown by ct/extra2
+CARD_INFO["ct-256"] = {
+    **CARD_INFO["ct-256-v2"],
+    "training_data": _CT_GROWN_TRAINING_DATA + _CT_EXTRA2_TRAINING_DATA,
+    "notes": _COMMON_NOTES + [
+        "Trained on the CT set grown twice: 2,255 slices of 326 patients (ct/train.npz, the ProMED "
+        "head volume, ct/extra, ct/extra2). Five sources are NON-COMMERCIAL (CC BY-NC: "
+        "MIDRC-RICORD-1A, the CancerData lung crop; the RSNA intracranial-haemorrhage head CTs) "
+        "and five are of undocumented origin: see licence_summary; research use only.",
+        _CT_GROWN_NOTES[1],
+        "The 215 RSNA head-CT slices have stripped headers (no slice thickness, age or sex; children "
+        "may be included) and 116 of them are gantry-tilted (oblique planes, kept as acquired).",
+    ],
 }
 CARD_INFO["mri-256-pos"] = {
     **{k: v for k, v in CARD_INFO["mri-256-v1"].items() if k not in ("design", "design_comparison")},
