@@ -3,7 +3,7 @@
 Two judgements, as issue 23 asks:
 
 * **Denoising.** Each network denoises the validation slices by Tweedie's formula at
-  σ ∈ {0.02, 0.05, 0.1, 0.2} (the same noise draws for every design); the table gives the mean
+  σ ∈ {0.02, 0.05, 0.1, 0.2} (``--sigmas``; the same noise draws for every design); the table gives the mean
   PSNR (peak 1, normalised space), the training step and wall time of each design.
 * **Reconstruction** (``--recon ct-10v,ct-23v``, exported priors only). Each prior reconstructs
   the chosen ``ct/val.npz`` rows (``--rows``) with one sampler (``--method``, default DDS) at the
@@ -132,7 +132,10 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--settings-from", default="ct-256", help="prior whose card's tuned settings every design uses")
     p.add_argument("--samples", type=int, default=2, help="posterior samples per reconstruction (--recon)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--sigmas", default="0.02,0.05,0.1,0.2",
+                   help="noise levels of the Tweedie denoising (normalised units), e.g. 0.02,0.05,0.1,0.2,0.5,1,2")
     a = p.parse_args(argv)
+    sigmas = tuple(float(s) for s in a.sigmas.split(",") if s.strip())
     torch.set_num_threads(a.threads)
     designs = [_load_design(path) for path in a.designs]
     seen: dict[str, int] = {}
@@ -150,7 +153,7 @@ def main(argv: list[str] | None = None) -> dict:
             images = load_slices([a.val], d["modality"])[:: a.every]
         t0 = time.perf_counter()
         with torch.no_grad():
-            res = validate(d["net"], images)
+            res = validate(d["net"], images, sigmas)
         rows.append({"checkpoint": os.fspath(path), "run": d["run"], "design": d["design"], "step": d["step"],
                      "wall_s": d["wall_s"], **{k: round(v, 3) for k, v in res.items()},
                      "eval_s": round(time.perf_counter() - t0, 1)})
