@@ -54,7 +54,8 @@ def _load_design(path: str) -> dict[str, Any]:
     exported prior (a card path or a registry name)."""
     from medrecon.priors import ScorePrior
     from medrecon.priors.networks import ScoreNet
-    from medrecon.priors.train import TrainConfig, _cfg_from_dict, load_checkpoint
+    from medrecon.training import TrainConfig, load_checkpoint
+    from medrecon.training.config import _cfg_from_dict
 
     if path.endswith(".pt"):
         ck = load_checkpoint(path)
@@ -119,7 +120,7 @@ def reconstruct_rows(designs: list[dict[str, Any]], settings: list[str], rows: l
 
 
 def main(argv: list[str] | None = None) -> dict:
-    from medrecon.priors.train import load_slices, validate
+    from medrecon.training import load_slices, validate
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("designs", nargs="+", help="trainer checkpoints (last.pt, step_N.pt) or priors (card path, registry name)")

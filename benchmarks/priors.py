@@ -34,7 +34,7 @@ import torch
 
 from medrecon.priors import ScorePrior
 from medrecon.priors.registry import shipped_registry
-from medrecon.priors.train import CT_GROWN_DATA, PRESETS, data_root, load_slices, save_grid_png
+from medrecon.training import CT_GROWN_DATA, PRESETS, data_root, load_slices, save_grid_png
 from medrecon.solvers.presets import sample_unconditional
 
 SIGMAS = (0.02, 0.05, 0.1, 0.2)

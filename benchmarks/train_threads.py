@@ -52,7 +52,7 @@ def launch(args: argparse.Namespace, name: str, threads: int, cpus: list[int], p
     env.pop("LD_PRELOAD", None)
     if preload:
         env["LD_PRELOAD"] = preload
-    cmd = [sys.executable, "-m", "medrecon.priors.train", "--run", f"threads-{name}", "--out-dir", str(out / name),
+    cmd = [sys.executable, "-m", "medrecon.training", "--run", f"threads-{name}", "--out-dir", str(out / name),
            "--threads", str(threads), "--max-time-s", str(args.seconds), "--validate-every-s", "0",
            "--sample-every-s", "0", "--checkpoint-every-s", "1e9", "--progress", "false", "--log-every", "1",
            "--resume", "false", *args.train_args]

@@ -13,3 +13,19 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(old)
+
+
+def _pixel_of(coords: torch.Tensor, frame: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Invert image_coords: (row, col) in the frame of each pixel of a (2, h, w) field."""
+    h, w = frame
+    col = ((coords[0].double() + 1) * w - 1) / 2
+    row = ((coords[1].double() + 1) * h - 1) / 2
+    assert torch.allclose(col, col.round(), atol=1e-4) and torch.allclose(row, row.round(), atol=1e-4)
+    return row.round().long(), col.round().long()
+
+
+@pytest.fixture
+def pixel_of():
+    """``pixel_of(coords, frame)``: the (row, col) of each pixel of a coordinate field
+    (``medrecon.priors.networks.image_coords``) in its whole slice (position-aware tests)."""
+    return _pixel_of

@@ -43,7 +43,7 @@ def test_prior_designs_compares_checkpoints(capsys, tmp_path):
     JSON with one row per checkpoint, each at its own step and design."""
     import numpy as np
 
-    from medrecon.priors.train import TrainConfig, train
+    from medrecon.training import TrainConfig, train
 
     g = np.random.default_rng(0)
     imgs = np.full((6, 32, 32), -1000.0)
@@ -77,7 +77,7 @@ def test_prior_designs_takes_exported_priors(capsys, tmp_path):
     import numpy as np
     import pytest
 
-    from medrecon.priors.train import TrainConfig, export_prior, train
+    from medrecon.training import TrainConfig, export_prior, train
 
     imgs = np.full((4, 32, 32), -1000.0)
     imgs[:, 8:24, 8:24] = 40.0

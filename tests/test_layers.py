@@ -4,8 +4,8 @@ operators → priors → solvers → api → pipeline/pacs → cli (ARCHITECTURE
 that belong beside them: ``errors``, ``linalg`` (conjugate gradients, used by operators and
 solvers) and ``_version`` at the bottom; ``datasets`` (readers, writers, simulation) above
 operators; ``metrics`` and ``report`` beside the API; ``tuning`` (which runs whole
-reconstructions) and the prior trainer (whose previews run the solvers' unconditional preset)
-above the API.  Every ``import`` counts, also those inside functions.
+reconstructions) and the prior trainer ``training`` (whose previews run the solvers'
+unconditional preset) above the API.  Every ``import`` counts, also those inside functions.
 """
 
 from __future__ import annotations
@@ -31,9 +31,7 @@ LAYERS = [
     ("medrecon.api", 5),
     ("medrecon", 5),  # the package root re-exports the API
     ("medrecon.tuning", 6),
-    ("medrecon.priors.train", 6),
-    ("medrecon.priors.cli", 6),
-    ("medrecon.priors.__main__", 6),
+    ("medrecon.training", 6),
     ("medrecon.pipeline", 7),
     ("medrecon.pacs", 7),
     ("medrecon.cli", 8),

@@ -1,8 +1,9 @@
 """The ``medrecon`` command: parses arguments, builds a config, calls one library function.
 
-One module per sub-command (``add_parser(sub)`` registers it and sets ``run``); ``priors`` and
-``train`` are delegated to :mod:`medrecon.priors.cli`, ``pacs`` to :mod:`medrecon.cli.pacs`.  Exit codes: 0 success, 2 bad input or
-usage (one line naming the file and problem, no traceback), 3 a batch finished with failed cases.
+One module per sub-command (``add_parser(sub)`` registers it and sets ``run``); ``priors`` is
+delegated to :mod:`medrecon.priors.cli`, ``train`` to :mod:`medrecon.training.cli`, ``pacs`` to
+:mod:`medrecon.cli.pacs`.  Exit codes: 0 success, 2 bad input or usage (one line naming the file
+and problem, no traceback), 3 a batch finished with failed cases.
 """
 
 from __future__ import annotations
@@ -55,9 +56,13 @@ def _delegate(command: str, rest: list[str]) -> int:
         from medrecon.cli.pacs import pacs_main
 
         return int(pacs_main(rest) or 0)
-    from medrecon.priors.cli import priors_main, train_main
+    if command == "train":
+        from medrecon.training.cli import main as train_main
 
-    return int((priors_main if command == "priors" else train_main)(rest) or 0)
+        return int(train_main(rest) or 0)
+    from medrecon.priors.cli import priors_main
+
+    return int(priors_main(rest) or 0)
 
 
 def _one_line(err: BaseException) -> str:

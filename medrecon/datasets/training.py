@@ -7,7 +7,7 @@ Flow::
     cache = SliceCache.build(splits["train"], cache_dir, normaliser=ct_normaliser(), size=(256, 256))
     ds = SliceDataset(cache, patch_size=64, flips=True, seed=0)           # torch Dataset
 
-The trainer of the shipped priors (:mod:`medrecon.priors.train`) reads ``.npz`` slice files
+The trainer of the shipped priors (:mod:`medrecon.training`) reads ``.npz`` slice files
 instead and uses the pure helpers here: :func:`valid_boxes` (the region of real data in each
 slice: the ``valid_box`` of cropped series, else the whole slice), :func:`patch_origin`
 (a patch inside that region), :func:`dihedral` (flips and 90° rotations, applied alike to
@@ -352,7 +352,7 @@ class SliceDataset(Dataset):
         return torch.from_numpy(np.ascontiguousarray(x))[None]
 
 
-# --- helpers of the .npz trainer (medrecon.priors.train) --------------------------------------
+# --- helpers of the .npz trainer (medrecon.training) ------------------------------------------
 def valid_boxes(files: Any, n: int, shape: tuple[int, int], path: str | Path) -> np.ndarray:
     """Region of real image data in each of the ``n`` slices of an ``.npz`` file.
 

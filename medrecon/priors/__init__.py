@@ -1,4 +1,6 @@
-"""Score-based diffusion priors: SDEs, networks, ``ScorePrior``, the registry and the trainer.
+"""Score-based diffusion priors: SDEs, networks, ``ScorePrior`` and the registry.
+
+What inference needs; the trainer is :mod:`medrecon.training`.
 
 >>> from medrecon.priors import ScorePrior
 >>> prior = ScorePrior.load("ct-256")            # doctest: +SKIP

@@ -1,8 +1,8 @@
-"""Command-line entry points of the priors: ``medrecon priors list|show NAME`` and ``medrecon train``.
+"""Command-line entry point of the priors: ``medrecon priors list|show NAME``.
 
-These are thin shells around :mod:`medrecon.priors.registry` and :func:`medrecon.priors.train.train`;
-``medrecon.cli`` dispatches to :func:`priors_main` and :func:`train_main`.  They also run as
-``python -m medrecon.priors list``.
+A thin shell around :mod:`medrecon.priors.registry`; ``medrecon.cli`` dispatches to
+:func:`priors_main`.  It also runs as ``python -m medrecon.priors list``.  (``medrecon train``
+is :func:`medrecon.training.cli.main`.)
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from collections.abc import Sequence
 
 from medrecon.priors.registry import shipped_registry
 
-__all__ = ["priors_main", "train_main"]
+__all__ = ["priors_main"]
 
 
 def priors_main(argv: Sequence[str] | None = None) -> int:
@@ -37,10 +37,3 @@ def priors_main(argv: Sequence[str] | None = None) -> int:
         return 0
     print(json.dumps(reg.card(ns.name), indent=2))
     return 0
-
-
-def train_main(argv: Sequence[str] | None = None) -> int:
-    """``medrecon train`` (see :func:`medrecon.priors.train.main`)."""
-    from medrecon.priors.train import main
-
-    return main(argv)

@@ -1,0 +1,171 @@
+"""Tests of medrecon.training.presets: the presets reproduce the shipped designs, every preset
+has its card text, the grown CT sets list every file with its licence, and the card-text data
+files resolve as documented."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from medrecon.datasets.training import npz_source_info
+from medrecon.errors import InputError
+from medrecon.priors.registry import shipped_registry
+from medrecon.training import (
+    CARD_INFO,
+    CT_GROWN_DATA,
+    PRESETS,
+    RESERVED,
+    TrainConfig,
+    card_training_data,
+    licence_summary,
+)
+from medrecon.training.presets import CARDS_DIR, load_card_info
+
+DATA = Path(os.environ.get("MEDRECON_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))
+
+
+# design fields a `--preset` run must share with the shipped weights it resumes (the learning
+# rate and seed of a continuation may differ; the network, SDE, data and stopping rule may not)
+_PRESET_DESIGN_FIELDS = ("modality", "size", "sde", "sigma_min", "sigma_max", "sigma_data",
+                         "patch_size", "batch_size", "ema_decay", "data", "val_data",
+                         "val_slices", "validate_every_s", "patience", "min_delta_db",
+                         "coords", "patch_sizes", "patch_probs", "patch_batch", "data_weights")
+
+
+@pytest.mark.parametrize("name", ["ct-256", "mri-256"])
+def test_training_preset_reproduces_the_shipped_design(name):
+    """`--preset NAME` trains what the card of the shipped NAME says it was trained with, and
+    its plateau rule is the documented one: three 20-minute validations, an hour, without +0.02 dB."""
+    reg = shipped_registry()
+    if name not in reg.names():
+        pytest.skip(f"{name} is not shipped in medrecon/priors/weights")
+    trained = reg.card(name)["training"]["config"]
+    preset = TrainConfig(**PRESETS[name])
+    for field in _PRESET_DESIGN_FIELDS:
+        got = getattr(preset, field)
+        got = list(got) if isinstance(got, tuple) else got
+        want = trained.get(field, getattr(TrainConfig(), field))  # cards older than the field: its default
+        want = list(want) if isinstance(want, tuple) else want
+        assert got == want, f"{name}: preset {field}={got!r}, card {want!r}"
+    assert preset.patience * preset.validate_every_s == 3600 and preset.min_delta_db == 0.02
+
+
+def test_grown_ct_presets_list_every_file_and_keep_validation_out():
+    for name in ("ct-256-grown", "ct-256-pos"):
+        cfg = TrainConfig(**PRESETS[name])
+        assert cfg.data == CT_GROWN_DATA and cfg.val_data == "ct/val.npz"
+        assert not any(r in d for d in cfg.data for r in RESERVED)
+        assert {e["file"] for e in CARD_INFO[name]["training_data"]} == set(cfg.data)
+        summary = licence_summary(card_training_data(cfg.data, CARD_INFO[name]["training_data"]))
+        assert summary == {
+            "non_commercial": ["ct/extra/dashvtk_midrc_ricord1a.npz", "ct/extra/ibsi_ct_radiomics_phantom_lung.npz"],
+            "origin_undocumented": ["ct/extra/cornerstonedemo_ct_chest.npz", "ct/extra/cornerstonetools_bellona_chest.npz",
+                                    "ct/extra/itkelastix_4dct_phase00.npz", "ct/volumes/promed_ct0051_head.npz"],
+        }
+    pos = TrainConfig(**PRESETS["ct-256-pos"])
+    assert pos.coords and pos.patch_size is None and 256 in pos.patch_sizes and pos.network_spec().coords
+    assert [p * p * b for p, b in zip(pos.patch_sizes, pos.patch_batch, strict=True)] == [65536] * 3
+
+
+@pytest.mark.parametrize("name, modality", [("ct-256", "ct"), ("mri-256", "mri")])
+def test_shipped_presets_continue_the_position_aware_design_and_keep_v1(name, modality):
+    """The shipped NAME (v2) is NAME-pos continued from the shipped weights; NAME-v1 still
+    trains v1's design (64² patches, no coordinates) and keeps v1's card text."""
+    v2, pos, v1 = (TrainConfig(**PRESETS[n]) for n in (name, f"{name}-pos", f"{name}-v1"))
+    assert v2.init_from == name and v2.run == name and v2.modality == v1.modality == modality
+    assert {k: v for k, v in vars(v2).items() if k not in ("run", "init_from")} == \
+        {k: v for k, v in vars(pos).items() if k not in ("run", "init_from")}
+    assert v2.coords and not v1.coords and v1.patch_size == 64 and not v1.patch_sizes and v1.init_from is None
+    assert set(v1.data) <= set(v2.data) and v1.val_data == v2.val_data and v1.sigma_max == v2.sigma_max
+    assert "coordinate" in CARD_INFO[name]["design"] and "coordinate" not in CARD_INFO[f"{name}-v1"]["design"]
+    kept = CARD_INFO[name]["design_comparison"]["designs"]
+    assert any("(kept)" in d and "coordinates" in d for d in kept)
+    assert set(PRESETS) <= set(CARD_INFO), "every preset has its card text"
+
+
+@pytest.mark.skipif(not (DATA / "ct/extra").is_dir() or not (DATA / "ct/val.npz").is_file(),
+                    reason="needs MEDRECON_DATA with ct/extra and ct/val.npz")
+def test_grown_ct_data_matches_the_card_and_shares_nothing_with_validation():
+    """Slice counts and patients of the card entries match the files; no patient of
+    ct/val.npz is in the grown training set (the one file without a real PatientID, the
+    ITKElastix phase, is also checked slice by slice for identical pixels)."""
+    with np.load(DATA / "ct/val.npz") as z:
+        val_ids = {str(v) for v in z["patient_id"]}
+        val_hashes = {hashlib.sha256(s.tobytes()).hexdigest() for s in z["images"]}
+    slices: Counter = Counter()
+    patients: Counter = Counter()
+    for e in CARD_INFO["ct-256-pos"]["training_data"]:
+        slices[e["file"]] += e["slices"]
+        patients[e["file"]] += e["patients"]
+    for f in CT_GROWN_DATA:
+        info = npz_source_info(DATA / f, name=f)
+        assert info["slices"] == slices[f] and info.get("patients", 1) == patients[f], f
+        with np.load(DATA / f) as z:
+            ids = {str(v) for v in np.atleast_1d(z["patient_id"])}
+            assert ids and not val_ids & ids, f
+            if f.endswith("itkelastix_4dct_phase00.npz"):
+                assert not val_hashes & {hashlib.sha256(s.tobytes()).hexdigest() for s in z["images"]}
+
+
+# --- card-text data files ------------------------------------------------------------------
+def _write(path: Path, obj: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(obj))
+
+
+def test_card_text_files_resolve_bases_blocks_drops_and_appends(tmp_path):
+    """The rules of the module docstring: a base is copied (replaced keys keep their place, new
+    ones come last), $drop removes, $append extends a string or list, a $block in a list is
+    spliced and elsewhere stands for its value; blocks and entries are shared across files and
+    every entry is an independent copy."""
+    _write(tmp_path / "a.json", {"about": "ignored", "blocks": {"notes": ["n1", {"$block": "more"}], "more": ["n2"],
+                                                                 "cmp": {"x": 1}}})
+    _write(tmp_path / "sub" / "b.json", {"cards": {
+        "one": {"k": "v", "design": "D", "cmp": {"$block": "cmp"}, "notes": [{"$block": "notes"}, "own"]},
+        "two": {"$base": "one", "$drop": ["k"], "$append": {"design": " more", "notes": ["last"]}, "cmp": 2, "new": [1]},
+    }})
+    info = load_card_info(tmp_path)
+    assert info["one"] == {"k": "v", "design": "D", "cmp": {"x": 1}, "notes": ["n1", "n2", "own"]}
+    assert list(info["two"]) == ["design", "cmp", "notes", "new"]
+    assert info["two"] == {"design": "D more", "cmp": 2, "notes": ["n1", "n2", "own", "last"], "new": [1]}
+    info["one"]["notes"].append("changed")
+    assert load_card_info(tmp_path)["one"]["notes"] == ["n1", "n2", "own"] and info["two"]["notes"][-1] == "last"
+
+
+@pytest.mark.parametrize("files, match", [
+    ({"a.json": {"cards": {"x": {"$base": "nope"}}}}, "unknown or circular \\$base"),
+    ({"a.json": {"cards": {"x": {"$base": "y"}, "y": {"$base": "x"}}}}, "circular"),
+    ({"a.json": {"cards": {"x": {"n": {"$block": "nope"}}}}}, "unknown or circular block"),
+    ({"a.json": {"blocks": {"b": {"$block": "b"}}, "cards": {"x": {"n": {"$block": "b"}}}}}, "circular block"),
+    ({"a.json": {"blocks": {"b": {"k": 1}}, "cards": {"x": {"n": [{"$block": "b"}]}}}}, "no list"),
+    ({"a.json": {"cards": {"x": {}}}, "b.json": {"cards": {"x": {}}}}, "defined twice"),
+    ({"a.json": {"cards": {"x": {}, "y": {"$base": "x", "$drop": ["k"]}}}}, "no key"),
+    ({"a.json": {"cards": {"x": {"$bsae": "y"}}}}, "unknown"),
+    ({"a.json": ["not", "an", "object"]}, "not a JSON object"),
+])
+def test_card_text_files_with_errors_name_the_file(tmp_path, files, match):
+    for name, obj in files.items():
+        _write(tmp_path / name, obj)
+    with pytest.raises(InputError, match=match):
+        load_card_info(tmp_path)
+
+
+def test_shipped_card_text_is_resolved_and_installed_with_the_package():
+    """CARD_INFO is the resolved card text (no directive left in it) of the data files beside
+    the module, which pyproject.toml ships as package data."""
+    assert CARD_INFO == load_card_info(CARDS_DIR) and set(PRESETS) <= set(CARD_INFO)
+    assert "$" not in json.dumps(CARD_INFO)
+    assert CARD_INFO["ct-256-v2"]["design"].startswith(CARD_INFO["ct-256-pos"]["design"] + " Continued from ct-256 v1")
+    assert CARD_INFO["ct-256"]["training_data"][: len(CARD_INFO["ct-256-pos"]["training_data"])] == \
+        CARD_INFO["ct-256-pos"]["training_data"]
+    assert CARD_INFO["mri-256"]["design_comparison"]["v1_sde"] == CARD_INFO["mri-256-v1"]["design_comparison"]
+    pyproject = (Path(__file__).resolve().parents[1] / "pyproject.toml").read_text()
+    for path in sorted(CARDS_DIR.rglob("*.json")):
+        pattern = str(path.parent.relative_to(CARDS_DIR.parents[1]) / "*.json")
+        assert f'"{pattern}"' in pyproject, f"{pattern} is not package data"
