@@ -55,18 +55,18 @@ def _load_design(path: str) -> dict[str, Any]:
     from medrecon.priors import ScorePrior
     from medrecon.priors.networks import ScoreNet
     from medrecon.training import TrainConfig, load_checkpoint
-    from medrecon.training.config import _cfg_from_dict
+    from medrecon.training.config import cfg_from_dict
 
     if path.endswith(".pt"):
         ck = load_checkpoint(path)
-        cfg = TrainConfig(**_cfg_from_dict(ck["config"]))
+        cfg = TrainConfig(**cfg_from_dict(ck["config"]))
         net = ScoreNet(cfg.network_spec(), cfg.build_sde(), cfg.sigma_data)
         net.load_state_dict(ck["ema"])
         return {"net": net, "prior": None, "run": cfg.run, "design": _describe(cfg), "modality": cfg.modality,
                 "step": int(ck["step"]), "wall_s": round(float(ck["wall_s"]), 1)}
     prior = ScorePrior.load(path)
     training = prior.card.get("training", {})
-    cfg = TrainConfig(**_cfg_from_dict(training.get("config", {})))
+    cfg = TrainConfig(**cfg_from_dict(training.get("config", {})))
     return {"net": prior.net, "prior": prior, "run": prior.card.get("name", path), "design": _describe(cfg),
             "modality": prior.card.get("modality", cfg.modality), "step": int(training.get("steps", 0)),
             "wall_s": round(float(training.get("wall_time_s", 0.0)), 1)}

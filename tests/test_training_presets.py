@@ -35,13 +35,15 @@ DATA = Path(os.environ.get("MEDRECON_DATA", Path(__file__).resolve().parents[2] 
 _PRESET_DESIGN_FIELDS = ("modality", "size", "sde", "sigma_min", "sigma_max", "sigma_data",
                          "patch_size", "batch_size", "ema_decay", "data", "val_data",
                          "val_slices", "validate_every_s", "patience", "min_delta_db",
-                         "coords", "patch_sizes", "patch_probs", "patch_batch", "data_weights")
+                         "coords", "patch_sizes", "patch_probs", "patch_batch", "data_weights",
+                         "t_dist", "focus_sigma", "high_share")
 
 
 @pytest.mark.parametrize("name", ["ct-256", "mri-256"])
 def test_training_preset_reproduces_the_shipped_design(name):
-    """`--preset NAME` trains what the card of the shipped NAME says it was trained with, and
-    its plateau rule is the documented one: three 20-minute validations, an hour, without +0.02 dB."""
+    """`--preset NAME` trains what the card of the shipped NAME says it was trained with (design,
+    data and the campaign recipe), validating every 20 minutes and never stopping on a plateau
+    inside a session: the campaign ends per submission (issue 32)."""
     reg = shipped_registry()
     if name not in reg.names():
         pytest.skip(f"{name} is not shipped in medrecon/priors/weights")
@@ -53,7 +55,7 @@ def test_training_preset_reproduces_the_shipped_design(name):
         want = trained.get(field, getattr(TrainConfig(), field))  # cards older than the field: its default
         want = list(want) if isinstance(want, tuple) else want
         assert got == want, f"{name}: preset {field}={got!r}, card {want!r}"
-    assert preset.patience * preset.validate_every_s == 3600 and preset.min_delta_db == 0.02
+    assert preset.patience == 0 and preset.validate_every_s == 1200
 
 
 def test_grown_ct_presets_list_every_file_and_keep_validation_out():
@@ -73,20 +75,57 @@ def test_grown_ct_presets_list_every_file_and_keep_validation_out():
     assert [p * p * b for p, b in zip(pos.patch_sizes, pos.patch_batch, strict=True)] == [65536] * 3
 
 
+_RECIPE_FIELDS = ("precision", "t_dist", "focus_sigma", "high_share", "patience")
+
+
 @pytest.mark.parametrize("name, modality", [("ct-256", "ct"), ("mri-256", "mri")])
 def test_shipped_presets_continue_the_position_aware_design_and_keep_v1(name, modality):
-    """The shipped NAME (v2) is NAME-pos continued from the shipped weights; NAME-v1 still
-    trains v1's design (64² patches, no coordinates) and keeps v1's card text."""
-    v2, pos, v1 = (TrainConfig(**PRESETS[n]) for n in (name, f"{name}-pos", f"{name}-v1"))
-    assert v2.init_from == name and v2.run == name and v2.modality == v1.modality == modality
+    """The shipped NAME (v3) is NAME-pos continued from the shipped weights with the campaign
+    recipe (bfloat16 where native, focused noise levels, no plateau stop), CT on the data grown
+    by ct/extra2; NAME-v2 keeps v2's recipe; NAME-v1 still trains v1's design (64² patches, no
+    coordinates) and keeps v1's card text."""
+    v3, v2, pos, v1 = (TrainConfig(**PRESETS[n]) for n in (name, f"{name}-v2", f"{name}-pos", f"{name}-v1"))
+    assert v3.init_from == v2.init_from == name and v3.run == name and v3.modality == v1.modality == modality
+    differ = {"run", "init_from", *_RECIPE_FIELDS} | ({"data", "data_weights"} if modality == "ct" else set())
+    assert {k: v for k, v in vars(v3).items() if k not in differ} == \
+        {k: v for k, v in vars(pos).items() if k not in differ}
     assert {k: v for k, v in vars(v2).items() if k not in ("run", "init_from")} == \
         {k: v for k, v in vars(pos).items() if k not in ("run", "init_from")}
-    assert v2.coords and not v1.coords and v1.patch_size == 64 and not v1.patch_sizes and v1.init_from is None
-    assert set(v1.data) <= set(v2.data) and v1.val_data == v2.val_data and v1.sigma_max == v2.sigma_max
+    assert (v3.precision, v3.t_dist, v3.patience, v3.high_share) == ("auto", "focused", 0, 0.25)
+    assert (v2.precision, v2.t_dist) == ("float32", "uniform")
+    assert v3.coords and not v1.coords and v1.patch_size == 64 and not v1.patch_sizes and v1.init_from is None
+    assert set(v1.data) <= set(v2.data) <= set(v3.data) and v1.val_data == v3.val_data and v1.sigma_max == v3.sigma_max
     assert "coordinate" in CARD_INFO[name]["design"] and "coordinate" not in CARD_INFO[f"{name}-v1"]["design"]
     kept = CARD_INFO[name]["design_comparison"]["designs"]
     assert any("(kept)" in d and "coordinates" in d for d in kept)
     assert set(PRESETS) <= set(CARD_INFO), "every preset has its card text"
+
+
+def test_ct_v3_data_lists_every_file_with_its_licence():
+    """ct-256 (v3) trains on the grown set plus every file of ct/extra2, never on the reserved
+    files; the card lists each with its licence, the RSNA head CTs as non-commercial."""
+    cfg = TrainConfig(**PRESETS["ct-256"])
+    assert cfg.data[: len(CT_GROWN_DATA)] == CT_GROWN_DATA and len(cfg.data) == len(CT_GROWN_DATA) + 7
+    assert all(d.startswith("ct/extra2/") for d in cfg.data[len(CT_GROWN_DATA):])
+    assert not any(r in d for d in cfg.data for r in RESERVED)
+    assert abs(sum(cfg.data_weights) - 1.0) < 1e-6
+    entries = CARD_INFO["ct-256"]["training_data"]
+    assert {e["file"] for e in entries} == set(cfg.data)
+    assert sum(e["slices"] for e in entries) == 2255 and sum(e["patients"] for e in entries) == 326
+    summary = licence_summary(card_training_data(cfg.data, entries))
+    assert {f for f in summary["non_commercial"] if "extra2" in f} == {
+        "ct/extra2/rsna_ich_george091.npz", "ct/extra2/rsna_ich_ahmad_alqaisi215.npz",
+        "ct/extra2/rsna_ich_azza_elkhalifa.npz"}
+    assert "ct/extra2/dcmqi_ct3slice_abdomen.npz" in summary["origin_undocumented"]
+    assert "licence_not_reviewed" not in summary
+
+
+@pytest.mark.skipif(not (DATA / "ct/extra2").is_dir(), reason="needs MEDRECON_DATA with ct/extra2")
+def test_ct_extra2_card_entries_match_the_files():
+    for e in CARD_INFO["ct-256"]["training_data"]:
+        if e["file"].startswith("ct/extra2/"):
+            info = npz_source_info(DATA / e["file"], name=e["file"])
+            assert info["slices"] == e["slices"] and info.get("patients", 1) == e["patients"], e["file"]
 
 
 @pytest.mark.skipif(not (DATA / "ct/extra").is_dir() or not (DATA / "ct/val.npz").is_file(),

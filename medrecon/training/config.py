@@ -291,7 +291,7 @@ class TrainConfig:
         return Path(self.out_dir) if self.out_dir else default_out_dir(self.run)
 
 
-def _cfg_from_dict(d: dict[str, Any]) -> dict[str, Any]:
+def cfg_from_dict(d: dict[str, Any]) -> dict[str, Any]:
     tuples = {f.name for f in fields(TrainConfig) if str(f.type).startswith("tuple")}
     names = {f.name for f in fields(TrainConfig)}
     d = {k: v for k, v in d.items() if k in names}

@@ -22,7 +22,8 @@ from medrecon.datasets.training import npz_source_info
 from medrecon.priors.networks import ScoreNet
 from medrecon.priors.prior import ScorePrior, fit_high_noise
 from medrecon.priors.registry import read_card, write_card
-from medrecon.training.config import TrainConfig, _cfg_from_dict
+from medrecon.training.config import TrainConfig, cfg_from_dict
+from medrecon.training.campaign import campaign_history, campaign_point
 from medrecon.training.data import _resolve, load_slices
 from medrecon.training.loop import load_checkpoint
 from medrecon.training.validation import read_val_log, validate, validation_curve
@@ -67,14 +68,19 @@ def export_prior(
         The card.
     """
     ck = load_checkpoint(checkpoint)
-    cfg = TrainConfig(**_cfg_from_dict(ck["config"]))
+    cfg = TrainConfig(**cfg_from_dict(ck["config"]))
     net = ScoreNet(cfg.network_spec(), cfg.build_sde(), cfg.sigma_data)
     net.load_state_dict(ck["ema"])
     prior = ScorePrior(net, cfg.normaliser())
     earlier = ck.get("earlier", {"steps": 0, "wall_time_s": 0.0})
+    history = earlier.get("campaign")
+    if history is None and ck["config"].get("init_from"):  # checkpoints older than the campaign record
+        history = campaign_history(ScorePrior.load(ck["config"]["init_from"]).card)
+    point = campaign_point(earlier, ck)
     training = {
         "steps": earlier["steps"] + ck["step"],
         "wall_time_s": round(earlier["wall_time_s"] + ck["wall_s"], 1),
+        "cpu_hours": point["cumulative_cpu_hours"],
         "weights": "EMA of the network weights",
         "optimiser_state_shipped": False,
         "config": ck["config"],
@@ -86,6 +92,7 @@ def export_prior(
             f"{earlier['steps']} earlier steps ({ck['config'].get('init_from')}); this run "
             f"{ck['step']} steps with a re-initialised AdamW"
         )
+    training["campaign"] = [*(history or []), point]
     extra: dict[str, Any] = dict(card or {})
     extra["training"] = {**training, **extra.get("training", {})}
     extra["training_data"] = card_training_data(cfg.data, extra.get("training_data"))
@@ -130,12 +137,14 @@ def export_prior(
                 k.replace("psnr_sigma", "sigma"): round(v, 2) for k, v in res.items()
             },
         }
-        history = read_val_log(Path(checkpoint).parent / "val.csv")
-        if history:  # the run's validation curve (first val_slices slices, during training)
+        card_now["training"]["campaign"][-1]["tweedie_psnr_db"] = card_now["validation"]["tweedie_psnr_db"]
+        card_now["training"]["campaign"][-1]["validation"] = f"{card_now['validation']['data']}, {len(val)} slices"
+        rows = read_val_log(Path(checkpoint).parent / "val.csv")
+        if rows:  # the run's validation curve (first val_slices slices, during training)
             card_now["validation"]["during_training"] = {
                 "slices": ck["config"].get("val_slices"),
                 "steps_offset": earlier["steps"],
-                "rows": validation_curve(earlier, history, upto_step=ck["step"]),
+                "rows": validation_curve(earlier, rows, upto_step=ck["step"]),
             }
         write_card(path, card_now)
     return path

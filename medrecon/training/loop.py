@@ -37,7 +37,8 @@ from medrecon.errors import InputError, SettingsError
 from medrecon.priors.networks import ScoreNet, widen_for_coords
 from medrecon.priors.prior import ScorePrior, native_bf16, sigma_to_t
 from medrecon.priors.sde import SDE
-from medrecon.training.config import T_DISTS, TrainConfig, _cfg_from_dict
+from medrecon.training.campaign import campaign_history
+from medrecon.training.config import T_DISTS, TrainConfig, cfg_from_dict
 from medrecon.training.data import _make_sampler, load_slices, load_training_data
 from medrecon.training.runtime import _agree, _ddp, _Stop, cpu_model, runtime_info
 from medrecon.training.validation import (
@@ -179,7 +180,7 @@ def train(config: TrainConfig) -> dict[str, Any]:
     ckpath = out / "last.pt"
     if config.resume and ckpath.exists():
         ck = load_checkpoint(ckpath)
-        old = TrainConfig(**_cfg_from_dict(ck["config"]))  # fields added since: defaults
+        old = TrainConfig(**cfg_from_dict(ck["config"]))  # fields added since: defaults
         diff = [k for k in TrainConfig.ARCH_FIELDS if getattr(old, k) != getattr(config, k)]
         if diff:
             raise SettingsError(
@@ -218,9 +219,13 @@ def train(config: TrainConfig) -> dict[str, Any]:
         ema.load_state_dict(net.state_dict())
         # shipped weights carry no optimiser state: AdamW starts fresh (warm-up again)
         before = init.card.get("training", {})
+        history = campaign_history(init.card)
         earlier = {
             "steps": int(before.get("steps", 0)),
             "wall_time_s": float(before.get("wall_time_s", 0.0)),
+            # compute and validation of the stages before (the card's campaign curve)
+            "cpu_hours": history[-1]["cumulative_cpu_hours"] if history else 0.0,
+            "campaign": history,
             # the validation curve of those steps, which the exported card's curve continues
             "validation_rows": [
                 r for r in init.card.get("validation", {}).get("during_training", {}).get("rows", [])
