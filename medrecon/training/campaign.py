@@ -19,17 +19,21 @@ def campaign_history(card: dict[str, Any]) -> list[dict[str, Any]]:
     """The training campaign of a card: one point per exported stage (cumulative steps and
     CPU-hours, the CPU, the recipe and the validation), the curve of validation against
     compute that continued training extends.  A card from before the record gets one point
-    from its totals (CPU-hours = wall time × its threads: earlier runs used one thread)."""
+    from its totals (its wall time counted as one thread, as most of those runs used; the point
+    says so)."""
     training = card.get("training", {})
     if "campaign" in training:
         return [dict(p) for p in training["campaign"]]
     if not training.get("steps"):
         return []
     threads = int(training.get("runtime", {}).get("threads") or 1)
+    wall_h = float(training.get("wall_time_s", 0.0)) / 3600
     return [{
         "stage": f"{card.get('name', 'prior')} before the campaign record",
         "cumulative_steps": int(training["steps"]),
-        "cumulative_cpu_hours": round(float(training.get("wall_time_s", 0.0)) * threads / 3600, 2),
+        "cumulative_cpu_hours": round(wall_h, 2),
+        "note": f"{wall_h:.2f} h of wall time counted as one thread: the thread counts of the stages "
+        f"before the record were not kept per stage (the last one ran on {threads})",
         "precision": training.get("runtime", {}).get("precision", "float32"),
         "tweedie_psnr_db": card.get("validation", {}).get("tweedie_psnr_db"),
         "validation": f"{card.get('validation', {}).get('data')}, {card.get('validation', {}).get('slices')} slices",
