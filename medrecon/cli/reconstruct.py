@@ -56,15 +56,15 @@ def run(a: argparse.Namespace) -> int:
     def note(text: str) -> None:
         print(f"medrecon reconstruct: {text}", file=sys.stderr)
 
-    if stem != settings_stem(cfg):
-        note(f"{cfg.out} already holds outputs named {settings_stem(cfg)}; this run writes {stem}.* "
-             "(--overwrite replaces them instead)")
     with warnings.catch_warnings():
         printer = WarningPrinter("reconstruct")
         warnings.showwarning = printer
         rec = run_case(cfg, stem=stem, notify=note)
         for text in rec["info"].get("warnings", []) or []:  # the method's own (may not be Python warnings)
             printer.line(text)
+    if stem != settings_stem(cfg):  # said once the outputs exist, not before a run that may fail
+        note(f"{cfg.out} already held outputs named {settings_stem(cfg)}; this run wrote {stem}.* "
+             "(--overwrite replaces them instead)")
     m = rec["metrics"]
     line = f"{rec['case_id']}: {cfg.method} on {rec['problem']}, {rec['info'].get('wall_time_s', 0):.1f} s"
     if "psnr" in m:

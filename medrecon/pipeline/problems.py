@@ -91,7 +91,6 @@ class Problem:
     reference: Tensor | None
     template: Volume  # affine, modality and meta for the written outputs
     unit: str
-    display: tuple[float, float]
     initial_method: str
     title: str
     scale: float = 1.0  # MRI magnitude scale for metrics
@@ -278,7 +277,6 @@ def _check_modality(vol: Volume, cfg: ReconstructConfig) -> None:
 
 def _retrospective(cfg: ReconstructConfig, seed: int) -> Problem:
     from medrecon.datasets.simulate import bundled_ct_slice
-    from medrecon.metrics import SOFT_TISSUE_HU
 
     src = str(bundled_ct_slice()) if cfg.input is None else cfg.input
     kw = {"series_uid": cfg.series_uid} if cfg.series_uid is not None else {}  # "": see load_volume
@@ -300,13 +298,13 @@ def _retrospective(cfg: ReconstructConfig, seed: int) -> Problem:
         n = int(np.count_nonzero(A.mask.cpu().numpy())) if hasattr(A, "mask") else cfg.views
         what = f"{n} views" if cfg.limited_angle_deg is None else f"{cfg.limited_angle_deg:g}° limited angle"
         title = f"CT {cfg.geometry} beam, {what}"
-        unit, display, initial, scale = "HU", SOFT_TISSUE_HU, "fbp", 1.0
+        unit, initial, scale = "HU", "fbp", 1.0
     else:
         scale = float(np.percentile(np.abs(vol.array), 99.5)) or 1.0
         title = f"MRI {cfg.acceleration:g}x {cfg.mask} mask"
-        unit, display, initial = "a.u.", (0.0, scale), "zero-filled"
+        unit, initial = "a.u.", "zero-filled"
     y = simulate_measurement(x, A, cfg.noise, seed)
-    return Problem(y, A, x, vol, unit, display, initial, title, scale, first_slice=first,
+    return Problem(y, A, x, vol, unit, initial, title, scale, first_slice=first,
                    display_affine=vol.affine if has_geometry else None)
 
 
@@ -350,7 +348,6 @@ def simulate_measurement(x: Tensor, A: Any, noise: float, seed: int) -> Tensor: 
 def _sinogram_problem(cfg: ReconstructConfig) -> Problem:
     from medrecon.datasets import Volume, load_sinogram
     from medrecon.datasets.simulate import MU_WATER_PER_MM, ct_operator
-    from medrecon.metrics import SOFT_TISSUE_HU
 
     sino = load_sinogram(cfg.input)
     g = sino.geometry
@@ -379,7 +376,7 @@ def _sinogram_problem(cfg: ReconstructConfig) -> Problem:
     pix = float(g.get("pixel_size_mm") or 1.0)
     template = Volume(np.zeros((data.shape[0], size, size), np.float32), np.diag([pix, pix, pix, 1.0]), "CT")
     n_views = len(g["angles_rad"])
-    return Problem(y, A, None, template, "HU", SOFT_TISSUE_HU, "fbp",
+    return Problem(y, A, None, template, "HU", "fbp",
                    f"CT measured sinogram, {g['type']} beam, {n_views} views",
                    first_slice=range(sino.data.shape[0])[s][0])
 
@@ -419,7 +416,7 @@ def _kspace_problem(cfg: ReconstructConfig) -> Problem:
             notes["reference"] = "fastMRI reconstruction"
     template = Volume(np.zeros((y.shape[0], *y.shape[-2:]), np.float32), np.eye(4), "MR")
     layout = "multi-coil" if data.shape[0] > 1 else "single-coil"
-    return Problem(y, A, reference, template, "a.u.", (0.0, scale), "zero-filled",
+    return Problem(y, A, reference, template, "a.u.", "zero-filled",
                    f"MRI measured {layout} k-space, {float(mask.mean()):.0%} sampled", scale, notes,
                    first_slice=range(ksp.data.shape[1])[s][0])
 
