@@ -60,6 +60,9 @@ def add_recon_options(p: argparse.ArgumentParser, *, batch: bool = False) -> Non
                    help="retrospective: simulate from an image; prospective: measured data (default: by input)")
     g.add_argument("--slices", help="only these slices: START:STOP or an index")
     g.add_argument("--downsample", type=int, default=1, help="in-plane block averaging of the input image")
+    g.add_argument("--input-domain", choices=["kspace", "image"], default=None,
+                   help="what an MRI k-space file holds: image = coil images, turned into k-space; kspace = k-space, "
+                        "not checked (default: k-space, checked by the energy at its centre; coil images refused)")
     g.add_argument("--format", choices=["nifti", "dicom"], default="nifti", dest="output_format")
     g.add_argument("--window", type=_window, metavar="C,W",
                    help="display window of the figure: centre and width in the image's units (CT: HU), e.g. "
@@ -78,7 +81,7 @@ def add_recon_options(p: argparse.ArgumentParser, *, batch: bool = False) -> Non
 _FIELDS = ("views", "angles_deg", "limited_angle", "geometry", "source_to_isocenter_mm", "source_to_detector_mm",
            "image_size", "acceleration", "center_fraction", "mask", "method", "prior", "samples", "steps",
            "iters", "noise", "seed", "device", "mode", "slices", "downsample", "output_format",
-           "series_uid", "reference", "case_id", "overwrite", "into_source_study", "window")
+           "series_uid", "reference", "case_id", "overwrite", "into_source_study", "window", "input_domain")
 
 
 def recon_settings(a: argparse.Namespace) -> dict[str, Any]:

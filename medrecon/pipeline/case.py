@@ -42,8 +42,8 @@ class ReconstructConfig:
     modality : {"ct", "mri"}
     input : str or None
         DICOM folder/file, NIfTI file or image folder (retrospective); raw sinogram ``.npy`` /
-        ``.npz`` + ``.json``, fastMRI ``.h5`` or BART ``.cfl`` (prospective); None = the bundled
-        CT slice.
+        ``.npz`` (or, with ``modality="ct"``, MATLAB ``.mat``) + ``.json``, fastMRI ``.h5``, BART
+        ``.cfl`` or MATLAB ``.mat`` k-space (prospective); None = the bundled CT slice.
     out : str
         Output folder.
     mode : {"auto", "retrospective", "prospective"}
@@ -87,6 +87,10 @@ class ReconstructConfig:
         Prospective CT: reconstruction grid (default from the geometry).
     reference : str or None
         Prospective: reference image for metrics.
+    input_domain : {None, "kspace", "image"}
+        What an MRI k-space file holds (:func:`medrecon.datasets.load_kspace`): None, k-space,
+        checked by the energy at its centre (coil images are refused); ``"kspace"``, k-space
+        without the check; ``"image"``, coil images, turned into fully sampled k-space.
     window : (float, float) or None
         Display window ``(centre, width)`` of the figure's image panels and thumbnails, in the
         image's units (HU for CT).  None: chosen per modality from the reference (else the
@@ -129,6 +133,7 @@ class ReconstructConfig:
     downsample: int = 1
     image_size: int | None = None
     reference: str | None = None
+    input_domain: str | None = None
     window: tuple[float, float] | None = None
     thumbnails: bool = False
     overwrite: bool = False
@@ -170,7 +175,7 @@ def settings_tag(cfg: ReconstructConfig) -> str:
     """
     from medrecon.pipeline.problems import input_kind
 
-    if input_kind(cfg.input) != "image":
+    if input_kind(cfg.input, cfg.modality) != "image":
         return ""
     if cfg.modality == "ct":
         if cfg.angles_deg is not None:
@@ -219,7 +224,7 @@ _OPTIONS = {"views": "--views", "angles_deg": "--angles", "limited_angle_deg": "
             "acceleration": "--acceleration", "center_fraction": "--center-fraction", "mask": "--mask",
             "prior": "--prior", "samples": "--samples", "steps": "--steps", "iters": "--iters",
             "noise": "--noise", "downsample": "--downsample", "reference": "--reference",
-            "into_source_study": "--into-source-study"}
+            "into_source_study": "--into-source-study", "input_domain": "--input-domain"}
 
 
 def _inapplicable(cfg: ReconstructConfig) -> dict[str, str]:
@@ -228,7 +233,7 @@ def _inapplicable(cfg: ReconstructConfig) -> dict[str, str]:
     from medrecon.pipeline.problems import input_kind
     from medrecon.solvers.presets import DIFFUSION_METHODS
 
-    kind = input_kind(cfg.input)
+    kind = input_kind(cfg.input, cfg.modality)
     retro = kind == "image"
     why: dict[str, str] = {}
     if cfg.method in METHODS:
@@ -263,6 +268,8 @@ def _inapplicable(cfg: ReconstructConfig) -> dict[str, str]:
         why["reference"] = "a simulated case is compared with its input image"
     if kind != "sinogram":
         why["image_size"] = "only for measured sinograms"
+    if kind != "kspace":
+        why["input_domain"] = "only for MRI k-space files (.h5, .cfl, .mat), which may hold coil images"
     if not (retro and cfg.output_format == "dicom"):
         why["into_source_study"] = "only for DICOM output of simulated data"
     return why
@@ -480,11 +487,15 @@ def _duration(seconds: float) -> str:
 
 
 def _validate(cfg: ReconstructConfig) -> None:
+    from medrecon.datasets import INPUT_DOMAINS
+
     choices = {"modality": ("ct", "mri"), "output_format": ("nifti", "dicom"),
-               "mode": ("auto", "retrospective", "prospective"), "geometry": ("parallel", "fan")}
+               "mode": ("auto", "retrospective", "prospective"), "geometry": ("parallel", "fan"),
+               "input_domain": INPUT_DOMAINS}
     for name, allowed in choices.items():
         if getattr(cfg, name) not in allowed:
-            raise SettingsError(f"{name} must be one of {', '.join(allowed)}; got {getattr(cfg, name)!r}")
+            raise SettingsError(f"{name} must be one of {', '.join(str(v) for v in allowed)}; "
+                                f"got {getattr(cfg, name)!r}")
     for name in ("samples", "steps", "iters"):
         v = getattr(cfg, name)
         if v is not None and v < 1:

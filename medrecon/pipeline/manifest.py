@@ -8,7 +8,8 @@ underscores).  Empty cells take the batch defaults.
 A folder is searched through its sub-folders, following symbolic links (each real folder is
 visited once, so a link loop ends; hidden folders and the batch's own output folder are skipped).
 It gives one case per DICOM series and one per NIfTI file, raw sinogram, fastMRI ``.h5``, BART
-``.cfl`` or MATLAB ``.mat``.  DICOM files are grouped by SeriesInstanceUID; files without one
+``.cfl`` or MATLAB ``.mat`` (an MRI k-space case, or a CT sinogram case when a sinogram geometry
+``.json`` of the same name lies beside it).  DICOM files are grouped by SeriesInstanceUID; files without one
 are grouped by the folder that holds them (one case per folder).  A series whose files lie in
 several folders (two copies of an export, a link to a copy) is one case read from their nearest
 common folder; the DICOM reader then reads each instance (SOPInstanceUID) once, from an intact
@@ -108,8 +109,12 @@ _Raw = tuple[str | None, dict[str, Any], str, str]  # (case ID or None, settings
 
 
 def _kind(path: Path) -> str:
-    """What an input file is, from its name (no reading)."""
+    """What an input file is, from its name (and, for ``.mat``, a sinogram geometry beside it)."""
+    from medrecon.datasets.sinogram import is_sinogram_geometry
+
     name = path.name.lower()
+    if name.endswith(".mat") and is_sinogram_geometry(path.with_suffix(".json")):
+        return f"MATLAB sinogram (+ {path.with_suffix('.json').name} geometry)"
     kinds = {(".nii", ".nii.gz"): "NIfTI image", (".h5", ".hdf5"): "fastMRI k-space",
              (".cfl", ".hdr"): "BART k-space", (".mat",): "MATLAB k-space", (".npy", ".npz"): "raw sinogram"}
     for ends, what in kinds.items():
@@ -159,6 +164,7 @@ def _folder_cases(folder: Path, out_dir: Path | None = None) -> list[_Raw]:
     """The cases of a folder (module docstring): DICOM series by SeriesInstanceUID or by folder,
     and one case per other input file, in the order they are found."""
     from medrecon.datasets import list_dicom_series
+    from medrecon.datasets.sinogram import is_sinogram_geometry
     from medrecon.pipeline.problems import input_kind
 
     def rel(p: Path) -> str:
@@ -177,9 +183,11 @@ def _folder_cases(folder: Path, out_dir: Path | None = None) -> list[_Raw]:
                 continue
             if name.endswith((".nii", ".nii.gz")):
                 order.append(("raw", (None, {"input": str(f)}, rel(f), _kind(f))))
+            elif name.endswith(".mat") and is_sinogram_geometry(f.with_suffix(".json")):  # a MATLAB sinogram
+                order.append(("raw", (None, {"input": str(f), "modality": "ct"}, rel(f), _kind(f))))
             elif name.endswith((".h5", ".hdf5", ".cfl", ".mat")):
                 order.append(("raw", (None, {"input": str(f), "modality": "mri"}, rel(f), _kind(f))))
-            elif name.endswith(".json") and input_kind(str(f)) == "sinogram":
+            elif name.endswith(".json") and input_kind(str(f)) == "sinogram" and not f.with_suffix(".mat").is_file():
                 order.append(("raw", (None, {"input": str(f), "modality": "ct"}, rel(f), _kind(f))))
             elif not name.endswith((".hdr", ".npy", ".npz", ".json", ".csv", ".txt", ".md")):
                 other.append(f)

@@ -67,7 +67,7 @@ def simulation_label(cfg: ReconstructConfig) -> str | None:
     """:func:`describe_simulation` of a case; None when it reconstructs measured data."""
     from medrecon.pipeline.problems import input_kind
 
-    if input_kind(cfg.input) != "image":
+    if input_kind(cfg.input, cfg.modality) != "image":
         return None
     return describe_simulation(
         cfg.modality, views=cfg.views, geometry=cfg.geometry, angles_deg=cfg.angles_deg,
