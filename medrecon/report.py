@@ -1,6 +1,10 @@
 """Figures and reports: a PNG per case (initial estimate | reconstruction | uncertainty | error,
 with colour bars and units), thumbnails, and the HTML report of a batch.
 
+Image panels share one display window (:func:`display_window`: chosen per modality from the
+image's intensities, or given); error and uncertainty panels get their own colour scale from
+their 1st to 99th percentile (:func:`robust_range`), so one wild pixel does not flatten the map.
+
 Everything is written atomically (temporary name in the target folder, then rename).  Reports show
 case IDs only, never patient names.
 """
@@ -16,8 +20,15 @@ from typing import Any
 import numpy as np
 
 from medrecon.datasets._atomic import open_temp
+from medrecon.metrics import SOFT_TISSUE_HU  # W400/L40
 
-__all__ = ["case_figure", "thumbnail", "batch_report", "display_orientation", "orient_for_display"]
+__all__ = ["case_figure", "thumbnail", "batch_report", "display_orientation", "orient_for_display",
+           "display_window", "robust_range"]
+
+#: CT values at or below this are air, left out when the window is chosen
+AIR_HU = -500.0
+#: narrowest window chosen for CT objects outside the soft-tissue window, HU
+MIN_WIDTH_HU = 400.0
 
 
 def _atomic_write(path: Path, write) -> Path:
@@ -97,6 +108,93 @@ def orient_for_display(image: np.ndarray, affine: np.ndarray | None) -> tuple[np
     return img, aspect
 
 
+def display_window(image: np.ndarray, modality: str) -> tuple[tuple[float, float], str]:
+    """Display range of a figure's image panels, chosen per modality from the image's intensities.
+
+    Parameters
+    ----------
+    image : ndarray
+        The image (or volume) the window is chosen on: the reference, else the initial estimate.
+    modality : {"ct", "mri"}
+        ``"ct"`` (also ``"CT"``): values in HU.  Anything else: magnitudes in arbitrary units.
+
+    Returns
+    -------
+    (low, high) : tuple of float
+        The window, in the image's units.
+    how : str
+        Why this window, for the record.
+
+    Notes
+    -----
+    CT: the object is every pixel above −500 HU (not air).  When the object's median lies in the
+    soft-tissue window W400/L40 (a head, a chest, an abdomen), that window; otherwise (a phantom
+    at +700 HU, a crop of bone) the object's 1st to 99th percentile, at least 400 HU wide and
+    rounded outwards to 10 HU.  MRI: 0 to the 99.5th percentile of the magnitude.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> display_window(np.full((8, 8), 40.0), "ct")[0]
+    (-160.0, 240.0)
+    >>> display_window(np.full((8, 8), 700.0), "ct")[0]
+    (500.0, 900.0)
+    """
+    a = np.asarray(image, dtype=np.float64)
+    a = a[np.isfinite(a)]
+    if str(modality).lower() == "ct":
+        body = a[a > AIR_HU]
+        low, high = SOFT_TISSUE_HU
+        if body.size == 0:
+            return (low, high), "soft-tissue window W400/L40 (nothing above -500 HU)"
+        median = float(np.median(body))
+        if low <= median <= high:
+            return (low, high), f"soft-tissue window W400/L40 (the object's median, {median:.0f} HU, lies in it)"
+        p1, p99 = (float(v) for v in np.percentile(body, [1.0, 99.0]))
+        centre, half = 0.5 * (p1 + p99), max(0.5 * (p99 - p1), 0.5 * MIN_WIDTH_HU)
+        low, high = 10.0 * np.floor((centre - half) / 10.0), 10.0 * np.ceil((centre + half) / 10.0)
+        return (float(low), float(high)), (
+            f"W{high - low:g}/L{0.5 * (low + high):g} from the object's 1st-99th percentile (its median, "
+            f"{median:.0f} HU, lies outside the soft-tissue window W400/L40)")
+    mag = np.abs(a)
+    high = float(np.percentile(mag, 99.5)) if mag.size else 0.0
+    high = high or (float(mag.max()) if mag.size else 0.0) or 1.0
+    return (0.0, high), "0 to the 99.5th percentile of the magnitude"
+
+
+def robust_range(image: np.ndarray, percentiles: tuple[float, float] = (1.0, 99.0)) -> tuple[float, float]:
+    """The colour range of an error or uncertainty map: its 1st to 99th percentile (finite values).
+
+    A constant map gets its value ± 0.5; an empty or all-NaN map (0, 1).
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> err = np.arange(100.0)
+    >>> err[0] = 1e6  # one wild pixel does not set the scale
+    >>> robust_range(err)
+    (1.99, 98.01)
+    """
+    a = np.asarray(image, dtype=np.float64)
+    a = a[np.isfinite(a)]
+    if a.size == 0:
+        return 0.0, 1.0
+    low, high = (float(v) for v in np.percentile(a, percentiles))
+    if not high > low:
+        low, high = float(a.min()), float(a.max())
+    if not high > low:
+        low, high = low - 0.5, high + 0.5
+    return low, high
+
+
+def _extend(img: np.ndarray, low: float, high: float) -> str:
+    """Colour-bar arrows for values beyond the range shown."""
+    a = np.asarray(img, dtype=np.float64)
+    a = a[np.isfinite(a)]
+    below, above = bool(a.size and a.min() < low), bool(a.size and a.max() > high)
+    return {(True, True): "both", (True, False): "min", (False, True): "max"}.get((below, above), "neither")
+
+
 def _figure(
     panels: list[tuple[str, np.ndarray, str]],
     display: tuple[float, float] | None,
@@ -113,13 +211,20 @@ def _figure(
                              layout="constrained")
     for ax, (name, img, unit) in zip(axes[0], panels, strict=True):
         own = any(k in name.lower() for k in ("uncertainty", "error", "std"))
-        kw = {} if own or display is None else {"vmin": display[0], "vmax": display[1]}
+        label = unit
+        if own:  # its own scale, robust to outliers
+            low, high = robust_range(img)
+        elif display is not None:
+            low, high = display
+            label = f"{unit} (W{high - low:.4g} L{0.5 * (low + high):.4g})"
+        else:
+            low, high = robust_range(img, (0.0, 100.0))
         shown, aspect = orient_for_display(img, affine)
-        im = ax.imshow(shown, cmap="magma" if own else "gray", aspect=aspect, **kw)
+        im = ax.imshow(shown, cmap="magma" if own else "gray", aspect=aspect, vmin=low, vmax=high)
         ax.set_title(name, fontsize=9)
         ax.axis("off")
-        bar = fig.colorbar(im, ax=ax, shrink=0.85)
-        bar.set_label(unit, fontsize=8)
+        bar = fig.colorbar(im, ax=ax, shrink=0.85, extend=_extend(img, low, high))
+        bar.set_label(label, fontsize=8)
         bar.ax.tick_params(labelsize=7)
     if title:
         fig.suptitle(title, fontsize=10)
@@ -139,9 +244,12 @@ def case_figure(
     Parameters
     ----------
     panels : list of (title, image (H, W), unit)
-        Image panels; a title containing "uncertainty" or "error" gets its own colour scale.
+        Image panels; a title containing "uncertainty" or "error" gets its own colour scale, from
+        its 1st to its 99th percentile (:func:`robust_range`; arrows on the colour bar mark
+        values beyond it).
     display : (low, high), optional
-        Display range shared by the image panels (e.g. a CT window in HU).
+        Display range shared by the image panels (e.g. a CT window in HU,
+        :func:`display_window`); it is named on their colour bars.  None: each panel's range.
     title : str
         Figure title (which case, which slice).
     affine : ndarray (4, 4), optional
@@ -164,8 +272,8 @@ def thumbnail(path: str | Path, image: np.ndarray, display: tuple[float, float] 
     ----------
     image : ndarray, shape (H, W)
     display : (low, high) or None
-        Display range (e.g. a CT window in HU); None: the image's own range, magma colours
-        (uncertainty maps).
+        Display range (e.g. a CT window in HU); None: the image's 1st to 99th percentile
+        (:func:`robust_range`), magma colours (uncertainty maps).
     size : int
         Longest side in pixels, at most (the image is subsampled by an integer stride).
     """
@@ -178,7 +286,8 @@ def thumbnail(path: str | Path, image: np.ndarray, display: tuple[float, float] 
     step = max(1, int(np.ceil(max(img.shape) / size)))
     img = img[::step, ::step]
     if display is None:
-        kw = {"cmap": "magma", "vmin": float(img.min()), "vmax": float(img.max())}
+        low, high = robust_range(img)
+        kw = {"cmap": "magma", "vmin": low, "vmax": high}
     else:
         kw = {"cmap": "gray", "vmin": display[0], "vmax": display[1]}
     return _atomic_write(Path(path), lambda tmp: plt.imsave(tmp, img, format="png", **kw))

@@ -216,7 +216,7 @@ def test_reruns_and_other_settings_never_collide(tmp_path, capsys):
         assert main(_ct(tmp_path, "--method", "fbp", "--views", views, "--downsample", "2")) == 0
     names = sorted(p.name for p in out.glob("*.json"))
     assert names == ["bundled-ct_fbp_23v-2.json", "bundled-ct_fbp_23v.json", "bundled-ct_fbp_60v.json"]
-    assert "this run writes bundled-ct_fbp_23v-2.*" in capsys.readouterr().err
+    assert "this run wrote bundled-ct_fbp_23v-2.*" in capsys.readouterr().err
     before = (out / "bundled-ct_fbp_23v.json").stat().st_mtime_ns
     assert main(_ct(tmp_path, "--method", "fbp", "--views", "23", "--downsample", "2", "--overwrite")) == 0
     assert (out / "bundled-ct_fbp_23v.json").stat().st_mtime_ns != before  # replaced, nothing new

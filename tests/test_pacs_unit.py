@@ -131,6 +131,23 @@ def test_write_derived_series_and_uncertainty(tmp_path):
         write_derived_series(vol, tmp_path / "rec", **kw)
 
 
+def test_derived_series_of_other_methods_get_other_series_numbers(tmp_path):
+    """Issue 31: one SeriesNumber per method and kind in the study the results go into."""
+    import pydicom
+
+    from medrecon.datasets import Volume
+
+    meta = {"dicom": {"StudyInstanceUID": "1.2.826.0.1.3680043.8.498.1", "SeriesNumber": "3"}}
+    vol = Volume(np.zeros((1, 8, 8), np.float32), np.eye(4), "CT", meta)
+    numbers = set()
+    for method in ("fbp", "tv"):
+        for kind in ("reconstruction", "uncertainty"):
+            _, files = write_derived_series(vol, tmp_path / f"{method}-{kind}", input_series_uid="1.2.3.4",
+                                            method=method, settings={}, kind=kind)
+            numbers.add(int(pydicom.dcmread(files[0]).SeriesNumber))
+    assert len(numbers) == 4, numbers
+
+
 def test_check_uploadable_rejects_files_without_uids(tmp_path):
     import pydicom
     from pydicom.data import get_testdata_file

@@ -297,3 +297,45 @@ def test_folder_with_a_broken_dicom_file_is_a_failed_case(tmp_path):
     status = {r["input"]: r for r in res.rows}
     assert status["good"]["status"] == "done" and status["bad"]["status"] == "failed"
     assert first.name in status["bad"]["reason"]
+
+
+# ------------------------------------------------------------------ issue 31 item 5: duplicate series
+def _second_copy(src: Path, dst: Path) -> list[Path]:
+    import shutil
+
+    dst.mkdir(parents=True)
+    return [Path(shutil.copy(f, dst / f.name)) for f in sorted(src.iterdir())]
+
+
+def test_two_copies_of_a_series_with_a_truncated_file_are_one_case_from_the_intact_files(tmp_path, capsys):
+    """The trial: a second copy of a series (same SeriesInstanceUID) with one truncated file.
+    Both folders become one case, the summary says so, the truncated copy is named and dropped,
+    and the series reconstructs from the intact files."""
+    src = tmp_path / "in"
+    _dicom_series(src / "export1", 7, description="chest")
+    copies = _second_copy(src / "export1", src / "export2")
+    copies[1].write_bytes(copies[1].read_bytes()[:-300])  # cut short in its pixel data
+    (spec,) = read_cases(src, ReconstructConfig(), tmp_path / "out")
+    assert "3 images" in spec.description and "2 folders (export1, export2)" in spec.description
+    assert "3 duplicate files" in spec.description, spec.description
+    out = tmp_path / "out"
+    rc = main(["batch", str(src), "--out", str(out), "--method", "fbp", "--views", "8"])
+    assert rc == 0, capsys.readouterr()
+    (row,) = json.loads((out / "summary.json").read_text())["cases"]
+    assert row["status"] == "done" and "2 folders" in row["description"]
+    assert any(copies[1].name in w and "export2" in w and "intact copy" in w for w in row["warnings"]), row["warnings"]
+    assert load_nifti(out / "cases" / row["case_id"] / f"{row['case_id']}_fbp.nii.gz").shape == (3, 24, 24)
+    with open(out / "summary.csv") as fh:
+        assert "2 folders (export1, export2)" in next(csv.DictReader(fh))["description"]
+    assert copies[1].name in (out / "report.html").read_text()
+
+
+def test_a_copy_reached_through_a_link_joins_the_same_case(tmp_path):
+    src = tmp_path / "in"
+    _dicom_series(src / "export1", 8)
+    _second_copy(src / "export1", tmp_path / "elsewhere" / "copy")
+    (src / "linked").symlink_to(tmp_path / "elsewhere" / "copy", target_is_directory=True)
+    (spec,) = read_cases(src, ReconstructConfig(), tmp_path / "out")
+    assert "2 folders (export1, linked)" in spec.description
+    res = run_batch(BatchConfig(str(src), str(tmp_path / "out"), ReconstructConfig(method="fbp", views=8)))
+    assert [r["status"] for r in res.rows] == ["done"], res.rows

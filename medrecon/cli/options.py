@@ -17,6 +17,16 @@ def _angles(text: str) -> tuple[float, ...]:
         raise argparse.ArgumentTypeError(f"expected comma-separated degrees, got {text!r}") from err
 
 
+def _window(text: str) -> tuple[float, float]:
+    try:
+        values = tuple(float(v) for v in text.split(","))
+    except ValueError:
+        values = ()
+    if len(values) != 2:
+        raise argparse.ArgumentTypeError(f"expected CENTRE,WIDTH (two numbers, e.g. 40,400), got {text!r}")
+    return values  # type: ignore[return-value]
+
+
 def add_recon_options(p: argparse.ArgumentParser, *, batch: bool = False) -> None:
     """Add the acquisition, method and output options (for a batch: the per-case defaults)."""
     g = p.add_argument_group("measurement (CT)")
@@ -50,7 +60,13 @@ def add_recon_options(p: argparse.ArgumentParser, *, batch: bool = False) -> Non
                    help="retrospective: simulate from an image; prospective: measured data (default: by input)")
     g.add_argument("--slices", help="only these slices: START:STOP or an index")
     g.add_argument("--downsample", type=int, default=1, help="in-plane block averaging of the input image")
+    g.add_argument("--input-domain", choices=["kspace", "image"], default=None,
+                   help="what an MRI k-space file holds: image = coil images, turned into k-space; kspace = k-space, "
+                        "not checked (default: k-space, checked by the energy at its centre; coil images refused)")
     g.add_argument("--format", choices=["nifti", "dicom"], default="nifti", dest="output_format")
+    g.add_argument("--window", type=_window, metavar="C,W",
+                   help="display window of the figure: centre and width in the image's units (CT: HU), e.g. "
+                        "40,400 (default: per modality from the image's intensities)")
     g.add_argument("--into-source-study", action="store_true",
                    help="DICOM of a simulated (retrospective) run: put it into the input's study "
                         "(default: a study of its own, labelled SIMULATED)")
@@ -65,7 +81,7 @@ def add_recon_options(p: argparse.ArgumentParser, *, batch: bool = False) -> Non
 _FIELDS = ("views", "angles_deg", "limited_angle", "geometry", "source_to_isocenter_mm", "source_to_detector_mm",
            "image_size", "acceleration", "center_fraction", "mask", "method", "prior", "samples", "steps",
            "iters", "noise", "seed", "device", "mode", "slices", "downsample", "output_format",
-           "series_uid", "reference", "case_id", "overwrite", "into_source_study")
+           "series_uid", "reference", "case_id", "overwrite", "into_source_study", "window", "input_domain")
 
 
 def recon_settings(a: argparse.Namespace) -> dict[str, Any]:

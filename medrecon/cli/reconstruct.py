@@ -12,6 +12,8 @@ EXAMPLES = """examples:
   medrecon reconstruct --modality ct --limited-angle 90 --method tv
   medrecon reconstruct --modality ct --geometry fan --views 60 --method fbp
   medrecon reconstruct --modality ct --input scan.npy --method tv      # measured sinogram + scan.json
+  medrecon reconstruct --modality ct --input scan.mat --method tv      # MATLAB sinogram + scan.json geometry
+  medrecon reconstruct --modality mri --input coils.mat --input-domain image --method cg   # coil images
   medrecon reconstruct --modality mri --input brain.nii.gz --acceleration 8 --mask random
   medrecon reconstruct --modality mri --input file.h5 --method cg      # fastMRI k-space (prospective)
   medrecon reconstruct --modality mri --input ksp.cfl --method l1-wavelet --format dicom
@@ -28,14 +30,16 @@ def add_parser(sub) -> None:
     p = sub.add_parser(
         "reconstruct", help="reconstruct one case (simulated or measured data)",
         description="Reconstruct CT or MRI from incomplete measurements. Images (DICOM, NIfTI, image "
-        "folders) are retrospective: the measurement is simulated from them. Raw sinograms (.npy + "
-        ".json), fastMRI .h5 and BART .cfl are prospective: measured data, reconstructed as is. "
+        "folders) are retrospective: the measurement is simulated from them. Raw sinograms (.npy or, "
+        "with --modality ct, .mat + .json geometry), fastMRI .h5, BART .cfl and MATLAB .mat k-space are "
+        "prospective: measured data, reconstructed as is (k-space is checked: coil images are refused "
+        "unless --input-domain image). "
         "Without --input, runs on the bundled real CT slice.",
         epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("--modality", choices=["ct", "mri"], required=True)
-    p.add_argument("--input", help="DICOM folder/file, NIfTI, image folder, sinogram .npy, fastMRI .h5 or "
-                   "BART .cfl (default: bundled CT slice)")
+    p.add_argument("--input", help="DICOM folder/file, NIfTI, image folder, sinogram .npy (or .mat with --modality "
+                   "ct) + .json, fastMRI .h5, BART .cfl or MATLAB .mat k-space (default: bundled CT slice)")
     p.add_argument("--out", default="medrecon-out", help="output folder (default: %(default)s)")
     add_recon_options(p)
     p.set_defaults(run=run, default_method=True)
@@ -56,15 +60,15 @@ def run(a: argparse.Namespace) -> int:
     def note(text: str) -> None:
         print(f"medrecon reconstruct: {text}", file=sys.stderr)
 
-    if stem != settings_stem(cfg):
-        note(f"{cfg.out} already holds outputs named {settings_stem(cfg)}; this run writes {stem}.* "
-             "(--overwrite replaces them instead)")
     with warnings.catch_warnings():
         printer = WarningPrinter("reconstruct")
         warnings.showwarning = printer
         rec = run_case(cfg, stem=stem, notify=note)
         for text in rec["info"].get("warnings", []) or []:  # the method's own (may not be Python warnings)
             printer.line(text)
+    if stem != settings_stem(cfg):  # said once the outputs exist, not before a run that may fail
+        note(f"{cfg.out} already held outputs named {settings_stem(cfg)}; this run wrote {stem}.* "
+             "(--overwrite replaces them instead)")
     m = rec["metrics"]
     line = f"{rec['case_id']}: {cfg.method} on {rec['problem']}, {rec['info'].get('wall_time_s', 0):.1f} s"
     if "psnr" in m:

@@ -51,6 +51,7 @@ __all__ = [
     "list_matlab_variables",
     "load_kspace",
     "KSPACE_SUFFIXES",
+    "INPUT_DOMAINS",
     "load_sinogram",
     "save_sinogram",
     "validate_geometry",
@@ -65,35 +66,57 @@ __all__ = [
 KSPACE_SUFFIXES = (".h5", ".hdf5", ".cfl", ".hdr", ".mat")
 
 
-def load_kspace(path: str, **kwargs: object) -> KSpace:
+#: what ``load_kspace(input_domain=...)`` takes: None (k-space, checked), "kspace", "image"
+INPUT_DOMAINS = (None, "kspace", "image")
+
+
+def load_kspace(path: str, *, input_domain: str | None = None, **kwargs: object) -> KSpace:
     """Load k-space by the file's ending: fastMRI ``.h5`` / ``.hdf5``, BART ``.cfl`` / ``.hdr``,
-    MATLAB ``.mat`` (v7.3 or older).
+    MATLAB ``.mat`` (v7.3 or older), checked for being k-space.
 
     Parameters
     ----------
     path : str
         The file.
+    input_domain : {None, "kspace", "image"}
+        What the file holds.  None: k-space, checked by the energy at its centre
+        (:func:`medrecon.datasets.kspace_domain.check_kspace_domain`), so coil images are refused
+        instead of being reconstructed as k-space.  ``"kspace"``: k-space, not checked.
+        ``"image"``: coil images (coils, Z, H, W), turned into fully sampled k-space by the
+        centred FFT (:func:`~medrecon.datasets.kspace_domain.kspace_from_coil_images`).
     **kwargs
         Passed to the reader (e.g. ``variable=`` / ``layout=`` for ``.mat``).
 
     Raises
     ------
     InputError
-        Unreadable file, or an ending of no k-space format (the message lists the supported ones).
+        Unreadable file, an ending of no k-space format (the message lists the supported ones),
+        or coil images read without ``input_domain="image"``.
+    SettingsError
+        ``input_domain`` is none of the above.
     """
     from pathlib import Path
 
-    from medrecon.errors import InputError
+    from medrecon.datasets.kspace_domain import check_kspace_domain, kspace_from_coil_images
+    from medrecon.errors import InputError, SettingsError
 
+    if input_domain not in INPUT_DOMAINS:
+        raise SettingsError(f"load_kspace(): input_domain must be None, 'kspace' or 'image'; got {input_domain!r}")
     p = Path(path)
     suffix = p.suffix.lower()
     if suffix in (".h5", ".hdf5"):
-        return load_fastmri(p, **kwargs)  # type: ignore[arg-type]
-    if suffix in (".cfl", ".hdr"):
-        return load_bart_kspace(p, **kwargs)  # type: ignore[arg-type]
-    if suffix == ".mat":
-        return load_matlab_kspace(p, **kwargs)  # type: ignore[arg-type]
-    raise InputError(p, "not a k-space file; supported: fastMRI .h5/.hdf5, BART .cfl/.hdr, MATLAB .mat")
+        ksp = load_fastmri(p, **kwargs)  # type: ignore[arg-type]
+    elif suffix in (".cfl", ".hdr"):
+        ksp = load_bart_kspace(p, **kwargs)  # type: ignore[arg-type]
+    elif suffix == ".mat":
+        ksp = load_matlab_kspace(p, **kwargs)  # type: ignore[arg-type]
+    else:
+        raise InputError(p, "not a k-space file; supported: fastMRI .h5/.hdf5, BART .cfl/.hdr, MATLAB .mat")
+    if input_domain == "image":
+        return kspace_from_coil_images(ksp, p)
+    if input_domain is None:
+        ksp.header["kspace_check"] = check_kspace_domain(ksp, p)
+    return ksp
 
 
 def load_volume(path: str, **kwargs: object) -> Volume:

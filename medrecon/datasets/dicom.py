@@ -2,10 +2,14 @@
 
 What the reader does, in order:
 
-1. walks the folder (recursively by default), skipping files that are not DICOM and objects that
-   are not images (RTSTRUCT, RTPLAN, RTDOSE, SR, presentation states, ...);
+1. walks the folder (recursively by default, following symbolic links, each real folder once),
+   skipping files that are not DICOM and objects that are not images (RTSTRUCT, RTPLAN, RTDOSE,
+   SR, presentation states, ...);
 2. groups images by SeriesInstanceUID -- several series raise :class:`InputError` listing them,
-   pick one with ``series_uid=`` (see :func:`list_dicom_series`);
+   pick one with ``series_uid=`` (see :func:`list_dicom_series`) -- and within a series by
+   SOPInstanceUID: an instance stored more than once (two copies of an export) is read once,
+   from an intact copy; broken copies (cut short in the pixel data or in the header) are named
+   in a warning and dropped, and only an instance without an intact copy is an error;
 3. expands enhanced multi-frame objects into one record per frame (per-frame position, shared
    or per-frame orientation, pixel measures and rescale);
 4. checks that all slices share one orientation and size, sorts them along the slice normal
@@ -26,7 +30,7 @@ import os
 import warnings
 from collections import Counter
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
@@ -84,18 +88,25 @@ COPY_TAGS = (
 
 
 class DicomGeometryWarning(GeometryWarning):
-    """Gantry tilt, uneven slice spacing or dropped duplicate slices (values in the message)."""
+    """Gantry tilt, uneven slice spacing, dropped duplicate slices or dropped broken copies of an
+    instance stored more than once (values and file names in the message)."""
 
 
 @dataclass(frozen=True)
 class SeriesInfo:
-    """One series found in a folder (no patient identifiers)."""
+    """One series found in a folder (no patient identifiers).
+
+    ``n_images`` counts instances (distinct SOPInstanceUIDs); ``n_files`` the files holding them,
+    more when instances are stored twice; ``instance_uids`` are the SOPInstanceUIDs.
+    """
 
     series_uid: str
     modality: str
     n_images: int
     series_number: str
     description: str
+    n_files: int = 0
+    instance_uids: frozenset[str] = field(default=frozenset(), repr=False, compare=False)
 
     def __str__(self) -> str:
         return (
@@ -182,27 +193,146 @@ def _files(path: Path, recursive: bool) -> list[Path]:
         return [path]
     if not path.is_dir():
         raise InputError(path, "no such file or folder")
-    if recursive:
-        out = [Path(r) / f for r, _, fs in os.walk(path) for f in fs]
+    if recursive:  # symbolic links followed, each real folder once (a link loop ends there)
+        out, seen = [], set()
+        for r, dirs, fs in os.walk(path, followlinks=True):
+            real = os.path.realpath(r)
+            if real in seen:
+                dirs[:] = []
+                continue
+            seen.add(real)
+            out += [Path(r) / f for f in fs]
     else:
         out = [p for p in path.iterdir() if p.is_file()]
     return sorted(p for p in out if not p.name.startswith("."))
 
 
-def _scan(path: Path, recursive: bool) -> dict[str, list[tuple[Path, Any]]]:
+#: a file that claims to be DICOM but is broken: (path, error, its SOPInstanceUID or "")
+_Broken = tuple[Path, InputError, str]
+
+
+def _uids_of_broken(path: Path) -> tuple[str, str]:
+    """(SOPInstanceUID, SeriesInstanceUID) of a broken file, as far as its header can be read."""
+    import pydicom
+
+    try:
+        ds = pydicom.dcmread(path, stop_before_pixels=True, force=True,
+                             specific_tags=["SOPInstanceUID", "SeriesInstanceUID"])
+        return str(ds.get("SOPInstanceUID", "") or ""), str(ds.get("SeriesInstanceUID", "") or "")
+    except Exception:  # noqa: BLE001 - nothing readable
+        return "", ""
+
+
+def _scan(path: Path, recursive: bool) -> tuple[dict[str, list[tuple[Path, Any]]], dict[str, list[_Broken]]]:
+    """Image headers by SeriesInstanceUID, and the broken files attributed to a series.
+
+    A broken file (cut short in its header) whose SOPInstanceUID can be read belongs to the
+    series it names, or to the series of an intact file with that SOPInstanceUID: it may be a
+    spare copy (:func:`_one_copy_each` decides).  Any other broken file raises its error.
+    """
     series: dict[str, list[tuple[Path, Any]]] = {}
+    pending: list[tuple[Path, InputError]] = []
     for f in _files(path, recursive):
-        ds = _read_header(f)
-        if ds is None:
-            if path.is_file():
-                raise InputError(f, "not a DICOM file (no DICM preamble)")
-            continue
-        if not _is_image(f, ds):
+        try:
+            ds = _read_header(f)
+            if ds is None:
+                if path.is_file():
+                    raise InputError(f, "not a DICOM file (no DICM preamble)")
+                continue
+            if not _is_image(f, ds):
+                continue
+        except InputError as err:
+            pending.append((f, err))
             continue
         series.setdefault(str(ds.get("SeriesInstanceUID", "")), []).append((f, ds))
+    broken: dict[str, list[_Broken]] = {}
+    if pending:
+        owner = {str(ds.get("SOPInstanceUID", "")): uid for uid, items in series.items() for _, ds in items}
+        for f, err in pending:
+            sop, uid = _uids_of_broken(f)
+            uid = uid if uid in series else owner.get(sop, "") if sop else ""
+            if not sop or uid not in series:
+                raise err
+            broken.setdefault(uid, []).append((f, err, sop))
     if not series:
         raise InputError(path, "no DICOM image objects found")
-    return series
+    return series, broken
+
+
+def _sop(path: Path, ds: Any) -> str:
+    return str(ds.get("SOPInstanceUID", "") or f"file:{path}")
+
+
+def _frames(ds: Any) -> list[int | None]:
+    n = int(ds.get("NumberOfFrames", 1) or 1)
+    enhanced = "PerFrameFunctionalGroupsSequence" in ds or "SharedFunctionalGroupsSequence" in ds
+    return list(range(n)) if enhanced else [None]
+
+
+def _intact(path: Path, ds: Any) -> str | None:
+    """None when the file's pixel data decode to the size its header gives, else the problem."""
+    try:
+        _decode(path, _frames(ds), (int(ds.get("Rows") or 0), int(ds.get("Columns") or 0)))
+    except InputError as err:
+        return err.problem
+    return None
+
+
+def _one_copy_each(
+    folder: Path, items: list[tuple[Path, Any]], broken: list[_Broken]
+) -> list[tuple[Path, Any]]:
+    """One intact file per SOPInstanceUID; broken spare copies are named in a warning.
+
+    Copies of one size are taken as the same bytes (the first is kept); copies of different
+    sizes are decoded, and the first that decodes is kept.
+
+    Raises
+    ------
+    InputError
+        Every copy of an instance is broken (the message names them).
+    """
+    by_sop: dict[str, list[tuple[Path, Any]]] = {}
+    for f, ds in items:
+        by_sop.setdefault(_sop(f, ds), []).append((f, ds))
+    broken_by_sop: dict[str, list[tuple[Path, str]]] = {}
+    for f, err, sop in broken:
+        if sop not in by_sop:
+            raise err
+        broken_by_sop.setdefault(sop, []).append((f, err.problem))
+
+    def rel(p: Path) -> str:
+        return os.path.relpath(p, folder) if folder.is_dir() else p.name
+
+    keep, spare, dropped = [], 0, []
+    for sop, copies in by_sop.items():
+        bad = list(broken_by_sop.get(sop, []))
+        if len(copies) == 1 and not bad:
+            keep.append(copies[0])
+            continue
+        spare += len(copies) + len(bad) - 1
+        if len({f.stat().st_size for f, _ in copies}) == 1:  # same size: the same bytes
+            good: tuple[Path, Any] | None = copies[0]
+        else:
+            good = None
+            for f, ds in copies:
+                problem = _intact(f, ds)
+                if problem is not None:
+                    bad.append((f, problem))
+                elif good is None:
+                    good = (f, ds)
+        if good is None:
+            f0, problem0 = bad[0]
+            raise InputError(f0, f"{problem0}; every copy of this instance is broken: "
+                                 + ", ".join(rel(f) for f, _ in bad))
+        keep.append(good)
+        dropped += [f"{rel(f)} ({problem}; intact copy {rel(good[0])} read)" for f, problem in bad]
+    if spare:
+        text = f"{folder}: {spare} duplicate file(s) of instances stored more than once (same SOPInstanceUID); " \
+               "one intact copy of each read"
+        if dropped:
+            text += f"; dropped {len(dropped)} broken cop{'y' if len(dropped) == 1 else 'ies'}: " + "; ".join(dropped)
+        warnings.warn(text, DicomGeometryWarning, stacklevel=3)
+    return keep
 
 
 def list_dicom_series(path: str | Path, *, recursive: bool = True) -> list[SeriesInfo]:
@@ -226,15 +356,19 @@ def list_dicom_series(path: str | Path, *, recursive: bool = True) -> list[Serie
         No image found, or a file that claims to be DICOM cannot be parsed.
     """
     infos = []
-    for uid, items in _scan(Path(path), recursive).items():
+    series, broken = _scan(Path(path), recursive)
+    for uid, items in series.items():
         ds = items[0][1]
+        sops = frozenset(_sop(f, d) for f, d in items)
         infos.append(
             SeriesInfo(
                 uid,
                 str(ds.get("Modality", "OT")),
-                len(items),
+                len(sops),
                 str(ds.get("SeriesNumber", "")),
                 str(ds.get("SeriesDescription", "")),
+                n_files=len(items) + len(broken.get(uid, [])),
+                instance_uids=sops,
             )
         )
     return sorted(infos, key=lambda s: -s.n_images)
@@ -453,7 +587,9 @@ def load_dicom_series(
     ------
     InputError
         Several series without ``series_uid``, mixed orientations or sizes, conflicting duplicate
-        slices, unreadable or undecodable files (the message names the file).
+        slices, unreadable or undecodable files (the message names the file); an instance stored
+        more than once raises only when every copy is broken (broken spare copies are dropped
+        with a :class:`DicomGeometryWarning` naming them).
 
     Examples
     --------
@@ -465,7 +601,7 @@ def load_dicom_series(
     _check_policy("on_tilt", on_tilt)
     _check_policy("on_uneven", on_uneven)
     folder = Path(path)
-    series = _scan(folder, recursive)
+    series, broken = _scan(folder, recursive)
     if series_uid is None and len(series) > 1:
         listing = "; ".join(str(s) for s in list_dicom_series(folder, recursive=recursive))
         raise InputError(
@@ -475,7 +611,8 @@ def load_dicom_series(
         raise InputError(
             folder, f"no series with SeriesInstanceUID {series_uid}; found {sorted(series)}"
         )
-    items = series[series_uid if series_uid is not None else next(iter(series))]
+    uid = series_uid if series_uid is not None else next(iter(series))
+    items = _one_copy_each(folder, series[uid], broken.get(uid, []))
     first = items[0][1]
     fmt = Counter(_pixel_format(ds) for _, ds in items).most_common(1)[0][0]
     shape = (fmt[0], fmt[1])

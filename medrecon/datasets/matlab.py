@@ -41,8 +41,8 @@ from medrecon.datasets._matlab_v5 import BrokenMatFile, check_v5
 from medrecon.datasets.types import KSpace
 from medrecon.errors import InputError, ShapeError
 
-__all__ = ["load_matlab_kspace", "list_matlab_variables", "save_matlab_kspace", "KSPACE_NAMES", "MASK_NAMES",
-           "MAPS_NAMES"]
+__all__ = ["load_matlab_kspace", "list_matlab_variables", "save_matlab_kspace", "load_matlab_array", "KSPACE_NAMES",
+           "MASK_NAMES", "MAPS_NAMES"]
 
 #: variable names taken for k-space (case-insensitive), in order of preference
 KSPACE_NAMES = ("kspace", "k_space", "ksp", "kdata", "k_data", "raw", "raw_data", "rawdata", "data", "k")
@@ -232,13 +232,20 @@ def _to_czyx(a: np.ndarray, layout: str) -> np.ndarray:
     return np.transpose(a, [letters.index(ch) for ch in "czyx"])
 
 
+def _find(found: list[_Var], variable: str, p: Path) -> _Var:
+    """The variable called ``variable`` (that exact name, else in any case)."""
+    v = next((v for v in found if v.name == variable), None) or \
+        next((v for v in found if v.name.lower() == variable.lower()), None)
+    if v is None:
+        raise InputError(p, f"no variable {variable!r}; found {', '.join(str(v) for v in found) or 'none'}")
+    return v
+
+
 def _pick(found: list[_Var], variable: str | None, p: Path) -> tuple[_Var, _Var | None, _Var | None]:
     listing = ", ".join(str(v) for v in found) or "none"
     by_name = {v.name.lower(): v for v in found}
     if variable is not None:
-        v = next((v for v in found if v.name == variable), None) or by_name.get(variable.lower())
-        if v is None:
-            raise InputError(p, f"no variable {variable!r}; found {listing}")
+        v = _find(found, variable, p)
         if not (v.is_complex and v.numeric and 2 <= len(v.shape) <= 4):
             raise InputError(p, f"variable {v} is not k-space; expected {_EXPECTED}")
         kspace = v
@@ -327,6 +334,69 @@ def list_matlab_variables(path: str | Path) -> list[str]:
     version = _version(p)
     found, _ = _read_v73(p, lambda vs: []) if version == "7.3" else _read_v5(p, lambda vs: [], version)
     return [str(v) for v in found]
+
+
+def load_matlab_array(
+    path: str | Path, *, names: tuple[str, ...] = (), variable: str | None = None, ndims: tuple[int, ...] = (2, 3),
+    what: str = "a real array",
+) -> tuple[np.ndarray, str]:
+    """One real numeric array of a ``.mat`` file (v7.3/HDF5 or v4-v7), in MATLAB's index order.
+
+    Which variable: ``variable`` when given; else the first of ``names`` (case-insensitive) that
+    is a real numeric array of ``ndims`` dimensions (at least 2 × 2: vectors and scalars do not
+    count); else the only such array.
+
+    Returns
+    -------
+    array : ndarray
+        Float64, indexed as MATLAB indexes it (``a[i, j, k]`` is MATLAB's ``a(i+1, j+1, k+1)``).
+    description : str
+        The variable as :func:`list_matlab_variables` shows it, e.g. ``sino (363×60 double)``.
+
+    Raises
+    ------
+    InputError
+        Not a readable ``.mat`` file, no (or no single) fitting variable -- the message lists
+        the variables found and ``what`` was expected -- or NaN / Inf values.
+    """
+    p = Path(path)
+    version = _version(p)
+    fits = [f"{d}-D" for d in ndims]
+    expected = f"{what}: a real numeric array of {' or '.join(fits)}" + (
+        f" named {', '.join(names)}, or the only such array" if names else "")
+
+    def fitting(v: _Var) -> bool:
+        return (v.numeric and not v.is_complex and v.read is not None and len(v.shape) in ndims
+                and min(v.shape[:2]) >= 2)  # not a vector or a scalar
+
+    chosen: list[_Var] = []
+
+    def want(found: list[_Var]) -> list[_Var]:
+        if variable is not None:
+            v = _find(found, variable, p)
+            if not fitting(v):
+                raise InputError(p, f"variable {v} is not {expected}")
+        else:
+            by_name = {v.name.lower(): v for v in found}
+            named = [by_name[n] for n in names if n in by_name and fitting(by_name[n])]
+            others = [v for v in found if fitting(v)]
+            if named:
+                v = named[0]
+            elif len(others) == 1:
+                v = others[0]
+            else:
+                why = "several such arrays" if others else "none found"
+                listing = ", ".join(str(v) for v in found) or "none"
+                raise InputError(p, f"no recognisable {what} ({why}): found {listing}; expected {expected}")
+        chosen.append(v)
+        return [v]
+
+    _, arrays = _read_v73(p, want) if version == "7.3" else _read_v5(p, want, version)
+    v = chosen[0]
+    a = np.asarray(arrays[v.name], dtype=np.float64)
+    if not np.all(np.isfinite(a)):
+        raise InputError(p, f"variable {v} contains NaN or Inf values")
+    return a, str(v)
 
 
 def load_matlab_kspace(path: str | Path, *, variable: str | None = None, layout: str | None = None) -> KSpace:

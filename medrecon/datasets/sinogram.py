@@ -20,6 +20,14 @@ Format (``name.npy`` + ``name.json``; the ``.npy`` may also be ``.npz`` with key
       "I0": 1e5                          # optional: incident photons (simulations, low dose)
     }
 
+MATLAB.  ``name.mat`` + ``name.json`` (the same geometry) is read too: the sinogram is a real
+variable named like one (:data:`SINOGRAM_NAMES`; ``"variable"`` in the JSON names it) or the
+only real 2-D/3-D array.  Its MATLAB size is ``(views, bins)`` or, as MATLAB's ``radon`` returns
+it, ``(bins, angles)``, with slices as a third dimension: the layout is told from the geometry's
+view and bin counts, or given as ``"layout"`` in the JSON (letters ``v`` views, ``b`` bins, ``z``
+slices in MATLAB's order: ``"bv"``, ``"vb"``, ``"bvz"``, ...), which a square sinogram needs.
+Without its JSON a ``.mat`` file is refused with a message saying how to give the geometry.
+
 Units.  ``"image_pixel"``: line integrals of the image in its own units (HU for CT) with path
 length counted in pixels -- what medrecon's Radon operators produce.  ``"attenuation"``:
 dimensionless line integrals of μ, ``-log(I / I0)``, as a scanner measures.  With
@@ -42,9 +50,14 @@ from medrecon.datasets._atomic import atomic_files
 from medrecon.datasets.types import Sinogram
 from medrecon.errors import InputError, SettingsError
 
-__all__ = ["validate_geometry", "load_sinogram", "save_sinogram", "parallel_geometry"]
+__all__ = ["validate_geometry", "load_sinogram", "save_sinogram", "parallel_geometry", "is_sinogram_geometry",
+           "SINOGRAM_NAMES"]
 
 FORMAT = "medrecon-sinogram"
+#: variable names taken for a sinogram in a MATLAB file (case-insensitive), in order of preference
+SINOGRAM_NAMES = ("sinogram", "sino", "sinogram_data", "projections", "projection", "proj", "data", "p", "y")
+#: MATLAB layouts tried when the geometry names none: (views, bins), MATLAB radon's (bins, angles); slices third
+_MAT_LAYOUTS = ("vb", "bv", "vbz", "bvz")
 
 
 def _positive(g: dict[str, Any], key: str) -> float:
@@ -138,19 +151,86 @@ def parallel_geometry(angles_rad: Any, n_detectors: int, **extra: Any) -> dict[s
 
 def _paths(path: str | Path) -> tuple[Path, Path]:
     p = Path(path)
-    if p.suffix in (".npy", ".npz", ".json"):
+    given = p.suffix if p.suffix in (".npy", ".npz", ".json", ".mat") else ""
+    if given:
         p = p.with_suffix("")
-    data = p.with_suffix(".npz") if p.with_suffix(".npz").exists() else p.with_suffix(".npy")
+    if given == ".mat" or (not p.with_suffix(".npz").exists() and not p.with_suffix(".npy").exists()
+                           and p.with_suffix(".mat").exists()):
+        data = p.with_suffix(".mat")
+    else:
+        data = p.with_suffix(".npz") if p.with_suffix(".npz").exists() else p.with_suffix(".npy")
     return data, p.with_suffix(".json")
 
 
-def load_sinogram(path: str | Path) -> Sinogram:
-    """Read ``name.npy`` (or ``.npz``) + ``name.json``.
+def is_sinogram_geometry(path: str | Path) -> bool:
+    """Whether ``path`` is a JSON file holding a sinogram geometry (``angles_rad`` and ``type``)."""
+    try:
+        g = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, ValueError, UnicodeDecodeError):
+        return False
+    return isinstance(g, dict) and "angles_rad" in g and "type" in g
+
+
+def _how_to_give_geometry(json_path: Path) -> str:
+    return (f"a MATLAB file read as a CT sinogram needs its geometry in {json_path.name} beside it, e.g. "
+            '{"type": "parallel", "angles_rad": [one angle per view], "n_detectors": BINS} (fan beam, units, '
+            '"layout" and "variable": docs/data.md, Raw sinograms); there is none. MATLAB k-space is read with '
+            "--modality mri")
+
+
+def _layout_of(a: np.ndarray, g: dict[str, Any], what: str, data_path: Path, json_path: Path) -> str:
+    """The MATLAB layout of a sinogram array: the geometry's ``layout``, else the one its counts fit."""
+    n_views = len(g["angles_rad"]) if isinstance(g.get("angles_rad"), list) else None
+    n_bins = g.get("n_detectors") if isinstance(g.get("n_detectors"), int) else None
+    given = g.get("layout")
+    if given is not None:
+        if not isinstance(given, str) or sorted(given) != sorted(set(given)) or not set(given) <= set("vbz") \
+                or not {"v", "b"} <= set(given) or len(given) != a.ndim:
+            raise InputError(json_path, f"\"layout\" must name the {a.ndim} MATLAB dimensions of {what} with 'v' "
+                                        f"(views), 'b' (bins){' and z (slices)' if a.ndim == 3 else ''}, each once; "
+                                        f"got {given!r}")
+        return given
+
+    def fits(lay: str) -> bool:
+        size = dict(zip(lay, a.shape, strict=True))
+        return (n_views is None or size["v"] == n_views) and (n_bins is None or size["b"] == n_bins)
+
+    found = [lay for lay in _MAT_LAYOUTS if len(lay) == a.ndim and fits(lay)]
+    counts = f"{n_views if n_views is not None else '?'} views, {n_bins if n_bins is not None else '?'} bins"
+    if not found:
+        raise InputError(data_path, f"{what} does not fit the geometry in {json_path.name} ({counts}): expected "
+                                    "MATLAB size (views, bins) or (bins, views), slices third; or give \"layout\"")
+    if len(found) > 1:
+        raise InputError(data_path, f"{what}: cannot tell views from bins ({counts}); give \"layout\" in "
+                                    f"{json_path.name}: \"bv\" for MATLAB radon's (bins, angles), \"vb\" for "
+                                    "(views, bins), with a third letter \"z\" for slices")
+    return found[0]
+
+
+def _load_mat(data_path: Path, json_path: Path, g: dict[str, Any], variable: str | None,
+              layout: str | None) -> np.ndarray:
+    """The sinogram of a ``.mat`` file as (Z, views, bins)."""
+    from medrecon.datasets.matlab import load_matlab_array
+
+    name = variable if variable is not None else g.get("variable")
+    a, what = load_matlab_array(data_path, names=SINOGRAM_NAMES, variable=name, what="a sinogram")
+    lay = _layout_of(a, {**g, "layout": layout} if layout is not None else g, f"variable {what}", data_path,
+                     json_path)
+    if "z" not in lay:
+        a, lay = a[..., None], lay + "z"
+    return np.transpose(a, [lay.index(c) for c in "zvb"])
+
+
+def load_sinogram(path: str | Path, *, variable: str | None = None, layout: str | None = None) -> Sinogram:
+    """Read ``name.npy`` (or ``.npz``, or MATLAB ``.mat``) + ``name.json``.
 
     Parameters
     ----------
     path : str or Path
-        ``name``, ``name.npy`` or ``name.json``.
+        ``name``, ``name.npy``, ``name.mat`` or ``name.json``.
+    variable, layout : str, optional
+        ``.mat`` only: the sinogram variable and its MATLAB layout (``"bv"``, ``"vbz"``, ...; see
+        the module docstring).  Default: the JSON's ``"variable"`` / ``"layout"``, else found.
 
     Returns
     -------
@@ -160,26 +240,35 @@ def load_sinogram(path: str | Path) -> Sinogram:
     Raises
     ------
     InputError
-        Missing or unreadable files, wrong shape, NaN / Inf, invalid geometry (names the JSON).
+        Missing or unreadable files (a ``.mat`` without its JSON: the message says how to give
+        the geometry), wrong shape, NaN / Inf, invalid geometry (names the JSON), a ``.mat``
+        variable whose layout cannot be told.
     """
     data_path, json_path = _paths(path)
+    if data_path.suffix == ".mat" and data_path.is_file() and not json_path.is_file():
+        raise InputError(data_path, _how_to_give_geometry(json_path))
     for f in (data_path, json_path):
         if not f.is_file():
             raise InputError(
-                f, "no such file (a raw sinogram is an .npy/.npz array plus a .json geometry)"
+                f, "no such file (a raw sinogram is an .npy/.npz/.mat array plus a .json geometry)"
             )
     try:
         geometry = json.loads(json_path.read_text(encoding="utf-8"))
     except (ValueError, UnicodeDecodeError) as err:
         raise InputError(json_path, f"not valid JSON ({err})") from err
-    try:
-        loaded = np.load(data_path, allow_pickle=False)
-        arr = loaded["sinogram"] if data_path.suffix == ".npz" else loaded
-        arr = np.asarray(arr)
-    except Exception as err:  # noqa: BLE001 - numpy raises several types on broken files
-        raise InputError(
-            data_path, f"unreadable array ({type(err).__name__}: {str(err)[:200]})"
-        ) from err
+    if data_path.suffix == ".mat":
+        if not isinstance(geometry, dict):
+            raise InputError(json_path, f"geometry must be a JSON object; got {type(geometry).__name__}")
+        arr = _load_mat(data_path, json_path, geometry, variable, layout)
+    else:
+        try:
+            loaded = np.load(data_path, allow_pickle=False)
+            arr = loaded["sinogram"] if data_path.suffix == ".npz" else loaded
+            arr = np.asarray(arr)
+        except Exception as err:  # noqa: BLE001 - numpy raises several types on broken files
+            raise InputError(
+                data_path, f"unreadable array ({type(err).__name__}: {str(err)[:200]})"
+            ) from err
     if arr.ndim == 2:
         arr = arr[None]
     if arr.ndim != 3 or 0 in arr.shape or arr.dtype.kind not in "fiu":

@@ -19,6 +19,7 @@ from typing import Any, Literal
 from medrecon.datasets import Volume, save_dicom_series
 from medrecon.datasets.dicom_write import fit_lo
 from medrecon.errors import InputError
+from medrecon.pipeline.outputs import series_number
 
 __all__ = ["settings_key", "derived_series_uid", "derived_sop_uid", "derived_description",
            "write_derived_series"]
@@ -84,8 +85,9 @@ def write_derived_series(
     staging = folder.with_name(folder.name + ".partial")
     if staging.exists():
         shutil.rmtree(staging)
+    number = series_number(volume.meta.get("dicom", {}).get("SeriesNumber"), method, kind)  # one per method
     files = save_dicom_series(volume, staging, method=method, kind=kind, simulated=simulated,
-                              source_study=True)
+                              source_study=True, series_number=number)
     description = derived_description(method, prior, kind, simulated)
     for k, f in enumerate(files):
         f = staging / f.name

@@ -118,7 +118,7 @@ def run_batch(cfg: BatchConfig) -> BatchResult:
 
     out = Path(cfg.out)
     specs = read_cases(cfg.source, cfg.defaults, out)
-    out.mkdir(parents=True, exist_ok=True)
+    (out / "cases").mkdir(parents=True, exist_ok=True)  # a failed case removes only its own empty folder
     for folder in (out, out / "records"):  # leftovers of a run killed while writing
         clean_partial(folder)
     rows: dict[str, dict[str, Any]] = {}

@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import math
 import os
 import re
 import tempfile
@@ -41,8 +42,8 @@ class ReconstructConfig:
     modality : {"ct", "mri"}
     input : str or None
         DICOM folder/file, NIfTI file or image folder (retrospective); raw sinogram ``.npy`` /
-        ``.npz`` + ``.json``, fastMRI ``.h5`` or BART ``.cfl`` (prospective); None = the bundled
-        CT slice.
+        ``.npz`` (or, with ``modality="ct"``, MATLAB ``.mat``) + ``.json``, fastMRI ``.h5``, BART
+        ``.cfl`` or MATLAB ``.mat`` k-space (prospective); None = the bundled CT slice.
     out : str
         Output folder.
     mode : {"auto", "retrospective", "prospective"}
@@ -86,6 +87,14 @@ class ReconstructConfig:
         Prospective CT: reconstruction grid (default from the geometry).
     reference : str or None
         Prospective: reference image for metrics.
+    input_domain : {None, "kspace", "image"}
+        What an MRI k-space file holds (:func:`medrecon.datasets.load_kspace`): None, k-space,
+        checked by the energy at its centre (coil images are refused); ``"kspace"``, k-space
+        without the check; ``"image"``, coil images, turned into fully sampled k-space.
+    window : (float, float) or None
+        Display window ``(centre, width)`` of the figure's image panels and thumbnails, in the
+        image's units (HU for CT).  None: chosen per modality from the reference (else the
+        initial estimate), :func:`medrecon.report.display_window`.
     thumbnails : bool
         Also write small PNGs of the reconstruction and the uncertainty (batch reports).
     overwrite : bool
@@ -124,6 +133,8 @@ class ReconstructConfig:
     downsample: int = 1
     image_size: int | None = None
     reference: str | None = None
+    input_domain: str | None = None
+    window: tuple[float, float] | None = None
     thumbnails: bool = False
     overwrite: bool = False
     progress: bool = False
@@ -164,7 +175,7 @@ def settings_tag(cfg: ReconstructConfig) -> str:
     """
     from medrecon.pipeline.problems import input_kind
 
-    if input_kind(cfg.input) != "image":
+    if input_kind(cfg.input, cfg.modality) != "image":
         return ""
     if cfg.modality == "ct":
         if cfg.angles_deg is not None:
@@ -213,7 +224,7 @@ _OPTIONS = {"views": "--views", "angles_deg": "--angles", "limited_angle_deg": "
             "acceleration": "--acceleration", "center_fraction": "--center-fraction", "mask": "--mask",
             "prior": "--prior", "samples": "--samples", "steps": "--steps", "iters": "--iters",
             "noise": "--noise", "downsample": "--downsample", "reference": "--reference",
-            "into_source_study": "--into-source-study"}
+            "into_source_study": "--into-source-study", "input_domain": "--input-domain"}
 
 
 def _inapplicable(cfg: ReconstructConfig) -> dict[str, str]:
@@ -222,7 +233,7 @@ def _inapplicable(cfg: ReconstructConfig) -> dict[str, str]:
     from medrecon.pipeline.problems import input_kind
     from medrecon.solvers.presets import DIFFUSION_METHODS
 
-    kind = input_kind(cfg.input)
+    kind = input_kind(cfg.input, cfg.modality)
     retro = kind == "image"
     why: dict[str, str] = {}
     if cfg.method in METHODS:
@@ -257,6 +268,8 @@ def _inapplicable(cfg: ReconstructConfig) -> dict[str, str]:
         why["reference"] = "a simulated case is compared with its input image"
     if kind != "sinogram":
         why["image_size"] = "only for measured sinograms"
+    if kind != "kspace":
+        why["input_domain"] = "only for MRI k-space files (.h5, .cfl, .mat), which may hold coil images"
     if not (retro and cfg.output_format == "dicom"):
         why["into_source_study"] = "only for DICOM output of simulated data"
     return why
@@ -474,15 +487,24 @@ def _duration(seconds: float) -> str:
 
 
 def _validate(cfg: ReconstructConfig) -> None:
+    from medrecon.datasets import INPUT_DOMAINS
+
     choices = {"modality": ("ct", "mri"), "output_format": ("nifti", "dicom"),
-               "mode": ("auto", "retrospective", "prospective"), "geometry": ("parallel", "fan")}
+               "mode": ("auto", "retrospective", "prospective"), "geometry": ("parallel", "fan"),
+               "input_domain": INPUT_DOMAINS}
     for name, allowed in choices.items():
         if getattr(cfg, name) not in allowed:
-            raise SettingsError(f"{name} must be one of {', '.join(allowed)}; got {getattr(cfg, name)!r}")
+            raise SettingsError(f"{name} must be one of {', '.join(str(v) for v in allowed)}; "
+                                f"got {getattr(cfg, name)!r}")
     for name in ("samples", "steps", "iters"):
         v = getattr(cfg, name)
         if v is not None and v < 1:
             raise SettingsError(f"{name} must be ≥ 1; got {v}")
+    if cfg.window is not None:
+        if len(cfg.window) != 2 or not all(math.isfinite(float(v)) for v in cfg.window):
+            raise SettingsError(f"--window: expected CENTRE,WIDTH (two numbers); got {cfg.window!r}")
+        if float(cfg.window[1]) <= 0:
+            raise SettingsError(f"--window: the window width must be > 0; got {cfg.window[1]:g}")
 
 
 def _real(t: torch.Tensor) -> torch.Tensor:
@@ -565,8 +587,31 @@ def run_case(cfg: ReconstructConfig, *, stem: str | None = None,
         Bad input files (:class:`InputError`) or settings (:class:`SettingsError`).
     """
     found: list[str] = []
-    with collect_warnings(found):
-        return _run_case(cfg, stem or output_stem(cfg), notify, found)
+    created = _missing_folders(Path(cfg.out))
+    try:
+        with collect_warnings(found):
+            return _run_case(cfg, stem or output_stem(cfg), notify, found)
+    except BaseException:
+        _remove_empty(created)  # a failed case leaves no empty output folder behind
+        raise
+
+
+def _missing_folders(path: Path) -> list[Path]:
+    """The folders of ``path`` (itself and its parents) that do not exist yet, deepest first."""
+    missing, p = [], path.absolute()
+    while not p.exists() and p != p.parent:
+        missing.append(p)
+        p = p.parent
+    return missing
+
+
+def _remove_empty(folders: list[Path]) -> None:
+    """Remove these folders, deepest first, as long as they are empty (never a file)."""
+    for folder in folders:
+        try:
+            folder.rmdir()
+        except OSError:  # not empty, or gone
+            return
 
 
 def _run_case(cfg: ReconstructConfig, stem: str, notify: Callable[[str], None] | None,
@@ -575,7 +620,7 @@ def _run_case(cfg: ReconstructConfig, stem: str, notify: Callable[[str], None] |
     from medrecon.operators.ct import _Projector
     from medrecon.pipeline.outputs import write_image_outputs
     from medrecon.pipeline.problems import build_problem
-    from medrecon.report import case_figure, orient_for_display, thumbnail
+    from medrecon.report import case_figure, display_window, orient_for_display, thumbnail
     from medrecon.solvers.presets import DIFFUSION_METHODS
 
     _validate(cfg)
@@ -633,15 +678,21 @@ def _run_case(cfg: ReconstructConfig, stem: str, notify: Callable[[str], None] |
         if top >= 0 and left >= 0:
             err = (mean[mid, 0, top : top + h, left : left + w] - ref[mid, 0]).abs()
             panels.append(("|error| vs reference", err.numpy(), prob.unit))
+    if cfg.window is not None:
+        centre, width = (float(v) for v in cfg.window)
+        display, how = (centre - width / 2, centre + width / 2), "--window"
+    else:  # per modality, from the intensities of the reference (else the initial estimate)
+        display, how = display_window((prob.reference if prob.reference is not None else initial).numpy(),
+                                      cfg.modality)
     title = f"{case}: {prob.title}"
     if z > 1 or prob.first_slice:
         title += f"; slice {mid + 1} of {z}" + (f" (input slice index {prob.first_slice + mid})"
                                               if prob.first_slice else "")
-    fig = case_figure(out / f"{stem}.png", panels, display=prob.display, title=title, affine=prob.display_affine)
+    fig = case_figure(out / f"{stem}.png", panels, display=display, title=title, affine=prob.display_affine)
     files.append(fig)
     if cfg.thumbnails:
         files.append(thumbnail(out / f"{stem}_thumb.png",
-                               orient_for_display(mean[mid, 0].numpy(), prob.display_affine)[0], prob.display))
+                               orient_for_display(mean[mid, 0].numpy(), prob.display_affine)[0], display))
         if std is not None:
             files.append(thumbnail(out / f"{stem}_std_thumb.png",
                                    orient_for_display(std[mid, 0].numpy(), prob.display_affine)[0], None))
@@ -662,6 +713,8 @@ def _run_case(cfg: ReconstructConfig, stem: str, notify: Callable[[str], None] |
         "notes": prob.notes,
         "shape": list(mean.shape[:1]) + list(mean.shape[2:]),
         "figure_slice": {"index_in_input": prob.first_slice + mid, "of_reconstructed": z},
+        "display_window": {"center": round(0.5 * (display[0] + display[1]), 4),
+                           "width": round(display[1] - display[0], 4), "how": how},
         "device": str(device),
         "metrics": {k: round(float(v), 4) for k, v in metrics.items()},
         "info": rec.info,

@@ -8,10 +8,13 @@ underscores).  Empty cells take the batch defaults.
 A folder is searched through its sub-folders, following symbolic links (each real folder is
 visited once, so a link loop ends; hidden folders and the batch's own output folder are skipped).
 It gives one case per DICOM series and one per NIfTI file, raw sinogram, fastMRI ``.h5``, BART
-``.cfl`` or MATLAB ``.mat``.  DICOM files are grouped by SeriesInstanceUID; files without one
+``.cfl`` or MATLAB ``.mat`` (an MRI k-space case, or a CT sinogram case when a sinogram geometry
+``.json`` of the same name lies beside it).  DICOM files are grouped by SeriesInstanceUID; files without one
 are grouped by the folder that holds them (one case per folder).  A series whose files lie in
-several folders is one case read from their nearest common folder (one case per folder where a
-symbolic link lies in between).
+several folders (two copies of an export, a link to a copy) is one case read from their nearest
+common folder; the DICOM reader then reads each instance (SOPInstanceUID) once, from an intact
+copy, and names the broken copies it drops.  The case's description says in how many folders the
+series lies and how many files are duplicates.
 """
 
 from __future__ import annotations
@@ -106,8 +109,12 @@ _Raw = tuple[str | None, dict[str, Any], str, str]  # (case ID or None, settings
 
 
 def _kind(path: Path) -> str:
-    """What an input file is, from its name (no reading)."""
+    """What an input file is, from its name (and, for ``.mat``, a sinogram geometry beside it)."""
+    from medrecon.datasets.sinogram import is_sinogram_geometry
+
     name = path.name.lower()
+    if name.endswith(".mat") and is_sinogram_geometry(path.with_suffix(".json")):
+        return f"MATLAB sinogram (+ {path.with_suffix('.json').name} geometry)"
     kinds = {(".nii", ".nii.gz"): "NIfTI image", (".h5", ".hdf5"): "fastMRI k-space",
              (".cfl", ".hdr"): "BART k-space", (".mat",): "MATLAB k-space", (".npy", ".npz"): "raw sinogram"}
     for ends, what in kinds.items():
@@ -136,18 +143,8 @@ def _walk(root: Path, skip: Path | None) -> Iterator[tuple[Path, list[Path]]]:
         yield Path(dirpath), [Path(dirpath) / f for f in sorted(filenames) if not f.startswith(".")]
 
 
-def _reachable(top: Path, folder: Path) -> bool:
-    """``folder`` lies under ``top`` without a symbolic link in between (the DICOM reader's
-    recursive search does not follow links)."""
-    p = folder
-    while p != top:
-        if p.is_symlink():
-            return False
-        p = p.parent
-    return True
-
-
-def _dicom_description(info: Any, n_images: int, grouped_by_folder: bool) -> str:
+def _dicom_description(info: Any, n_images: int, grouped_by_folder: bool, *, folders: list[str] | None = None,
+                       duplicates: int = 0) -> str:
     text = f"DICOM {info.modality or '?'}, {n_images} images"
     if info.series_number:
         text += f", series {info.series_number}"
@@ -155,6 +152,11 @@ def _dicom_description(info: Any, n_images: int, grouped_by_folder: bool) -> str
         text += f" {info.description!r}"
     if grouped_by_folder:
         text += ", no SeriesInstanceUID (grouped by folder)"
+    if folders and len(folders) > 1:
+        text += f"; one series in {len(folders)} folders ({', '.join(folders)}), read as one case"
+    if duplicates:
+        text += (f"; {duplicates} duplicate file{'s' if duplicates != 1 else ''} of the same instances "
+                 "(SOPInstanceUID), one intact copy of each read")
     return text
 
 
@@ -162,6 +164,7 @@ def _folder_cases(folder: Path, out_dir: Path | None = None) -> list[_Raw]:
     """The cases of a folder (module docstring): DICOM series by SeriesInstanceUID or by folder,
     and one case per other input file, in the order they are found."""
     from medrecon.datasets import list_dicom_series
+    from medrecon.datasets.sinogram import is_sinogram_geometry
     from medrecon.pipeline.problems import input_kind
 
     def rel(p: Path) -> str:
@@ -180,9 +183,11 @@ def _folder_cases(folder: Path, out_dir: Path | None = None) -> list[_Raw]:
                 continue
             if name.endswith((".nii", ".nii.gz")):
                 order.append(("raw", (None, {"input": str(f)}, rel(f), _kind(f))))
+            elif name.endswith(".mat") and is_sinogram_geometry(f.with_suffix(".json")):  # a MATLAB sinogram
+                order.append(("raw", (None, {"input": str(f), "modality": "ct"}, rel(f), _kind(f))))
             elif name.endswith((".h5", ".hdf5", ".cfl", ".mat")):
                 order.append(("raw", (None, {"input": str(f), "modality": "mri"}, rel(f), _kind(f))))
-            elif name.endswith(".json") and input_kind(str(f)) == "sinogram":
+            elif name.endswith(".json") and input_kind(str(f)) == "sinogram" and not f.with_suffix(".mat").is_file():
                 order.append(("raw", (None, {"input": str(f), "modality": "ct"}, rel(f), _kind(f))))
             elif not name.endswith((".hdr", ".npy", ".npz", ".json", ".csv", ".txt", ".md")):
                 other.append(f)
@@ -206,7 +211,8 @@ def _folder_cases(folder: Path, out_dir: Path | None = None) -> list[_Raw]:
                 modality = "mri" if info.modality.upper() == "MR" else "ct"
                 order.append(("raw", (f"series-{key('folder:' + rel(here))}",
                                       {"input": str(here), "series_uid": "", "modality": modality}, rel(here),
-                                      _dicom_description(info, info.n_images, True))))
+                                      _dicom_description(info, info.n_images, True,
+                                                         duplicates=max(0, info.n_files - info.n_images)))))
     cases: list[_Raw] = []
     for what, item in order:
         if what == "raw":
@@ -215,17 +221,13 @@ def _folder_cases(folder: Path, out_dir: Path | None = None) -> list[_Raw]:
         uid, places = item, by_uid[item]
         first = places[0][1]
         modality = "mri" if first.modality.upper() == "MR" else "ct"
-        top = Path(os.path.commonpath([str(d) for d, _ in places]))
-        n = sum(i.n_images for _, i in places)
-        if len(places) == 1 or all(_reachable(top, d) for d, _ in places):
-            cases.append((f"series-{key(uid)}", {"input": str(top), "series_uid": uid, "modality": modality},
-                          rel(top), _dicom_description(first, n, False)))
-        else:  # a link in between: one case per folder
-            for d, info in places:
-                also = ", ".join(rel(o) for o, _ in places if o != d)
-                cases.append((f"series-{key(uid + '@' + rel(d))}",
-                              {"input": str(d), "series_uid": uid, "modality": modality}, rel(d),
-                              _dicom_description(info, info.n_images, False) + f"; same SeriesInstanceUID in {also}"))
+        top = Path(os.path.commonpath([str(d) for d, _ in places]))  # the reader follows links below it
+        instances = frozenset().union(*(i.instance_uids for _, i in places))
+        n = len(instances) or sum(i.n_images for _, i in places)
+        duplicates = sum(i.n_files or i.n_images for _, i in places) - n
+        cases.append((f"series-{key(uid)}", {"input": str(top), "series_uid": uid, "modality": modality},
+                      rel(top), _dicom_description(first, n, False, folders=[rel(d) for d, _ in places],
+                                                   duplicates=duplicates)))
     return cases
 
 

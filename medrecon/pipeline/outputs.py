@@ -14,10 +14,13 @@
 * **Modality.**  The output is CT or MR as the input says, else as the case's ``modality``
   (a NIfTI brain image reconstructed with ``modality="mri"`` is written as MR, not Secondary
   Capture).
+* **SeriesNumber.**  One per method and kind in a study (:func:`series_number`): every method's
+  reconstruction and uncertainty series of one input series get numbers of their own.
 """
 
 from __future__ import annotations
 
+import hashlib
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -27,7 +30,12 @@ if TYPE_CHECKING:
     from medrecon.pipeline.case import ReconstructConfig
     from medrecon.pipeline.problems import Problem
 
-__all__ = ["describe_simulation", "simulation_label", "write_image_outputs"]
+__all__ = ["describe_simulation", "simulation_label", "write_image_outputs", "series_number", "SERIES_METHODS"]
+
+#: the methods in the order of their SeriesNumber blocks (:func:`series_number`); append new
+#: methods at the end, never reorder (numbers already in a PACS keep their meaning)
+SERIES_METHODS = ("fbp", "zero-filled", "cg", "tv", "l1-wavelet", "dds", "ccdf", "song", "dps", "score-mri",
+                  "dds3d", "mbir3d")
 
 
 def describe_simulation(
@@ -59,13 +67,39 @@ def simulation_label(cfg: ReconstructConfig) -> str | None:
     """:func:`describe_simulation` of a case; None when it reconstructs measured data."""
     from medrecon.pipeline.problems import input_kind
 
-    if input_kind(cfg.input) != "image":
+    if input_kind(cfg.input, cfg.modality) != "image":
         return None
     return describe_simulation(
         cfg.modality, views=cfg.views, geometry=cfg.geometry, angles_deg=cfg.angles_deg,
         limited_angle_deg=cfg.limited_angle_deg, acceleration=cfg.acceleration, mask=cfg.mask,
         center_fraction=cfg.center_fraction, noise=cfg.noise,
     )
+
+
+def series_number(source_number: Any, method: str, kind: str = "reconstruction") -> int:
+    """SeriesNumber of a derived series: one per method and kind for one input series.
+
+    ``1000 × (10 m + k) + s``: ``m`` the method's place in :data:`SERIES_METHODS` (from 1; a
+    name not in it gets a block from 50 to 99 by its hash), ``k`` 0 for the reconstruction and 1
+    for the uncertainty series, ``s`` the input's SeriesNumber modulo 1000 (0 when it has none).
+    So input series 3 gives ``fbp`` 10003 and its uncertainty 11003, ``tv`` 40003, ``dds`` 60003
+    and 61003: different methods written into one study never share a number (runs of one method
+    with other settings do).
+
+    Examples
+    --------
+    >>> series_number("3", "fbp"), series_number("3", "fbp", "uncertainty"), series_number("3", "tv")
+    (10003, 11003, 40003)
+    """
+    try:
+        source = int(str(source_number).strip() or 0) % 1000
+    except ValueError:
+        source = 0
+    if method in SERIES_METHODS:
+        block = SERIES_METHODS.index(method) + 1
+    else:
+        block = 50 + int(hashlib.sha256(str(method).encode()).hexdigest(), 16) % 50
+    return 1000 * (10 * block + (kind == "uncertainty")) + source
 
 
 def _modality(template_modality: str, cfg_modality: str) -> str:
@@ -126,9 +160,12 @@ def write_image_outputs(
                           "source_study": into_source if simulated is not None else None}
     if modality == "MR":  # the uncertainty series is stored on the reconstruction's scale
         kw["value_scale"] = mr_value_scale(result.array)
-    files += save_dicom_series(result, out / f"{stem}_dicom", **kw)
+    source_number = meta.get("dicom", {}).get("SeriesNumber")
+    files += save_dicom_series(result, out / f"{stem}_dicom",
+                               series_number=series_number(source_number, cfg.method), **kw)
     if std_vol is not None:
-        files += save_dicom_series(std_vol, out / f"{stem}_std_dicom", kind="uncertainty", **kw)
+        files += save_dicom_series(std_vol, out / f"{stem}_std_dicom", kind="uncertainty",
+                                   series_number=series_number(source_number, cfg.method, "uncertainty"), **kw)
     has_study = bool(str(meta.get("dicom", {}).get("StudyInstanceUID") or "").strip())
     if simulated is not None and not into_source:
         record["study"] = ("a study of its own, not the patient's (simulated data); "

@@ -3,11 +3,13 @@
 * Retrospective: an image (DICOM, NIfTI, image folder) is the reference; the measurement is
   simulated from it with the case's CT geometry or MRI mask.
 * Prospective: measured data is reconstructed as it is: a raw sinogram (``.npy``/``.npz`` +
-  ``.json`` geometry; operator from :func:`medrecon.datasets.simulate.ct_operator`), fastMRI
-  HDF5 or BART k-space (single coil → :class:`~medrecon.operators.MaskedFourier`; several coils
-  → :class:`~medrecon.operators.MultiCoilMRI` with the file's maps, or ESPIRiT maps from
-  :func:`~medrecon.operators.estimate_coil_maps`).  A fastMRI reference reconstruction, or a
-  ``reference`` image, is used for metrics when present.
+  ``.json`` geometry, or a MATLAB ``.mat`` + ``.json`` with ``modality="ct"``; operator from
+  :func:`medrecon.datasets.simulate.ct_operator`), fastMRI HDF5, BART or MATLAB k-space (single
+  coil → :class:`~medrecon.operators.MaskedFourier`; several coils →
+  :class:`~medrecon.operators.MultiCoilMRI` with the file's maps, or ESPIRiT maps from
+  :func:`~medrecon.operators.estimate_coil_maps`).  k-space is checked for being k-space (coil
+  images are refused unless ``input_domain="image"`` converts them; :func:`medrecon.datasets.load_kspace`).
+  A fastMRI reference reconstruction, or a ``reference`` image, is used for metrics when present.
 """
 
 from __future__ import annotations
@@ -63,7 +65,8 @@ def supported_formats(role: str = "input") -> str:
     for suffix in KSPACE_SUFFIXES:
         kspace.setdefault(_KSPACE_FORMATS.get(suffix, suffix), []).append(suffix)
     ksp = ", ".join(f"{name} {'/'.join(sfx)}" if name not in sfx else name for name, sfx in kspace.items())
-    return f"{images}; raw sinogram ({'/'.join(SINOGRAM_SUFFIXES)} + .json); k-space ({ksp})"
+    sinograms = f"{'/'.join(SINOGRAM_SUFFIXES)} + .json, or MATLAB .mat + .json with --modality ct"
+    return f"{images}; raw sinogram ({sinograms}); k-space ({ksp})"
 
 
 def describe_path(path: str | Path) -> str:
@@ -91,7 +94,6 @@ class Problem:
     reference: Tensor | None
     template: Volume  # affine, modality and meta for the written outputs
     unit: str
-    display: tuple[float, float]
     initial_method: str
     title: str
     scale: float = 1.0  # MRI magnitude scale for metrics
@@ -100,15 +102,22 @@ class Problem:
     display_affine: np.ndarray | None = None  # RAS+ affine for figure orientation (None: as stored)
 
 
-def input_kind(path: str | None) -> str:
-    """``"image"``, ``"sinogram"`` or ``"kspace"`` from the input's name (bundled sample: image)."""
+def input_kind(path: str | None, modality: str | None = None) -> str:
+    """``"image"``, ``"sinogram"`` or ``"kspace"`` from the input's name (bundled sample: image).
+
+    A MATLAB ``.mat`` file is a sinogram with ``modality="ct"`` (its geometry in the ``.json``
+    beside it) and k-space otherwise; a ``.json`` beside an ``.npy``, ``.npz`` or ``.mat`` is a
+    sinogram's geometry.
+    """
     if path is None:
         return "image"
     name = Path(path).name.lower()
+    if name.endswith(".mat"):
+        return "sinogram" if str(modality).lower() == "ct" else "kspace"
     if name.endswith(KSPACE_SUFFIXES):
         return "kspace"
     if name.endswith(SINOGRAM_SUFFIXES) or (
-        name.endswith(".json") and any(Path(path).with_suffix(s).exists() for s in SINOGRAM_SUFFIXES)
+        name.endswith(".json") and any(Path(path).with_suffix(s).exists() for s in (*SINOGRAM_SUFFIXES, ".mat"))
     ):
         return "sinogram"
     return "image"
@@ -278,7 +287,6 @@ def _check_modality(vol: Volume, cfg: ReconstructConfig) -> None:
 
 def _retrospective(cfg: ReconstructConfig, seed: int) -> Problem:
     from medrecon.datasets.simulate import bundled_ct_slice
-    from medrecon.metrics import SOFT_TISSUE_HU
 
     src = str(bundled_ct_slice()) if cfg.input is None else cfg.input
     kw = {"series_uid": cfg.series_uid} if cfg.series_uid is not None else {}  # "": see load_volume
@@ -300,13 +308,13 @@ def _retrospective(cfg: ReconstructConfig, seed: int) -> Problem:
         n = int(np.count_nonzero(A.mask.cpu().numpy())) if hasattr(A, "mask") else cfg.views
         what = f"{n} views" if cfg.limited_angle_deg is None else f"{cfg.limited_angle_deg:g}° limited angle"
         title = f"CT {cfg.geometry} beam, {what}"
-        unit, display, initial, scale = "HU", SOFT_TISSUE_HU, "fbp", 1.0
+        unit, initial, scale = "HU", "fbp", 1.0
     else:
         scale = float(np.percentile(np.abs(vol.array), 99.5)) or 1.0
         title = f"MRI {cfg.acceleration:g}x {cfg.mask} mask"
-        unit, display, initial = "a.u.", (0.0, scale), "zero-filled"
+        unit, initial = "a.u.", "zero-filled"
     y = simulate_measurement(x, A, cfg.noise, seed)
-    return Problem(y, A, x, vol, unit, display, initial, title, scale, first_slice=first,
+    return Problem(y, A, x, vol, unit, initial, title, scale, first_slice=first,
                    display_affine=vol.affine if has_geometry else None)
 
 
@@ -350,7 +358,6 @@ def simulate_measurement(x: Tensor, A: Any, noise: float, seed: int) -> Tensor: 
 def _sinogram_problem(cfg: ReconstructConfig) -> Problem:
     from medrecon.datasets import Volume, load_sinogram
     from medrecon.datasets.simulate import MU_WATER_PER_MM, ct_operator
-    from medrecon.metrics import SOFT_TISSUE_HU
 
     sino = load_sinogram(cfg.input)
     g = sino.geometry
@@ -379,7 +386,7 @@ def _sinogram_problem(cfg: ReconstructConfig) -> Problem:
     pix = float(g.get("pixel_size_mm") or 1.0)
     template = Volume(np.zeros((data.shape[0], size, size), np.float32), np.diag([pix, pix, pix, 1.0]), "CT")
     n_views = len(g["angles_rad"])
-    return Problem(y, A, None, template, "HU", SOFT_TISSUE_HU, "fbp",
+    return Problem(y, A, None, template, "HU", "fbp",
                    f"CT measured sinogram, {g['type']} beam, {n_views} views",
                    first_slice=range(sino.data.shape[0])[s][0])
 
@@ -390,13 +397,16 @@ def _kspace_problem(cfg: ReconstructConfig) -> Problem:
 
     path = Path(cfg.input)
     is_h5 = path.suffix.lower() in (".h5", ".hdf5")
-    ksp = load_kspace(str(path))  # by ending: fastMRI .h5, BART .cfl, MATLAB .mat
+    ksp = load_kspace(str(path), input_domain=cfg.input_domain)  # by ending; coil images refused or converted
     s = parse_slices(cfg.slices, ksp.data.shape[1], str(path))
     data = ksp.data[:, s]  # (coils, Z, H, W)
     mask = ksp.mask if ksp.mask.shape[0] == 1 else ksp.mask[s]
     y = torch.from_numpy(np.ascontiguousarray(data.transpose(1, 0, 2, 3)))  # (Z, coils, H, W)
     m = torch.from_numpy(np.ascontiguousarray(mask if mask.shape[0] > 1 else mask[0]))
     notes: dict[str, Any] = {"coils": int(data.shape[0])}
+    images = ksp.header.get("input_domain") == "image"
+    if images:
+        notes["input_domain"] = "image: coil images turned into fully sampled k-space (centred FFT)"
     if data.shape[0] == 1:
         A = MaskedFourier(m)  # noqa: N806
     else:
@@ -419,8 +429,11 @@ def _kspace_problem(cfg: ReconstructConfig) -> Problem:
             notes["reference"] = "fastMRI reconstruction"
     template = Volume(np.zeros((y.shape[0], *y.shape[-2:]), np.float32), np.eye(4), "MR")
     layout = "multi-coil" if data.shape[0] > 1 else "single-coil"
-    return Problem(y, A, reference, template, "a.u.", (0.0, scale), "zero-filled",
-                   f"MRI measured {layout} k-space, {float(mask.mean()):.0%} sampled", scale, notes,
+    what = f"{layout} k-space"
+    if images:
+        what = "coil images turned into k-space" if data.shape[0] > 1 else "image turned into k-space"
+    return Problem(y, A, reference, template, "a.u.", "zero-filled",
+                   f"MRI measured {what}, {float(mask.mean()):.0%} sampled", scale, notes,
                    first_slice=range(ksp.data.shape[1])[s][0])
 
 
@@ -436,7 +449,7 @@ def build_problem(cfg: ReconstructConfig, seed: int) -> Problem:
     """
     if cfg.input is not None and not Path(cfg.input).exists():
         raise InputError(cfg.input, "no such file or folder")
-    kind = input_kind(cfg.input)
+    kind = input_kind(cfg.input, cfg.modality)
     mode = cfg.mode
     if mode == "auto":
         mode = "retrospective" if kind == "image" else "prospective"
@@ -446,7 +459,8 @@ def build_problem(cfg: ReconstructConfig, seed: int) -> Problem:
         raise SettingsError(f"prospective mode needs measured data: {supported_formats('input').split('; ', 1)[1]}")
     want = {"sinogram": "ct", "kspace": "mri"}.get(kind)
     if want and cfg.modality != want:
-        raise SettingsError(f"{Path(str(cfg.input)).name} is {kind} data; use --modality {want}")
+        what = {"sinogram": "a CT sinogram", "kspace": "MRI k-space"}[kind]
+        raise SettingsError(f"{Path(str(cfg.input)).name} is {what}; use --modality {want}")
     if kind == "sinogram":
         prob = _sinogram_problem(cfg)
     elif kind == "kspace":

@@ -300,3 +300,53 @@ def test_undecodable_pixel_data_names_the_file(helpers):
         load_dicom_series(path)
     except InputError as err:
         assert path.name in str(err) and "decode" in str(err)
+
+
+# ------------------------------------------------------------------ issue 31 item 5: duplicate instances
+def _copy_series(src, dst):
+    dst.mkdir(parents=True)
+    for f in sorted(src.iterdir()):
+        shutil.copy(f, dst / f.name)
+    return sorted(dst.iterdir())
+
+
+def _cut_before(path, tag: bytes) -> None:
+    """Truncate a file just before the first occurrence of ``tag`` (a header cut short)."""
+    data = path.read_bytes()
+    path.write_bytes(data[: data.index(tag, 132)])
+
+
+def test_a_truncated_copy_of_an_instance_is_dropped_and_the_intact_copy_read(make_series, tmp_path):
+    """Two copies of one series (same SeriesInstanceUID and SOPInstanceUIDs); in the second copy
+    one file is cut short in its pixel data and one in its header.  The intact copies are read,
+    the broken ones are named in a warning and dropped."""
+    vol, first = make_series(shape=(3, 8, 8), folder=tmp_path / "root" / "a")
+    files = _copy_series(first, tmp_path / "root" / "b")
+    files[1].write_bytes(files[1].read_bytes()[:-40])  # pixel data cut short
+    _cut_before(files[2], b"\x28\x00\x10\x00")  # header cut before Rows: UIDs readable, no image size
+    (info,) = list_dicom_series(tmp_path / "root")
+    assert info.n_images == 3 and info.n_files == 6  # instances, not files
+    with pytest.warns(DicomGeometryWarning) as caught:
+        back = load_dicom_series(tmp_path / "root")
+    np.testing.assert_allclose(back.array, vol.array, atol=0.5)
+    text = " ".join(str(w.message) for w in caught)
+    assert files[1].name in text and files[2].name in text and "intact copy" in text, text
+    assert "b/" in text  # which copy: the folder is named
+    assert len(back.meta["dicom"]["sop_instance_uids"]) == 3
+
+
+def test_every_copy_broken_or_a_single_broken_file_still_fails(make_series, tmp_path):
+    _, first = make_series(shape=(3, 8, 8), folder=tmp_path / "root" / "a")
+    files = _copy_series(first, tmp_path / "root" / "b")
+    orig = sorted(first.iterdir())
+    for f in (orig[1], files[1]):
+        f.write_bytes(f.read_bytes()[:-40 if f is orig[1] else -60])
+    with pytest.raises(InputError, match="PixelData holds") as info:
+        load_dicom_series(tmp_path / "root")
+    assert "every copy" in str(info.value)
+    _, alone = make_series(shape=(3, 8, 8), folder=tmp_path / "alone")
+    one = sorted(alone.iterdir())[1]
+    one.write_bytes(one.read_bytes()[:-40])
+    with pytest.raises(InputError, match="PixelData holds") as info:
+        load_dicom_series(alone)
+    assert one.name in str(info.value)
