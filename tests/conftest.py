@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
+import numpy as np
 import pytest
 import torch
 
@@ -29,3 +32,21 @@ def pixel_of():
     """``pixel_of(coords, frame)``: the (row, col) of each pixel of a coordinate field
     (``medrecon.priors.networks.image_coords``) in its whole slice (position-aware tests)."""
     return _pixel_of
+
+
+@pytest.fixture
+def toy_npz(tmp_path: Path) -> Path:
+    """24 CT-like 32x32 slices in HU: air background, a soft-tissue disc, a bright spot."""
+    g = np.random.default_rng(0)
+    yy, xx = np.mgrid[:32, :32]
+    imgs = []
+    for _ in range(24):
+        cy, cx, r = g.uniform(12, 20), g.uniform(12, 20), g.uniform(6, 12)
+        im = np.full((32, 32), -1000.0)
+        im[(yy - cy) ** 2 + (xx - cx) ** 2 < r**2] = 40.0
+        by, bx = g.integers(8, 24, 2)
+        im[by - 1 : by + 2, bx - 1 : bx + 2] = 1200.0
+        imgs.append(im)
+    p = tmp_path / "toy.npz"
+    np.savez(p, images=np.asarray(imgs, np.int16))
+    return p

@@ -18,7 +18,6 @@ from medrecon.priors import sigma_to_t
 from medrecon.priors.networks import ScoreNet, network_spec
 from medrecon.priors.sde import VESDE, VPSDE
 from medrecon.training import (
-    TrainConfig,
     build_parser,
     config_from_args,
     dsm_loss,
@@ -28,31 +27,9 @@ from medrecon.training import (
     train_autocast,
 )
 
+from test_training import tiny_config  # noqa: E402  (the trainer tests' tiny settings)
+
 pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
-
-
-@pytest.fixture
-def toy_npz(tmp_path: Path) -> Path:
-    g = np.random.default_rng(3)
-    yy, xx = np.mgrid[:32, :32]
-    imgs = []
-    for _ in range(12):
-        cy, cx, r = g.integers(10, 22), g.integers(10, 22), g.integers(5, 9)
-        im = np.full((32, 32), -1000.0)
-        im[(yy - cy) ** 2 + (xx - cx) ** 2 < r**2] = 40.0
-        imgs.append(im)
-    p = tmp_path / "toy.npz"
-    np.savez(p, images=np.asarray(imgs, np.int16))
-    return p
-
-
-def _config(tmp_path: Path, data: Path, **kw) -> TrainConfig:
-    base = dict(run="toy", data=(str(data),), modality="ct", size="tiny", sigma_max=20.0,
-                patch_size=16, batch_size=4, lr=1e-3, warmup_steps=1, max_steps=4,
-                out_dir=str(tmp_path / "run"), validate_every_s=0, sample_every_s=0,
-                progress=False, log_every=1, threads=None)
-    base.update(kw)
-    return TrainConfig(**base)
 
 
 # --- where the noise levels go ----------------------------------------------------------
@@ -109,11 +86,11 @@ def test_uniform_draws_are_the_trainers_old_stream():
 
 def test_recipe_settings_are_checked(tmp_path, toy_npz):
     with pytest.raises(SettingsError, match="t_dist"):
-        _config(tmp_path, toy_npz, t_dist="lognormal")
+        tiny_config(tmp_path, toy_npz, t_dist="lognormal")
     with pytest.raises(SettingsError, match="precision"):
-        _config(tmp_path, toy_npz, precision="fp16")
+        tiny_config(tmp_path, toy_npz, precision="fp16")
     with pytest.raises(SettingsError, match="high_share"):
-        _config(tmp_path, toy_npz, t_dist="focused", high_share=1.5)
+        tiny_config(tmp_path, toy_npz, t_dist="focused", high_share=1.5)
     with pytest.raises(SettingsError, match="sample_t"):
         sample_t(VESDE(0.01, 60.0), 4, torch.Generator(), dist="other")
     ns = build_parser().parse_args(["--precision", "bfloat16", "--t-dist", "focused",
@@ -160,7 +137,7 @@ def test_bf16_training_run_tracks_float32(tmp_path, toy_npz):
     float32 (same data and noise): the loss curves agree and the weights moved alike."""
     runs = {}
     for prec in ("float32", "bfloat16"):
-        cfg = _config(tmp_path / prec, toy_npz, max_steps=20, precision=prec)
+        cfg = tiny_config(tmp_path / prec, toy_npz, max_steps=20, precision=prec)
         summary = train(cfg)
         assert summary["runtime"]["precision"] == prec
         loss = np.loadtxt(Path(cfg.out_dir) / "loss.csv", delimiter=",", skiprows=1, usecols=2)
@@ -194,9 +171,9 @@ def test_precision_and_noise_levels_may_change_on_resume(tmp_path, toy_npz):
     """The campaign switches recipe between sessions: precision, compile and the noise-level
     draws are not architecture, so a checkpoint resumes under other values (and the resumed
     run records the precision it used)."""
-    cfg = _config(tmp_path, toy_npz, max_steps=3)
+    cfg = tiny_config(tmp_path, toy_npz, max_steps=3)
     train(cfg)
-    cfg2 = _config(tmp_path, toy_npz, max_steps=5, precision="bfloat16", t_dist="focused")
+    cfg2 = tiny_config(tmp_path, toy_npz, max_steps=5, precision="bfloat16", t_dist="focused")
     summary = train(cfg2)
     assert summary["step"] == 5 and summary["runtime"]["precision"] == "bfloat16"
 
@@ -208,7 +185,7 @@ def test_campaign_record_accumulates_steps_cpu_hours_and_validation(tmp_path, to
     from medrecon.priors import ScorePrior
     from medrecon.training import export_prior
 
-    a = _config(tmp_path / "a", toy_npz, max_steps=3, threads=1)
+    a = tiny_config(tmp_path / "a", toy_npz, max_steps=3, threads=1)
     train(a)
     card_a = ScorePrior.load(export_prior(Path(a.out_dir) / "last.pt", tmp_path / "w", "toy-a",
                                           validate_on=str(toy_npz))).card
@@ -217,7 +194,7 @@ def test_campaign_record_accumulates_steps_cpu_hours_and_validation(tmp_path, to
     assert pa["cumulative_cpu_hours"] == card_a["training"]["cpu_hours"] >= 0
     assert pa["precision"] == "float32" and pa["t_dist"] == "uniform" and pa["cpu"]
     assert pa["tweedie_psnr_db"] == card_a["validation"]["tweedie_psnr_db"]
-    b = _config(tmp_path / "b", toy_npz, max_steps=2, init_from=str(tmp_path / "w" / "toy-a.json"),
+    b = tiny_config(tmp_path / "b", toy_npz, max_steps=2, init_from=str(tmp_path / "w" / "toy-a.json"),
                 precision="bfloat16", t_dist="focused")
     train(b)
     card_b = ScorePrior.load(export_prior(Path(b.out_dir) / "last.pt", tmp_path / "w", "toy-b",
