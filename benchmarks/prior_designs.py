@@ -53,15 +53,11 @@ def _load_design(path: str) -> dict[str, Any]:
     """``{"net", "prior", "run", "design", "step", "wall_s"}`` of a checkpoint (prior None) or of an
     exported prior (a card path or a registry name)."""
     from medrecon.priors import ScorePrior
-    from medrecon.priors.networks import ScoreNet
-    from medrecon.training import TrainConfig, load_checkpoint
+    from medrecon.training import TrainConfig, load_ema_net
     from medrecon.training.config import cfg_from_dict
 
     if path.endswith(".pt"):
-        ck = load_checkpoint(path)
-        cfg = TrainConfig(**cfg_from_dict(ck["config"]))
-        net = ScoreNet(cfg.network_spec(), cfg.build_sde(), cfg.sigma_data)
-        net.load_state_dict(ck["ema"])
+        net, cfg, ck = load_ema_net(path)
         return {"net": net, "prior": None, "run": cfg.run, "design": _describe(cfg), "modality": cfg.modality,
                 "step": int(ck["step"]), "wall_s": round(float(ck["wall_s"]), 1)}
     prior = ScorePrior.load(path)

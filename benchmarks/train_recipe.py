@@ -142,9 +142,7 @@ def train_candidates(a: argparse.Namespace, out: Path) -> list[Path]:
 def judge(a: argparse.Namespace, runs: list[Path]) -> list[dict[str, Any]]:
     """Tweedie denoising of the validation slices by the starting prior and each run's EMA."""
     from medrecon.priors import ScorePrior
-    from medrecon.priors.networks import ScoreNet
-    from medrecon.training import PRESETS, TrainConfig, load_checkpoint, load_slices, validate
-    from medrecon.training.config import cfg_from_dict
+    from medrecon.training import PRESETS, TrainConfig, load_ema_net, load_slices, validate
 
     torch.set_num_threads(a.threads)
     preset = TrainConfig(**PRESETS[a.preset])
@@ -155,10 +153,7 @@ def judge(a: argparse.Namespace, runs: list[Path]) -> list[dict[str, Any]]:
         start = ScorePrior.load(preset.init_from)
         nets.append((f"start ({preset.init_from})", start.net, {"steps": 0, "wall_s": 0.0}))
     for run in runs:
-        ck = load_checkpoint(run / "last.pt")
-        cfg = TrainConfig(**cfg_from_dict(ck["config"]))
-        net = ScoreNet(cfg.network_spec(), cfg.build_sde(), cfg.sigma_data)
-        net.load_state_dict(ck["ema"])
+        net, cfg, ck = load_ema_net(run / "last.pt")
         steps, rate = train_threads.steps_per_s(run / "loss.csv")
         nets.append((run.name, net, {"steps": steps, "wall_s": round(float(ck["wall_s"]), 1),
                                      "steps_per_s": round(rate, 3), "precision": cfg.precision,

@@ -19,13 +19,11 @@ from typing import Any
 import torch
 
 from medrecon.datasets.training import npz_source_info
-from medrecon.priors.networks import ScoreNet
 from medrecon.priors.prior import ScorePrior, fit_high_noise
 from medrecon.priors.registry import read_card, write_card
-from medrecon.training.config import TrainConfig, cfg_from_dict
 from medrecon.training.campaign import campaign_history, campaign_point
 from medrecon.training.data import _resolve, load_slices
-from medrecon.training.loop import load_checkpoint
+from medrecon.training.loop import load_ema_net
 from medrecon.training.validation import read_val_log, validate, validation_curve
 
 __all__ = ["export_prior", "card_training_data", "licence_summary"]
@@ -67,10 +65,7 @@ def export_prior(
     Path
         The card.
     """
-    ck = load_checkpoint(checkpoint)
-    cfg = TrainConfig(**cfg_from_dict(ck["config"]))
-    net = ScoreNet(cfg.network_spec(), cfg.build_sde(), cfg.sigma_data)
-    net.load_state_dict(ck["ema"])
+    net, cfg, ck = load_ema_net(checkpoint)
     prior = ScorePrior(net, cfg.normaliser())
     earlier = ck.get("earlier", {"steps": 0, "wall_time_s": 0.0})
     history = earlier.get("campaign")

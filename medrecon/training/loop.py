@@ -40,7 +40,7 @@ from medrecon.priors.sde import SDE
 from medrecon.training.campaign import campaign_history
 from medrecon.training.config import T_DISTS, TrainConfig, cfg_from_dict
 from medrecon.training.data import _make_sampler, load_slices, load_training_data
-from medrecon.training.runtime import _agree, _ddp, _Stop, cpu_model, runtime_info
+from medrecon.training.runtime import _agree, _ddp, _Stop, runtime_info
 from medrecon.training.validation import (
     _log_val,
     _preview,
@@ -50,7 +50,7 @@ from medrecon.training.validation import (
     validation_plateau,
 )
 
-__all__ = ["CKPT_FORMAT", "train", "sample_t", "train_autocast", "dsm_loss", "load_checkpoint"]
+__all__ = ["CKPT_FORMAT", "train", "sample_t", "train_autocast", "dsm_loss", "load_checkpoint", "load_ema_net"]
 
 CKPT_FORMAT = "medrecon-train-ckpt-1"
 
@@ -240,7 +240,6 @@ def train(config: TrainConfig) -> dict[str, Any]:
     cast = train_autocast(config.precision, device)
     runtime["precision"] = "bfloat16" if cast is not None else "float32"
     runtime["compile"] = bool(config.compile)
-    runtime["cpu"] = cpu_model()
     val_images = (
         load_slices([config.val_data], config.modality)[: config.val_slices]
         if config.val_data
@@ -408,3 +407,12 @@ def _truncate_log(path: Path, step: int) -> None:
     lines = path.read_text().splitlines()
     keep = [ln for ln in lines if not ln[:1].isdigit() or int(ln.split(",")[0]) <= step]
     path.write_text("\n".join(keep) + ("\n" if keep else ""))
+
+
+def load_ema_net(checkpoint: str | Path) -> tuple[ScoreNet, TrainConfig, dict[str, Any]]:
+    """The EMA network of a trainer checkpoint, with the run's settings and the checkpoint dict."""
+    ck = load_checkpoint(checkpoint)
+    cfg = TrainConfig(**cfg_from_dict(ck["config"]))
+    net = ScoreNet(cfg.network_spec(), cfg.build_sde(), cfg.sigma_data)
+    net.load_state_dict(ck["ema"])
+    return net, cfg, ck

@@ -24,16 +24,17 @@ __all__ = ["cpu_model", "runtime_info"]
 
 def cpu_model() -> str:
     """The CPU's model name and whether it computes bfloat16 natively (for timing records)."""
-    name = ""
+    info: dict[str, str] = {}
     with contextlib.suppress(OSError):
         with open("/proc/cpuinfo") as f:
-            name = next((ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")), "")
-    flags = ""
-    with contextlib.suppress(OSError):
-        with open("/proc/cpuinfo") as f:
-            flags = next((ln for ln in f if ln.startswith("flags")), "")
+            for ln in f:
+                key, _, value = ln.partition(":")
+                info.setdefault(key.strip(), value.strip())
+                if "model name" in info and "flags" in info:
+                    break
+    flags = info.get("flags", "").split()
     isa = "AVX512-BF16" if "avx512_bf16" in flags else ("AVX2" if "avx2" in flags else "")
-    return f"{name or 'unknown CPU'} ({isa or 'no AVX2'}, {os.cpu_count()} cores)"
+    return f"{info.get('model name') or 'unknown CPU'} ({isa or 'no AVX2'}, {os.cpu_count()} cores)"
 
 
 def runtime_info() -> dict[str, Any]:
@@ -48,6 +49,7 @@ def runtime_info() -> dict[str, Any]:
         "threads": torch.get_num_threads(),
         "tcmalloc": tcmalloc,
         "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
+        "cpu": cpu_model(),
         "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
     }
 
