@@ -19,7 +19,7 @@ from torch import Tensor
 
 from medrecon.errors import SettingsError
 from medrecon.operators.base import LinearOperator
-from medrecon.operators.ct import _Projector
+from medrecon.operators.ct import CTProjector
 from medrecon.solvers import classical
 
 __all__ = ["Reconstruction", "reconstruct", "METHODS", "BEST_DIFFUSION", "default_method", "problem_scale"]
@@ -58,7 +58,7 @@ def default_method(operator: LinearOperator | None = None, prior: Any = None, *,
 
 
 def _default_prior_name(operator: LinearOperator) -> str:
-    return "ct-256" if isinstance(operator, _Projector) else "mri-256"
+    return "ct-256" if isinstance(operator, CTProjector) else "mri-256"
 
 
 @dataclass
@@ -89,7 +89,7 @@ def problem_scale(y: Tensor, A: LinearOperator) -> tuple[float, float]:  # noqa:
     CT projectors: the HU window ``[-1024, 3071]``, i.e. ``(−1024, 4096)``.  Otherwise (MRI):
     ``(0, p99.5 of |Aᴴ y|)``.
     """
-    if isinstance(A, _Projector):
+    if isinstance(A, CTProjector):
         return -1024.0, 4096.0
     zf = A.adjoint(y).abs().flatten()
     k = max(1, int(0.995 * zf.numel()))
@@ -273,7 +273,7 @@ def reconstruct(
     y_n = _normalise_measurement(y, operator, low, width)
     t0 = time.perf_counter()
     if method == "tv":
-        opts.setdefault("nonneg", isinstance(operator, _Projector))  # attenuation ≥ 0 (HU ≥ −1024)
+        opts.setdefault("nonneg", isinstance(operator, CTProjector))  # attenuation ≥ 0 (HU ≥ −1024)
     x_n = func(y_n, operator, **opts)
     wall = time.perf_counter() - t0
     mean = x_n * width + low

@@ -195,6 +195,43 @@ def _extend(img: np.ndarray, low: float, high: float) -> str:
     return {(True, True): "both", (True, False): "min", (False, True): "max"}.get((below, above), "neither")
 
 
+#: an image panel with less than this fraction of its pixels inside the shared display window
+#: shows (nearly) nothing in it, and gets a window of its own
+SHOWS_NOTHING = 0.02
+
+
+def panel_range(name: str, img: np.ndarray, unit: str, display: tuple[float, float] | None
+                ) -> tuple[float, float, str]:
+    """The colour range and colour-bar label of one figure panel.
+
+    Uncertainty, error and std panels (by ``name``) get their own robust range
+    (:func:`robust_range`).  Image panels share ``display``, unless fewer than
+    :data:`SHOWS_NOTHING` of their pixels fall inside it (say, a limited-angle FBP far below
+    the reference's window): such a panel gets its own 1st-99th percentile window, named on its
+    colour bar.  Without ``display``, each panel shows its full range.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> panel_range("initial estimate (fbp)", np.full((4, 4), -900.0), "HU", (-160.0, 240.0))[2]
+    'HU (own window W1 L-900: nothing in the shared one)'
+    """
+    own = any(k in name.lower() for k in ("uncertainty", "error", "std"))
+    if own:  # its own scale, robust to outliers
+        low, high = robust_range(img)
+        return low, high, unit
+    if display is None:
+        low, high = robust_range(img, (0.0, 100.0))
+        return low, high, unit
+    low, high = display
+    a = np.asarray(img, dtype=np.float64)
+    a = a[np.isfinite(a)]
+    if a.size and np.mean((a > low) & (a < high)) < SHOWS_NOTHING:
+        low, high = robust_range(a)
+        return low, high, f"{unit} (own window W{high - low:.4g} L{0.5 * (low + high):.4g}: nothing in the shared one)"
+    return low, high, f"{unit} (W{high - low:.4g} L{0.5 * (low + high):.4g})"
+
+
 def _figure(
     panels: list[tuple[str, np.ndarray, str]],
     display: tuple[float, float] | None,
@@ -211,14 +248,7 @@ def _figure(
                              layout="constrained")
     for ax, (name, img, unit) in zip(axes[0], panels, strict=True):
         own = any(k in name.lower() for k in ("uncertainty", "error", "std"))
-        label = unit
-        if own:  # its own scale, robust to outliers
-            low, high = robust_range(img)
-        elif display is not None:
-            low, high = display
-            label = f"{unit} (W{high - low:.4g} L{0.5 * (low + high):.4g})"
-        else:
-            low, high = robust_range(img, (0.0, 100.0))
+        low, high, label = panel_range(name, img, unit, display)
         shown, aspect = orient_for_display(img, affine)
         im = ax.imshow(shown, cmap="magma" if own else "gray", aspect=aspect, vmin=low, vmax=high)
         ax.set_title(name, fontsize=9)
@@ -246,7 +276,8 @@ def case_figure(
     panels : list of (title, image (H, W), unit)
         Image panels; a title containing "uncertainty" or "error" gets its own colour scale, from
         its 1st to its 99th percentile (:func:`robust_range`; arrows on the colour bar mark
-        values beyond it).
+        values beyond it); so does an image panel that would show nothing in ``display``
+        (:func:`panel_range`).
     display : (low, high), optional
         Display range shared by the image panels (e.g. a CT window in HU,
         :func:`display_window`); it is named on their colour bars.  None: each panel's range.

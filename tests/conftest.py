@@ -9,6 +9,17 @@ import pytest
 import torch
 
 
+@pytest.fixture(autouse=True, scope="session")
+def _operator_cache_exists():
+    """Tests run with an operator cache folder that exists already, as after a first run, so
+    that its one-time notice (tested in test_operators.py) is not in other tests' output."""
+    from medrecon.operators.sparse import cache_dir
+
+    folder = cache_dir()
+    if folder is not None:
+        folder.mkdir(parents=True, exist_ok=True)
+
+
 @pytest.fixture
 def one_thread():
     """Tiny nets run fastest on one thread, and two OpenMP threads stall on a busy 2-core host."""

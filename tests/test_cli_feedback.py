@@ -52,7 +52,9 @@ def test_options_that_do_nothing_are_refused(tmp_path, capsys):
     assert "--views 60: --angles gives the views" in _one_line(capsys)
 
 
-def test_acceleration_on_measured_kspace_is_refused(tmp_path, capsys):
+def test_acceleration_on_undersampled_measured_kspace_is_refused(tmp_path, capsys):
+    """--acceleration undersamples fully sampled measured k-space (retrospectively); k-space that
+    is already undersampled is refused, and --noise never applies to measured data."""
     img = _phantom(tmp_path / "mr.nii.gz", modality="MR", air=0.0)
     assert main(["simulate", "mri", str(img), str(tmp_path / "sim"), "--acceleration", "2"]) == 0
     capsys.readouterr()
@@ -60,7 +62,10 @@ def test_acceleration_on_measured_kspace_is_refused(tmp_path, capsys):
             "--out", str(tmp_path / "o")]
     assert main([*argv, "--acceleration", "8", "--noise", "0.1"]) == 2
     err = _one_line(capsys)
-    assert "--acceleration 8: measured k-space: its sampling is in the file" in err and "--noise 0.1" in err
+    assert "--noise 0.1: measured k-space" in err and "--acceleration" not in err.split("do nothing here:")[1]
+    assert main([*argv, "--acceleration", "8"]) == 2
+    err = _one_line(capsys)
+    assert "--acceleration 8: sim.h5 is not fully sampled" in err and "needs fully sampled data" in err
 
 
 def test_every_diffusion_method_takes_steps_samples_and_prior():

@@ -72,6 +72,17 @@ OPERATOR_CASES = [
     Case("diff-z", lambda: FiniteDifference((N, N), ("z",)), batch=3),
     Case("composed", lambda: MaskedFourier(mri_mask("random", (N, N), 2, seed=6)) @ Diagonal(torch.rand(N, N), (None, N, N))),
     Case("scaled-sum", lambda: 2.0 * ParallelBeamCT(N, np.arange(10) * 0.3) - ParallelBeamCT(N, np.arange(10) * 0.3).H.H),
+    Case(
+        "parallel-matrix-free",
+        lambda: ParallelBeamCT(N, np.arange(16) * math.pi / 8, view_mask=np.arange(16) % 2 == 0, detector_offset=1.5,
+                               flip_detector=True, center=(11.5, 11.5), backend="matrix-free"),
+        dc_exact=True,
+    ),
+    Case(
+        "fan-flat-matrix-free",
+        lambda: FanBeamCT(N, np.arange(24) * 2 * math.pi / 24, source_to_isocenter=60, source_to_detector=110,
+                          detector="flat", detector_offset=-2.0, backend="matrix-free"),
+    ),
     Case("identity", lambda: Identity((None, N, N))),
 ]
 IDS = [c.name for c in OPERATOR_CASES]
@@ -365,8 +376,8 @@ def test_espirit_maps_reproduce_coil_images():
 
 # ------------------------------------------------------------------------- bad input
 def test_bad_settings_raise_clear_errors():
-    with pytest.raises(SettingsError, match=r"angles_rad must lie in \[0, 3.14159"):
-        ParallelBeamCT(16, np.array([0.0, 4.0]))
+    with pytest.raises(SettingsError, match=r"angles_rad must lie in \[0, 6.28319"):
+        ParallelBeamCT(16, np.array([0.0, 7.0]))
     with pytest.raises(SettingsError, match="NaN"):
         ParallelBeamCT(16, np.array([0.0, np.nan]))
     with pytest.raises(ShapeError, match=r"view_mask must have shape \(3,\)"):
@@ -409,6 +420,58 @@ def test_system_matrix_disk_cache(tmp_path, monkeypatch):
     assert len(list((tmp_path / "operators").glob("parallel-fbp-*.npz"))) == 1
     monkeypatch.setenv("MEDRECON_CACHE", "off")
     torch.testing.assert_close(ParallelBeamCT(20, np.array([0.1, 0.5]))(x), y)
+
+
+def test_operator_cache_limit_evicts_the_least_recently_used(tmp_path, monkeypatch):
+    import os
+    import time
+
+    monkeypatch.setenv("MEDRECON_CACHE", str(tmp_path))
+    folder = tmp_path / "operators"
+    x = torch.rand(1, 1, 20, 20)
+
+    def use(angle):
+        before = set(folder.glob("*.npz")) if folder.exists() else set()
+        ParallelBeamCT(20, np.array([angle]))(x)
+        return set(folder.glob("*.npz")) - before
+
+    with pytest.warns(UserWarning, match="caching CT system matrices in .*at most 4 GiB"):
+        a = use(0.1)  # the first write into a new cache says so, once
+    pair = sum(f.stat().st_size for f in a)
+    monkeypatch.setenv("MEDRECON_CACHE_LIMIT_GB", str(2.5 * pair / 2**30))
+    b = use(0.2)
+    now = time.time()
+    for f in a:
+        os.utime(f, (now - 100, now - 100))
+    for f in b:
+        os.utime(f, (now - 50, now - 50))
+    assert not use(0.1)  # read from the cache: now the most recently used
+    c = use(0.3)  # a third pair exceeds the limit: the least recently used (b) goes
+    left = set(folder.glob("*.npz"))
+    assert a <= left and c <= left and not (b & left)
+    assert sum(f.stat().st_size for f in left) <= 2.5 * pair
+
+
+def test_operator_cache_never_stores_above_the_budget_or_the_limit(tmp_path, monkeypatch):
+    import scipy.sparse as sp
+
+    from medrecon.operators.sparse import cached_matrix
+
+    monkeypatch.setenv("MEDRECON_CACHE", str(tmp_path))
+    (tmp_path / "operators").mkdir()
+    m = sp.random(50, 50, density=0.5, format="csr", random_state=0)
+    size = m.data.nbytes + m.indices.nbytes + m.indptr.nbytes
+    cached_matrix({"kind": "test", "k": 1}, lambda: m, budget=size // 2)
+    assert not list((tmp_path / "operators").glob("*.npz"))
+    monkeypatch.setenv("MEDRECON_CACHE_LIMIT_GB", str(size / 2 / 2**30))
+    cached_matrix({"kind": "test", "k": 2}, lambda: m)
+    assert not list((tmp_path / "operators").glob("*.npz"))
+    monkeypatch.setenv("MEDRECON_CACHE_LIMIT_GB", "1")
+    cached_matrix({"kind": "test", "k": 3}, lambda: m, budget=size)
+    assert len(list((tmp_path / "operators").glob("*.npz"))) == 1
+    monkeypatch.setenv("MEDRECON_CACHE_LIMIT_GB", "-1")
+    with pytest.raises(SettingsError, match="MEDRECON_CACHE_LIMIT_GB must be a number"):
+        cached_matrix({"kind": "test", "k": 4}, lambda: m)
 
 
 def test_mask_statistics_and_determinism():

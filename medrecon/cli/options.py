@@ -30,17 +30,24 @@ def _window(text: str) -> tuple[float, float]:
 def add_recon_options(p: argparse.ArgumentParser, *, batch: bool = False) -> None:
     """Add the acquisition, method and output options (for a batch: the per-case defaults)."""
     g = p.add_argument_group("measurement (CT)")
-    g.add_argument("--views", type=int, default=23, help="equally spaced views (default %(default)s)")
+    g.add_argument("--views", type=int, default=None,
+                   help="equally spaced views (simulated data, default 23); a measured sinogram keeps this many of "
+                        "its views (retrospective thinning; the full data's FBP is the reference)")
+    g.add_argument("--view-step", type=int, default=None, metavar="K",
+                   help="measured sinogram: keep every K-th view (retrospective thinning)")
     g.add_argument("--angles", type=_angles, dest="angles_deg", metavar="DEG,DEG,...",
                    help="explicit view angles in degrees (instead of --views)")
-    g.add_argument("--limited-angle", type=float, metavar="DEG", help="measure only views in [0, DEG)")
+    g.add_argument("--limited-angle", type=float, metavar="DEG",
+                   help="measure only views in [0, DEG); a measured sinogram keeps its views within DEG of the first")
     g.add_argument("--geometry", choices=["parallel", "fan"], default="parallel",
                    help="beam geometry of a simulated measurement (fan: equiangular, 2π scan)")
     g.add_argument("--source-to-isocenter-mm", type=float, default=541.0, help="fan beam (default %(default)s)")
     g.add_argument("--source-to-detector-mm", type=float, default=949.0, help="fan beam (default %(default)s)")
     g.add_argument("--image-size", type=int, help="measured sinogram: reconstruction grid N×N")
     g = p.add_argument_group("measurement (MRI)")
-    g.add_argument("--acceleration", type=float, default=4.0, help="undersampling factor (default %(default)s)")
+    g.add_argument("--acceleration", type=float, default=None,
+                   help="undersampling factor (simulated data, default 4); fully sampled measured k-space is "
+                        "undersampled with --mask (retrospectively; the full data is the reference)")
     g.add_argument("--center-fraction", type=float, default=0.08, help="fully sampled centre (default %(default)s)")
     g.add_argument("--mask", default="equispaced", help="random | equispaced | gaussian1d | poisson")
     g = p.add_argument_group("method")
@@ -78,7 +85,7 @@ def add_recon_options(p: argparse.ArgumentParser, *, batch: bool = False) -> Non
                        help="replace outputs of the same name (default: the next free name, NAME-2, ...)")
 
 
-_FIELDS = ("views", "angles_deg", "limited_angle", "geometry", "source_to_isocenter_mm", "source_to_detector_mm",
+_FIELDS = ("views", "view_step", "angles_deg", "limited_angle", "geometry", "source_to_isocenter_mm", "source_to_detector_mm",
            "image_size", "acceleration", "center_fraction", "mask", "method", "prior", "samples", "steps",
            "iters", "noise", "seed", "device", "mode", "slices", "downsample", "output_format",
            "series_uid", "reference", "case_id", "overwrite", "into_source_study", "window", "input_domain")

@@ -13,6 +13,9 @@ EXAMPLES = """examples:
   medrecon reconstruct --modality ct --geometry fan --views 60 --method fbp
   medrecon reconstruct --modality ct --input scan.npy --method tv      # measured sinogram + scan.json
   medrecon reconstruct --modality ct --input scan.mat --method tv      # MATLAB sinogram + scan.json geometry
+  medrecon reconstruct --modality ct --input scan.npy --views 60 --method tv   # measured data thinned to 60 views
+  medrecon reconstruct --modality ct --input scan.npy --limited-angle 90 --method fbp
+  medrecon reconstruct --modality mri --input full.h5 --acceleration 8 --mask random   # fully sampled, undersampled
   medrecon reconstruct --modality mri --input coils.mat --input-domain image --method cg   # coil images
   medrecon reconstruct --modality mri --input brain.nii.gz --acceleration 8 --mask random
   medrecon reconstruct --modality mri --input file.h5 --method cg      # fastMRI k-space (prospective)

@@ -63,39 +63,38 @@ def _image_array(image: np.ndarray | Volume) -> tuple[np.ndarray, float]:
     return a, 1.0
 
 
-def ct_operator(geometry: dict[str, Any], image_shape: tuple[int, int]) -> Any:
+def ct_operator(geometry: dict[str, Any], image_shape: tuple[int, int], *, view_mask: Any = None,
+                matrix_budget: int | None = None) -> Any:
     """Build the medrecon CT operator for a sinogram geometry and an image grid (H, W).
 
-    ``pixel_size_mm`` (default 1) converts the geometry's millimetres to pixels.
+    ``pixel_size_mm`` (default 1) converts the geometry's millimetres to pixels; the geometry's
+    ``convention``, ``detector_flipped``, ``rotation_direction`` and detector offset are read as
+    :mod:`medrecon.datasets.sinogram` describes (:func:`medrecon.operators.conventions.ct_projector`).
+
+    Parameters
+    ----------
+    geometry : dict
+        A sinogram geometry (validated here).
+    image_shape : (H, W)
+    view_mask : array-like of bool, optional
+        Measure only these of the geometry's views (the others stay in the full set ``T``).
+    matrix_budget : int, optional
+        Bytes the projector's sparse matrices may take before it runs matrix-free.
     """
-    from medrecon.operators import FanBeamCT, ParallelBeamCT
+    from medrecon.operators.conventions import ct_projector
 
     g = validate_geometry(geometry)
-    if g.get("detector_offset_bins", 0.0) != 0.0:
-        raise SettingsError(
-            "ct_operator(): detector_offset_bins other than 0 is not supported by the operators"
-        )
     pix = float(g.get("pixel_size_mm") or 1.0)
-    angles = np.asarray(g["angles_rad"], dtype=np.float64)
     if g["type"] == "parallel":
-        return ParallelBeamCT(
-            image_shape,
-            angles,
-            n_bins=g["n_detectors"],
-            detector_spacing=g["detector_spacing_mm"] / pix,
-        )
-    spacing = (
-        g["detector_spacing_rad"] if g["detector"] == "equiangular" else g["detector_spacing_mm"]
-    )
-    return FanBeamCT(
-        image_shape,
-        angles,
-        source_to_isocenter=g["source_to_isocenter_mm"],
-        source_to_detector=g["source_to_detector_mm"],
-        n_bins=g["n_detectors"],
-        detector_spacing=spacing,
-        detector=g["detector"],
-        pixel_size=pix,
+        spacing, extra = g["detector_spacing_mm"], {}
+    else:
+        spacing = g["detector_spacing_rad"] if g["detector"] == "equiangular" else g["detector_spacing_mm"]
+        extra = {"detector": g["detector"], "source_to_isocenter": g["source_to_isocenter_mm"],
+                 "source_to_detector": g["source_to_detector_mm"]}
+    return ct_projector(
+        g["type"], image_shape, g["angles_rad"], g["n_detectors"], spacing, convention=g["convention"],
+        pixel_size=pix, detector_offset_bins=g["detector_offset_bins"], flip_detector=g["detector_flipped"],
+        clockwise=g["rotation_direction"] == "clockwise", view_mask=view_mask, matrix_budget=matrix_budget, **extra,
     )
 
 

@@ -5,20 +5,35 @@ Format (``name.npy`` + ``name.json``; the ``.npy`` may also be ``.npz`` with key
     name.npy   float32/float64, shape (Z, views, bins) or (views, bins)
     name.json  {
       "format": "medrecon-sinogram", "version": 1,
+      "convention": "medrecon" | "astra",  # how angles, bins and the rotation centre are read
       "type": "parallel" | "fan",
-      "angles_rad": [...],              # one per view, radians (parallel: usually [0, pi))
+      "angles_rad": [...],              # one per view, radians (medrecon: on [0, 2pi))
       "n_detectors": 363,               # = bins
       "detector_spacing_mm": 1.0,       # parallel, and fan with "detector": "flat"
       "detector_spacing_rad": 0.001,    # fan with "detector": "equiangular" (angle per bin)
       "detector": "flat" | "equiangular",            # fan only
       "source_to_isocenter_mm": 541.0,                # fan only
-      "source_to_detector_mm": 949.0,                 # fan only
-      "detector_offset_bins": 0.0,      # optional: rotation centre offset from the middle bin
+      "source_to_detector_mm": 949.0,                 # fan only (or "origin_to_detector_mm")
+      "detector_offset_bins": 0.0,      # optional: centre-of-rotation offset (or "detector_offset_mm")
+      "detector_flipped": false,        # optional: the bins run the other way
+      "rotation_direction": "counterclockwise" | "clockwise",   # optional, as seen on screen
       "units": "image_pixel" | "attenuation",
       "pixel_size_mm": 1.0,             # optional: reconstruction pixel (needed for "attenuation")
       "mu_water_per_mm": 0.0192,        # optional: for HU <-> mu conversion of "attenuation" data
       "I0": 1e5                          # optional: incident photons (simulations, low dose)
     }
+
+Conventions (docs/geometry.md draws both).  ``"medrecon"`` (the default) is the convention of
+:mod:`medrecon.operators.ct`.  ``"astra"`` reads every key the way ASTRA's ``parallel`` and
+``fanflat`` geometries do (angles, the direction of the bins, their middle at ``(n − 1)/2``, the
+rotation centre at the middle of the image grid; :mod:`medrecon.operators.conventions`), and
+accepts ASTRA's own names: ``"type": "fanflat"``, ``ProjectionAngles``, ``DetectorCount``,
+``DetectorWidth`` (or ``DetectorSpacing``), ``DistanceOriginSource``, ``DistanceOriginDetector``
+(distances and widths in mm).  ``detector_offset_bins`` is the bin, counted from the
+detector's middle in the file's convention, that the ray through the rotation centre meets
+(``detector_offset_mm``: the same in mm along the detector, parallel and flat fan only);
+``detector_flipped`` reverses the bins; ``rotation_direction`` ``"clockwise"`` uses each angle as
+its negative.  ``medrecon check-geometry`` finds these three from the data.
 
 MATLAB.  ``name.mat`` + ``name.json`` (the same geometry) is read too: the sinogram is a real
 variable named like one (:data:`SINOGRAM_NAMES`; ``"variable"`` in the JSON names it) or the
@@ -51,9 +66,15 @@ from medrecon.datasets.types import Sinogram
 from medrecon.errors import InputError, SettingsError
 
 __all__ = ["validate_geometry", "load_sinogram", "save_sinogram", "parallel_geometry", "is_sinogram_geometry",
-           "SINOGRAM_NAMES"]
+           "select_views", "SINOGRAM_NAMES", "CONVENTIONS", "ASTRA_KEYS"]
 
 FORMAT = "medrecon-sinogram"
+CONVENTIONS = ("medrecon", "astra")
+ROTATIONS = ("counterclockwise", "clockwise")
+#: ASTRA's names of geometry keys (its proj_geom struct) and medrecon's, read with "convention": "astra"
+ASTRA_KEYS = {"ProjectionAngles": "angles_rad", "DetectorCount": "n_detectors", "DetectorWidth": "detector_spacing_mm",
+              "DetectorSpacing": "detector_spacing_mm", "DistanceOriginSource": "source_to_isocenter_mm",
+              "DistanceOriginDetector": "origin_to_detector_mm"}
 #: variable names taken for a sinogram in a MATLAB file (case-insensitive), in order of preference
 SINOGRAM_NAMES = ("sinogram", "sino", "sinogram_data", "projections", "projection", "proj", "data", "p", "y")
 #: MATLAB layouts tried when the geometry names none: (views, bins), MATLAB radon's (bins, angles); slices third
@@ -87,11 +108,18 @@ def validate_geometry(
     """
     if not isinstance(geometry, dict):
         raise SettingsError(f"geometry must be a dict; got {type(geometry).__name__}")
-    g = dict(geometry)
+    g = _astra_names(dict(geometry))
     g.setdefault("format", FORMAT)
     g.setdefault("version", 1)
     g.setdefault("units", "image_pixel")
     g.setdefault("detector_offset_bins", 0.0)
+    g.setdefault("detector_flipped", False)
+    g.setdefault("rotation_direction", "counterclockwise")
+    if not isinstance(g["detector_flipped"], bool):
+        raise SettingsError(f"geometry['detector_flipped'] must be true or false; got {g['detector_flipped']!r}")
+    if g["rotation_direction"] not in ROTATIONS:
+        raise SettingsError(f"geometry['rotation_direction'] must be 'counterclockwise' or 'clockwise' (as seen on "
+                            f"screen, row 0 at the top); got {g['rotation_direction']!r}")
     kind = g.get("type")
     if kind not in ("parallel", "fan"):
         raise SettingsError(f"geometry['type'] must be 'parallel' or 'fan'; got {kind!r}")
@@ -107,6 +135,11 @@ def validate_geometry(
         raise SettingsError(
             f"geometry['angles_rad'] must be non-empty and finite; got {angles.size} values"
         )
+    if g["convention"] == "medrecon" and (angles.min() < 0 or angles.max() >= 2 * math.pi + 1e-9):
+        raise SettingsError(f"geometry['angles_rad'] must lie in [0, 2π) radians (medrecon convention); got "
+                            f"[{angles.min():.6g}, {angles.max():.6g}]" + _degrees_hint(angles))
+    if np.abs(angles).max() > 4 * math.pi:
+        raise SettingsError(f"geometry['angles_rad'] reach {np.abs(angles).max():.6g} radians" + _degrees_hint(angles))
     if n_views is not None and angles.size != n_views:
         raise SettingsError(f"geometry has {angles.size} angles but the data has {n_views} views")
     g["angles_rad"] = angles.tolist()
@@ -120,21 +153,116 @@ def validate_geometry(
         g.setdefault("detector_spacing_mm", 1.0)
         _positive(g, "detector_spacing_mm")
     else:
-        g.setdefault("detector", "equiangular")
+        g.setdefault("detector", "flat" if g["convention"] == "astra" else "equiangular")
         if g["detector"] not in ("flat", "equiangular"):
             raise SettingsError(
                 f"geometry['detector'] must be 'flat' or 'equiangular'; got {g['detector']!r}"
             )
+        if g["convention"] == "astra" and g["detector"] != "flat":
+            raise SettingsError("geometry: convention 'astra' has no equiangular fan (ASTRA's fanflat is flat); "
+                                f"got detector {g['detector']!r}")
         _positive(g, "detector_spacing_mm" if g["detector"] == "flat" else "detector_spacing_rad")
-        sio, sdd = _positive(g, "source_to_isocenter_mm"), _positive(g, "source_to_detector_mm")
+        sio = _positive(g, "source_to_isocenter_mm")
+        if "origin_to_detector_mm" in g:
+            odd = _positive(g, "origin_to_detector_mm")
+            if "source_to_detector_mm" in g and not math.isclose(float(g["source_to_detector_mm"]), sio + odd,
+                                                                 rel_tol=1e-9):
+                raise SettingsError(f"geometry: source_to_detector_mm ({g['source_to_detector_mm']}) is not "
+                                    f"source_to_isocenter_mm + origin_to_detector_mm ({sio} + {odd})")
+            g["source_to_detector_mm"] = sio + odd
+        sdd = _positive(g, "source_to_detector_mm")
         if sdd <= sio:
             raise SettingsError(
                 f"geometry: source_to_detector_mm ({sdd}) must exceed source_to_isocenter_mm ({sio})"
             )
+    _offset(g)
     for key in ("pixel_size_mm", "mu_water_per_mm", "I0"):
         if key in g and g[key] is not None:
             _positive(g, key)
     return g
+
+
+def _degrees_hint(angles: np.ndarray) -> str:
+    return ("; they look like degrees: give radians" if np.abs(angles).max() > 2 * math.pi + 1e-6 else "")
+
+
+def _astra_names(g: dict[str, Any]) -> dict[str, Any]:
+    """Read the convention and ASTRA's key names (only with ``"convention": "astra"``)."""
+    g.setdefault("convention", "medrecon")
+    if g["convention"] not in CONVENTIONS:
+        raise SettingsError(f"geometry['convention'] must be one of {', '.join(CONVENTIONS)}; got {g['convention']!r}")
+    astra_names = [k for k in ASTRA_KEYS if k in g] + (["type: fanflat"] if g.get("type") == "fanflat" else [])
+    if astra_names and g["convention"] != "astra":
+        raise SettingsError(f"geometry uses ASTRA's names ({', '.join(astra_names)}): add \"convention\": \"astra\" "
+                            "(medrecon reads them, and angles and bins, the ASTRA way only when told)")
+    for name, ours in ASTRA_KEYS.items():
+        if name in g:
+            value = g.pop(name)
+            if ours in g and g[ours] != value:
+                raise SettingsError(f"geometry gives both {name} and {ours}, and they differ")
+            g[ours] = value
+    if g.get("type") == "fanflat":
+        if g.get("detector", "flat") != "flat":
+            raise SettingsError(f"geometry: type 'fanflat' has a flat detector; got detector {g['detector']!r}")
+        g["type"], g["detector"] = "fan", "flat"
+    return g
+
+
+def _offset(g: dict[str, Any]) -> None:
+    """``detector_offset_bins`` from itself or ``detector_offset_mm`` (parallel and flat fan)."""
+    bins = g.get("detector_offset_bins", 0.0)
+    if not isinstance(bins, int | float) or isinstance(bins, bool) or not math.isfinite(bins):
+        raise SettingsError(f"geometry['detector_offset_bins'] must be a number; got {bins!r}")
+    if "detector_offset_mm" not in g:
+        g["detector_offset_bins"] = float(bins)
+        return
+    mm = g["detector_offset_mm"]
+    if not isinstance(mm, int | float) or isinstance(mm, bool) or not math.isfinite(mm):
+        raise SettingsError(f"geometry['detector_offset_mm'] must be a number; got {mm!r}")
+    if g["type"] == "fan" and g.get("detector") == "equiangular":
+        raise SettingsError("geometry['detector_offset_mm']: an equiangular detector's bins are angles; give "
+                            "detector_offset_bins")
+    from_mm = float(mm) / float(g["detector_spacing_mm"])
+    if bins and not math.isclose(float(bins), from_mm, rel_tol=1e-6, abs_tol=1e-9):
+        raise SettingsError(f"geometry gives detector_offset_bins {bins} and detector_offset_mm {mm} "
+                            f"(= {from_mm:.6g} bins); give one")
+    g["detector_offset_bins"] = from_mm
+
+
+def select_views(sinogram: Sinogram, views: Any) -> Sinogram:
+    """The measured views ``views`` of a sinogram, each with its own geometry (retrospective thinning).
+
+    Parameters
+    ----------
+    sinogram : Sinogram
+    views : array-like of int or bool
+        Indices of the views to keep (in order), or a mask over the views.
+
+    Returns
+    -------
+    Sinogram
+        ``data[:, views]`` and the geometry with those views' angles; the rest of the geometry
+        (detector, distances, convention, offsets) is unchanged.
+
+    Examples
+    --------
+    >>> s = Sinogram(np.arange(12.0).reshape(1, 4, 3), parallel_geometry([0.0, 0.5, 1.0, 1.5], 3))
+    >>> t = select_views(s, [0, 2])
+    >>> t.data[0].tolist(), t.geometry["angles_rad"]
+    ([[0.0, 1.0, 2.0], [6.0, 7.0, 8.0]], [0.0, 1.0])
+    """
+    n = sinogram.data.shape[1]
+    idx = np.asarray(views)
+    if idx.dtype == bool:
+        if idx.shape != (n,):
+            raise SettingsError(f"select_views(): a view mask must have {n} entries; got shape {idx.shape}")
+        idx = np.flatnonzero(idx)
+    idx = idx.astype(np.int64).reshape(-1)
+    if idx.size == 0 or idx.min() < -n or idx.max() >= n:
+        raise SettingsError(f"select_views(): view indices must lie in [0, {n}); got {idx.tolist()[:8]}")
+    g = dict(sinogram.geometry)
+    g["angles_rad"] = np.asarray(g["angles_rad"], dtype=np.float64)[idx].tolist()
+    return Sinogram(np.ascontiguousarray(sinogram.data[:, idx]), g)
 
 
 def parallel_geometry(angles_rad: Any, n_detectors: int, **extra: Any) -> dict[str, Any]:

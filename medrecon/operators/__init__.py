@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from medrecon.operators.base import Diagonal, Identity, LinearOperator, SamplingOperator
-from medrecon.operators.ct import FBP_FILTERS, FanBeamCT, ParallelBeamCT, fbp_filter
+from medrecon.operators.ct import FBP_FILTERS, CTProjector, FanBeamCT, ParallelBeamCT, fbp_filter
 from medrecon.operators.diff import FiniteDifference
 from medrecon.operators.masks import (
     equispaced_mask,
@@ -26,7 +26,7 @@ from medrecon.operators.mri import (
 
 __all__ = [
     "LinearOperator", "SamplingOperator", "Identity", "Diagonal",
-    "ParallelBeamCT", "FanBeamCT", "FBP_FILTERS", "fbp_filter",
+    "CTProjector", "ParallelBeamCT", "FanBeamCT", "FBP_FILTERS", "fbp_filter",
     "FFT2c", "CoilExpand", "MaskedFourier", "MultiCoilMRI", "estimate_coil_maps", "fft2c", "ifft2c",
     "FiniteDifference",
     "sparse_view_angles", "limited_angle_angles", "random_mask", "equispaced_mask",

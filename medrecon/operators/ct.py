@@ -1,30 +1,45 @@
 """X-ray CT: parallel- and fan-beam projection with exact adjoints, and filtered back-projection.
 
-Conventions (docs/conventions.md)
----------------------------------
+Conventions (docs/geometry.md has the picture; docs/conventions.md the summary)
+-----------------------------------------------------------------------------
 * Images are ``(B, C, H, W)``, real, in any unit; a volume is slices on the batch axis.
-* Pixel coordinates: ``x`` = column index, ``y`` = row index; the rotation centre is the pixel
-  ``(H // 2, W // 2)`` (as in ``skimage.transform.radon``).
+* Pixel coordinates: ``x`` = column index (right on screen), ``y`` = row index (down on screen,
+  row 0 at the top).  The rotation centre is the pixel ``(H // 2, W // 2)`` (as in
+  ``skimage.transform.radon``) unless ``center`` gives another point ``(row, col)``; ASTRA's
+  volumes turn about ``((H − 1) / 2, (W − 1) / 2)``.
 * Sinograms are ``(B, C, views, bins)``: line integrals of the image per pixel of path length.
-* Parallel beam, view angle θ (radians, on ``[0, π)``): the ray direction is ``(sin θ, cos θ)`` and
-  the detector axis ``(cos θ, −sin θ)`` in ``(x, y)``; bin ``b`` sits at
-  ``s = (b − n_bins // 2) · spacing``.  With the defaults (⌈√2·max(H, W)⌉ bins, unit spacing) the
+* Angles increase counter-clockwise on screen.  At view angle θ the rays run along
+  ``r = (sin θ, cos θ)`` and the detector axis ``u = (cos θ, −sin θ)`` (``u`` is ``r`` turned
+  90° counter-clockwise on screen), both in ``(x, y)``.
+* Parallel beam (θ on ``[0, 2π)``; a view at θ + π is the view at θ mirrored): bin ``b`` sits at
+  ``s = ±(b − n_bins // 2 − offset) · spacing`` along ``u`` from the rotation centre (``+``
+  unless ``flip_detector``).  With the defaults (⌈√2·max(H, W)⌉ bins, unit spacing) the
   projector reproduces ``skimage.transform.radon(image, np.rad2deg(angles), circle=False).T``
   to floating-point precision: each ray is sampled at unit steps with bilinear interpolation.
-* Fan beam, source angle β (radians, on ``[0, 2π)``): the source sits at ``centre − D·(sin β, cos β)``
-  and the central ray points at the centre; element ``k`` of ``n`` is at fan angle
-  ``γ = (k − (n−1)/2)·Δγ`` (equiangular, curved detector) or at ``u = (k − (n−1)/2)·Δu`` on a flat
-  detector at distance ``source_to_detector`` from the source.  Distances are in the unit of
-  ``pixel_size`` (e.g. mm) and converted to pixels.
+* Fan beam (source angle β on ``[0, 2π)``): the source sits at ``centre − D·r``, so the central
+  ray runs along ``r``; element ``k`` of ``n`` is at fan angle ``γ = ±(k − (n−1)/2 − offset)·Δγ``
+  (equiangular, curved detector) or at ``u = ±(k − (n−1)/2 − offset)·Δu`` along ``u`` on a
+  flat detector at distance ``source_to_detector`` from the source.  Distances are in the unit
+  of ``pixel_size`` (e.g. mm) and converted to pixels.
+* ``detector_offset`` (bins): the ray through the rotation centre meets the detector at bin
+  ``middle + offset`` (``middle`` = ``n // 2`` parallel, ``(n − 1) / 2`` fan): a
+  centre-of-rotation offset.
 
-The projectors are precomputed sparse matrices (:mod:`medrecon.operators.sparse`); the adjoint is
-their exact transpose.  FBP filters the sinogram and back-projects pixel by pixel with linear
-interpolation (and the 1/L² or 1/U² distance weights for fan beam).
+How it is applied.  Below ``matrix_budget`` (default 2 GiB, ``MEDRECON_MATRIX_BUDGET_GB``) the
+projector is a precomputed sparse matrix (:mod:`medrecon.operators.sparse`, disk-cached) whose
+exact transpose is the adjoint, and FBP back-projects with a precomputed pixel-driven matrix.
+Above it (clinical sizes: 512², 720 views × 560 bins would need about 13 GB) the same model is
+applied matrix-free in chunks of views (:mod:`medrecon.operators.raytrace`); the two agree to
+rounding.  FBP filters the sinogram and back-projects pixel by pixel with linear
+interpolation (and the 1/L² or 1/U² distance weights for fan beam); it never needs the
+forward matrix.  Its angular weights (:func:`medrecon.operators.fbp.angular_weights`) are in
+the right units for full, limited-angle and fan-beam short scans (Parker weights).
 """
 
 from __future__ import annotations
 
 import math
+import os
 
 import numpy as np
 import scipy.sparse as sp
@@ -33,10 +48,20 @@ from torch import Tensor
 
 from medrecon.errors import SettingsError, ShapeError
 from medrecon.operators.base import SamplingOperator
+from medrecon.operators.fbp import FBP_FILTERS, AngularWeights, angular_weights, fbp_filter, view_weights
+from medrecon.operators.raytrace import (
+    CHUNK_BYTES,
+    backproject_pixels,
+    backproject_rays,
+    project_rays,
+    ray_matrix,
+    ray_plan,
+)
 from medrecon.operators.sparse import SparseMatrix, cached_matrix
 from medrecon.operators.torch_radon_backend import BACKENDS, use_torch_radon
 
 __all__ = [
+    "CTProjector",
     "ParallelBeamCT",
     "FanBeamCT",
     "FBP_FILTERS",
@@ -45,82 +70,20 @@ __all__ = [
     "ray_matrix",
     "projector_nnz",
     "projector_memory_bytes",
+    "matrix_free_memory_bytes",
+    "default_matrix_budget",
+    "MATRIX_BUDGET_ENV",
 ]
 
-FBP_FILTERS = ("ramp", "shepp-logan", "cosine", "hamming", "hann")
+#: environment variable with the matrix budget in GiB (default 2)
+MATRIX_BUDGET_ENV = "MEDRECON_MATRIX_BUDGET_GB"
+_DEFAULT_MATRIX_BUDGET_GIB = 2.0
+FAN_BACKENDS = ("auto", "sparse", "matrix-free")
 
 
 # --------------------------------------------------------------------------------------------
 # pure functions
 # --------------------------------------------------------------------------------------------
-def ray_matrix(
-    image_shape: tuple[int, int],
-    origins: np.ndarray,
-    directions: np.ndarray,
-    t: np.ndarray,
-    step: float = 1.0,
-    chunk_samples: int = 4_000_000,
-) -> sp.csr_matrix:
-    """System matrix of rays sampled at points ``origin + t·direction`` with bilinear interpolation.
-
-    Parameters
-    ----------
-    image_shape : (H, W)
-        Image size; pixel ``(row y, column x)`` has index ``y·W + x``.
-    origins, directions : ndarray, shape (R, 2)
-        Per ray, a point and a unit direction in ``(x, y)`` pixel coordinates.
-    t : ndarray, shape (S,)
-        Positions along every ray at which the image is sampled.
-    step : float
-        Path length each sample stands for (pixels).
-
-    Returns
-    -------
-    scipy.sparse.csr_matrix, shape (R, H·W), float32
-        Row ``r`` holds the weights whose dot product with the flattened image is the line
-        integral along ray ``r``.
-    """
-    h, w = image_shape
-    n_rays = origins.shape[0]
-    per = max(1, chunk_samples // max(1, t.size))
-    blocks = []
-    for start in range(0, n_rays, per):
-        o = origins[start : start + per]
-        d = directions[start : start + per]
-        x = o[:, :1] + d[:, :1] * t[None, :]
-        y = o[:, 1:] + d[:, 1:] * t[None, :]
-        x0 = np.floor(x)
-        y0 = np.floor(y)
-        fx = x - x0
-        fy = y - y0
-        x0 = x0.astype(np.int64)
-        y0 = y0.astype(np.int64)
-        ray = np.broadcast_to(np.arange(o.shape[0])[:, None], x.shape)
-        rows, cols, vals = [], [], []
-        for dx, dy, wt in (
-            (0, 0, (1 - fx) * (1 - fy)),
-            (1, 0, fx * (1 - fy)),
-            (0, 1, (1 - fx) * fy),
-            (1, 1, fx * fy),
-        ):
-            xi = x0 + dx
-            yi = y0 + dy
-            keep = (xi >= 0) & (xi < w) & (yi >= 0) & (yi < h) & (wt > 0)
-            rows.append(ray[keep])
-            cols.append(yi[keep] * w + xi[keep])
-            vals.append(wt[keep] * step)
-        block = sp.coo_matrix(
-            (np.concatenate(vals), (np.concatenate(rows), np.concatenate(cols))),
-            shape=(o.shape[0], h * w),
-        ).tocsr()
-        block.sum_duplicates()
-        blocks.append(block)
-    m = sp.vstack(blocks, format="csr")
-    m.indices = m.indices.astype(np.int32)
-    m.indptr = m.indptr.astype(np.int32)
-    return m.astype(np.float32)
-
-
 #: non-zeros of the forward matrix per view, over bins × max(H, W): measured 1.49-1.56 for
 #: parallel and fan beam on 64²-512² grids (a ray crosses about max(H, W) pixel columns and the
 #: bilinear weights touch about 1.5 pixels per step)
@@ -176,71 +139,48 @@ def projector_memory_bytes(image_shape: tuple[int, int], n_views: int, n_bins: i
     return forward * _BYTES_PER_FORWARD_NNZ + back * _BYTES_PER_BACKPROJECTOR_NNZ
 
 
-def fbp_filter(n_bins: int, name: str = "ramp", kernel: np.ndarray | None = None) -> np.ndarray:
-    """Frequency response of an FBP filter, zero-padded length ``max(64, 2^⌈log2(2·n_bins)⌉)``.
+def matrix_free_memory_bytes(image_shape: tuple[int, int], n_views: int, n_bins: int, slices: int = 1) -> int:
+    """Estimated peak memory (bytes) of applying a CT projector matrix-free to ``slices`` images.
 
-    The ramp is the Fourier transform of the band-limited spatial ramp sampled at unit
-    spacing (h(0) = 1/4, h(n) = −1/(π n)² for odd n, 0 for even n; Kak & Slaney §3.3), which
-    avoids the DC bias of a sampled |ω|.  The other filters multiply it by a window:
-    Shepp–Logan sinc(ω/2π), cosine, Hamming and Hann.
+    Twice the working memory of one chunk of views (at least one view's sample grid,
+    :data:`medrecon.operators.raytrace.CHUNK_BYTES` otherwise; twice for the gradients of an
+    autograd pass), the ray geometry (four float64 numbers per ray, twice) and the images and
+    sinograms in and out (float64 for safety), on top of the interpreter and torch themselves
+    (about 0.3 GiB).
 
-    Parameters
-    ----------
-    n_bins : int
-        Detector bins per view.
-    name : {"ramp", "shepp-logan", "cosine", "hamming", "hann"}
-    kernel : ndarray, optional
-        A spatial kernel of the padded length to use instead of the ramp (fan-beam FBP).
-
-    Returns
-    -------
-    ndarray, shape (n_pad,), float64
+    Examples
+    --------
+    >>> round(matrix_free_memory_bytes((512, 512), 720, 560) / 2**20)  # MiB
+    53
     """
-    if name not in FBP_FILTERS:
-        raise SettingsError(f"fbp_filter(): unknown filter {name!r}; known: {', '.join(FBP_FILTERS)}")
-    n_pad = max(64, int(2 ** math.ceil(math.log2(2 * n_bins))))
-    if kernel is None:
-        k = np.fft.fftfreq(n_pad) * n_pad  # signed integer offsets
-        kernel = np.zeros(n_pad)
-        kernel[0] = 0.25
-        odd = (np.abs(k) % 2) == 1
-        kernel[odd] = -1.0 / (np.pi * k[odd]) ** 2
-    resp = np.real(np.fft.fft(kernel))
-    omega = 2 * np.pi * np.fft.fftfreq(n_pad)  # [-π, π)
-    if name == "shepp-logan":
-        with np.errstate(invalid="ignore", divide="ignore"):
-            win = np.where(omega == 0, 1.0, np.sin(omega / 2) / (omega / 2))
-    elif name == "cosine":
-        win = np.cos(omega / 2)
-    elif name == "hamming":
-        win = 0.54 + 0.46 * np.cos(omega)
-    elif name == "hann":
-        win = 0.5 + 0.5 * np.cos(omega)
-    else:
-        win = np.ones(n_pad)
-    return resp * win
+    h, w = (int(v) for v in image_shape)
+    samples = math.ceil(math.sqrt(2) * max(h, w)) + 3
+    per_view = max(samples * n_bins * (16 + 8 * slices), h * w * (16 + 4 * slices))
+    rays = 2 * 4 * 8 * n_views * n_bins
+    data = 2 * 8 * slices * (h * w + n_views * n_bins)
+    return 2 * max(CHUNK_BYTES, per_view) + rays + data
 
 
-def view_weights(angles_rad: np.ndarray, period: float) -> np.ndarray:
-    """Angular quadrature weight of each view for back-projection.
+def default_matrix_budget() -> int:
+    """The memory (bytes) a CT projector's sparse matrices may take before it runs matrix-free.
 
-    Each view gets half the gap to each angular neighbour on a circle of ``period``; gaps wider
-    than the median gap (the missing wedge of a limited-angle scan) are capped at the median so
-    that no view stands in for angles that were never measured.  Equally spaced views over the
-    full period all get ``period / n``.
+    ``MEDRECON_MATRIX_BUDGET_GB`` (GiB, e.g. ``0.5``; ``0`` always runs matrix-free), else 2 GiB.
+
+    Raises
+    ------
+    SettingsError
+        The variable is not a number ≥ 0.
     """
-    a = np.mod(np.asarray(angles_rad, dtype=np.float64), period)
-    if a.size == 1:
-        return np.array([period / 2])
-    order = np.argsort(a)
-    s = a[order]
-    gaps = np.diff(np.concatenate([s, s[:1] + period]))
-    cap = np.median(gaps)
-    gaps = np.minimum(gaps, cap)
-    w_sorted = 0.5 * (gaps + np.roll(gaps, 1))
-    w = np.empty_like(w_sorted)
-    w[order] = w_sorted
-    return w
+    text = os.environ.get(MATRIX_BUDGET_ENV, "").strip()
+    if not text:
+        return int(_DEFAULT_MATRIX_BUDGET_GIB * 2**30)
+    try:
+        gib = float(text)
+    except ValueError:
+        gib = -1.0
+    if not (gib >= 0 and math.isfinite(gib)):
+        raise SettingsError(f"{MATRIX_BUDGET_ENV} must be a number of GiB ≥ 0 (e.g. 2 or 0.5); got {text!r}")
+    return int(gib * 2**30)
 
 
 def _check_angles(angles: np.ndarray, period: float, who: str) -> np.ndarray:
@@ -274,60 +214,175 @@ def _image_shape(image_size) -> tuple[int, int]:
     return int(shape[0]), int(shape[1])
 
 
+def _center(center, shape: tuple[int, int], who: str) -> tuple[float, float]:
+    if center is None:
+        return float(shape[0] // 2), float(shape[1] // 2)
+    try:
+        row, col = (float(v) for v in center)
+    except (TypeError, ValueError) as err:
+        raise SettingsError(f"{who}: center must be (row, col) in pixels, got {center!r}") from err
+    if not (math.isfinite(row) and math.isfinite(col)):
+        raise SettingsError(f"{who}: center must be finite, got {center!r}")
+    return row, col
+
+
 # --------------------------------------------------------------------------------------------
 # shared machinery of the two geometries
 # --------------------------------------------------------------------------------------------
-class _Projector(SamplingOperator):
-    """A CT geometry over a full angle set, measured on a subset of views (the mask Λ)."""
+class CTProjector(SamplingOperator):
+    """A CT geometry over a full angle set ``T``, measured on a subset of its views (the mask Λ).
+
+    The interface :class:`ParallelBeamCT` and :class:`FanBeamCT` share, and what code outside
+    the operators may rely on (``isinstance(A, CTProjector)`` tells a CT problem):
+
+    Attributes
+    ----------
+    image_shape : (H, W)
+    angles : ndarray, shape (V,)
+        The measured views' angles (radians).
+    full_angles : ndarray, shape (n,)
+        The angles of ``T``.
+    view_mask : ndarray of bool, shape (n,)
+        Which of ``full_angles`` are measured (``mask`` holds it as a tensor).
+    n_bins : int
+    period : float
+        π (parallel) or 2π (fan): the range a full scan covers.
+    center : (float, float)
+        Rotation centre ``(row, col)`` in pixels.
+    detector_offset : float
+        Bin (from the middle) that the ray through the rotation centre meets.
+    flip_detector : bool
+        Bins run against the detector axis ``u``.
+    matrix_free : bool
+        A, Aᵀ and FBP run without stored matrices (the matrices would exceed ``matrix_budget``
+        bytes, or ``backend="matrix-free"``).
+
+    Methods
+    -------
+    forward / adjoint / normal, ``fbp(y, filter_name)``, ``fbp_weights()``, ``T``, ``reduce``,
+    ``expand``, ``T_inverse``, ``data_consistency``, ``with_view_mask(mask)``.
+    """
 
     period: float
+    #: middle of the detector in bins, as a function of the bin count
+    _middle: staticmethod
 
-    def __init__(self, image_shape, angles, view_mask, n_bins, who):
+    def __init__(self, image_shape, angles, view_mask, n_bins, who, *, center, detector_offset: float,
+                 flip_detector: bool, backend: str, matrix_budget: int | None):
         self.image_shape = image_shape
         self.full_angles = angles
-        self.view_mask_np = view_mask
+        self.view_mask = view_mask
         self.angles = angles[view_mask]
         self.n_bins = n_bins
         self.mask = torch.from_numpy(view_mask)
+        self.center = _center(center, image_shape, who)
+        if not math.isfinite(float(detector_offset)):
+            raise SettingsError(f"{who}: detector_offset must be finite, got {detector_offset!r}")
+        self.detector_offset = float(detector_offset)
+        self.flip_detector = bool(flip_detector)
+        self.backend = backend
+        self.matrix_budget = default_matrix_budget() if matrix_budget is None else int(matrix_budget)
         super().__init__(
             (None, *image_shape), (None, int(view_mask.sum()), n_bins), name=who
         )
         self._matrix: SparseMatrix | None = None
         self._bp: SparseMatrix | None = None
-        self._full: _Projector | None = None
+        self._full: CTProjector | None = None
+        self._plans: dict[int, object] = {}
+        self._rays_cache: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None
         # per-view back-projection weights of the *full* set (T⁻¹), restricted to measured views
         self.full_weights = view_weights(angles, self.period)
-        self.weights = view_weights(self.angles, self.period)
+
+    @property
+    def view_mask_np(self) -> np.ndarray:
+        """The view mask as a NumPy array (an older name of :attr:`view_mask`)."""
+        return self.view_mask
+
+    @property
+    def matrix_free(self) -> bool:
+        """Whether A, Aᵀ and FBP run without stored matrices."""
+        if self.backend == "matrix-free":
+            return True
+        if self.backend == "sparse" or min(self.image_shape) < 2 or self.n_bins < 2:
+            return False
+        return projector_memory_bytes(self.image_shape, len(self.angles), self.n_bins) > self.matrix_budget
 
     # geometry-specific pieces
     def _rays(self, angles: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Per view and bin a ray origin and unit direction ``(V, n_bins, 2)``, and the sample
+        positions ``t`` along every ray."""
         raise NotImplementedError
 
     def _geometry_key(self) -> dict:
         raise NotImplementedError
 
-    def _with_angles(self, angles: np.ndarray) -> _Projector:
+    def _geometry_kwargs(self) -> dict:
+        """Constructor keywords (in pixel units) that rebuild this geometry for other angles."""
         raise NotImplementedError
 
     def _filter_and_weight(self, y: Tensor, filter_name: str) -> Tensor:
         raise NotImplementedError
 
-    def _pixel_detector_coords(self, angles: Tensor, xx: Tensor, yy: Tensor) -> tuple[Tensor, Tensor]:
-        """Fractional bin index of every pixel in every view, and its back-projection weight."""
+    def _pixel_detector_coords(self, angles: Tensor, xx: Tensor, yy: Tensor) -> tuple[Tensor, Tensor | None]:
+        """Fractional bin index of every pixel in every view, and its back-projection weight
+        (None: 1); ``xx``, ``yy`` are pixel offsets from the rotation centre."""
         raise NotImplementedError
 
+    def _fan_angles(self) -> np.ndarray | None:
+        """Fan angle of each detector element (fan beam), for Parker weights."""
+        return None
+
+    # shared geometry helpers
+    def _positions(self) -> np.ndarray:
+        """Signed position of each bin along ``u`` in detector units (bins × spacing)."""
+        sign = -1.0 if self.flip_detector else 1.0
+        return sign * (np.arange(self.n_bins) - self._middle(self.n_bins) - self.detector_offset)
+
+    def _bin_of(self, position: Tensor) -> Tensor:
+        """Fractional bin index of a signed position along ``u`` (in units of the spacing)."""
+        sign = -1.0 if self.flip_detector else 1.0
+        return sign * position + (self._middle(self.n_bins) + self.detector_offset)
+
+    def _reach(self) -> float:
+        """Distance from the rotation centre beyond which no ray sample touches the image."""
+        h, w = self.image_shape
+        cy, cx = self.center
+        far = max(math.hypot(px - cx, py - cy) for px in (0, w - 1) for py in (0, h - 1))
+        return far + math.sqrt(2.0)
+
+    def with_view_mask(self, view_mask) -> CTProjector:
+        """The same geometry over :attr:`full_angles`, measuring the views in ``view_mask``.
+
+        Parameters
+        ----------
+        view_mask : array-like of bool, shape (n,)
+
+        Examples
+        --------
+        >>> A = ParallelBeamCT(16, np.arange(8) * np.pi / 8)
+        >>> A.with_view_mask(np.arange(8) % 2 == 0).angles.size
+        4
+        """
+        return type(self)(self.image_shape, self.full_angles, view_mask=view_mask, **self._geometry_kwargs())
+
     # the system matrix
+    def _ray_set(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        if self._rays_cache is None:
+            self._rays_cache = self._rays(self.angles)
+        return self._rays_cache
+
     @property
     def matrix(self) -> SparseMatrix:
+        """The forward matrix ``(views·bins, H·W)`` and its transpose, built once and disk-cached."""
         if self._matrix is None:
             key = {**self._geometry_key(), "angles": self.angles.round(12).tolist()}
 
             def build() -> sp.csr_matrix:
-                o, d, t = self._rays(self.angles)
-                return ray_matrix(self.image_shape, o, d, t)
+                o, d, t = self._ray_set()
+                return ray_matrix(self.image_shape, o.reshape(-1, 2), d.reshape(-1, 2), t)
 
-            m = cached_matrix(key, build)
-            mt = cached_matrix({**key, "transpose": True}, lambda: m.T.tocsr())
+            m = cached_matrix(key, build, budget=self.matrix_budget)
+            mt = cached_matrix({**key, "transpose": True}, lambda: m.T.tocsr(), budget=self.matrix_budget)
             self._matrix = SparseMatrix(m, mt)
         return self._matrix
 
@@ -338,22 +393,29 @@ class _Projector(SamplingOperator):
         if self._bp is None:
             key = {**self._geometry_key(), "angles": self.angles.round(12).tolist()}
             key["kind"] = key["kind"] + "-fbp"
-            self._bp = SparseMatrix(cached_matrix(key, self._build_backprojector))
+            self._bp = SparseMatrix(cached_matrix(key, self._build_backprojector, budget=self.matrix_budget))
         return self._bp
+
+    def _pixel_grid(self, dtype: torch.dtype, device: torch.device | str = "cpu") -> tuple[Tensor, Tensor]:
+        h, w = self.image_shape
+        cy, cx = self.center
+        yy, xx = torch.meshgrid(
+            torch.arange(h, dtype=dtype, device=device) - cy,
+            torch.arange(w, dtype=dtype, device=device) - cx,
+            indexing="ij",
+        )
+        return xx, yy
 
     def _build_backprojector(self) -> sp.csr_matrix:
         h, w = self.image_shape
-        yy, xx = torch.meshgrid(
-            torch.arange(h, dtype=torch.float64) - h // 2,
-            torch.arange(w, dtype=torch.float64) - w // 2,
-            indexing="ij",
-        )
+        xx, yy = self._pixel_grid(torch.float64)
         angles = torch.as_tensor(self.angles, dtype=torch.float64)
         pixels = np.arange(h * w)
         blocks = []
         for v in range(len(self.angles)):
             pos, wt = self._pixel_detector_coords(angles[v : v + 1], xx, yy)
-            pos, wt = pos.reshape(-1).numpy(), wt.reshape(-1).numpy()
+            pos = pos.reshape(-1).numpy()
+            wt = np.ones_like(pos) if wt is None else wt.reshape(-1).numpy()
             i0 = np.floor(pos)
             frac = pos - i0
             i0 = i0.astype(np.int64)
@@ -370,32 +432,44 @@ class _Projector(SamplingOperator):
             ))
         return sp.hstack(blocks, format="csr")
 
-    backend = "sparse"
+    def _plan(self, channels: int):
+        if channels not in self._plans:
+            o, d, t = self._ray_set()
+            self._plans[channels] = ray_plan(self.image_shape, o, d, t, channels)
+        return self._plans[channels]
+
+    def _project(self, x: Tensor) -> Tensor:
+        """A x by the sparse matrix or matrix-free (never torch-radon): the reference model."""
+        b, c = x.shape[:2]
+        if self.matrix_free:
+            return project_rays(x, self._plan(b * c))
+        y = self.matrix.apply(x.reshape(b, c, -1))
+        return y.reshape(b, c, len(self.angles), self.n_bins)
 
     def _forward(self, x: Tensor) -> Tensor:
         radon = use_torch_radon(self, x)
         if radon is not None:
             return radon.forward(x)
-        b, c = x.shape[:2]
-        y = self.matrix.apply(x.reshape(b, c, -1))
-        return y.reshape(b, c, len(self.angles), self.n_bins)
+        return self._project(x)
 
     def _adjoint(self, y: Tensor) -> Tensor:
         radon = use_torch_radon(self, y)
         if radon is not None:
             return radon.backprojection(y)
         b, c = y.shape[:2]
+        if self.matrix_free:
+            return backproject_rays(y, self._plan(b * c))
         x = self.matrix.apply(y.reshape(b, c, -1), transpose=True)
         return x.reshape(b, c, *self.image_shape)
 
     # the decomposition A = P Λ T
     @property
-    def T(self) -> _Projector:  # noqa: N802
+    def T(self) -> CTProjector:  # noqa: N802
         """The projector over the full angle set."""
-        if self.view_mask_np.all():
+        if self.view_mask.all():
             return self
         if self._full is None:
-            self._full = self._with_angles(self.full_angles)
+            self._full = type(self)(self.image_shape, self.full_angles, **self._geometry_kwargs())
         return self._full
 
     def reduce(self, z: Tensor) -> Tensor:
@@ -411,10 +485,16 @@ class _Projector(SamplingOperator):
         return self.T.fbp(z)
 
     def _inverse_of_measured(self, r: Tensor) -> Tensor:
-        w = torch.as_tensor(self.full_weights[self.view_mask_np])
-        return self._fbp(r, "ramp", w)
+        w = self.full_weights[self.view_mask]
+        return self._fbp(r, "ramp", w, None)
 
     # filtered back-projection
+    def fbp_weights(self) -> AngularWeights:
+        """The angular weights :meth:`fbp` uses for the measured views
+        (:func:`medrecon.operators.fbp.angular_weights`): ``scan`` says whether they make a
+        full, limited-angle or (fan beam) short scan."""
+        return angular_weights(self.angles, self.period, self._fan_angles())
+
     def fbp(self, y: Tensor, filter_name: str = "ramp") -> Tensor:
         """Filtered back-projection of a measured sinogram.
 
@@ -426,14 +506,32 @@ class _Projector(SamplingOperator):
         Returns
         -------
         Tensor, shape (B, C, H, W)
-            The image, in the units of the image the sinogram was projected from.
+            The image, in the units of the image the sinogram was projected from.  A
+            limited-angle scan is normalised to the range its views cover and a fan-beam short
+            scan is Parker-weighted (:meth:`fbp_weights`).
         """
         y = self._check(y, self.out_shape, False, "fbp")
-        return self._fbp(y, filter_name, torch.as_tensor(self.weights))
+        aw = self.fbp_weights()
+        return self._fbp(y, filter_name, aw.views, aw.bins)
 
-    def _fbp(self, y: Tensor, filter_name: str, weights: Tensor) -> Tensor:
+    def _fbp(self, y: Tensor, filter_name: str, views: np.ndarray, rays: np.ndarray | None) -> Tensor:
+        if rays is not None:
+            y = y * torch.as_tensor(rays, dtype=y.dtype, device=y.device)
         q = self._filter_and_weight(y, filter_name)
-        return self._backproject_pixels(q, weights.to(device=y.device, dtype=y.dtype))
+        q = q * torch.as_tensor(views, dtype=y.dtype, device=y.device)[:, None]
+        b, c = q.shape[:2]
+        if self.matrix_free:
+            return backproject_pixels(q, self._pixel_coords_fn(q), self.image_shape)
+        return self.backprojector.apply(q.reshape(b, c, -1)).reshape(b, c, *self.image_shape)
+
+    def _pixel_coords_fn(self, like: Tensor):
+        xx, yy = self._pixel_grid(like.dtype, like.device)
+        angles = torch.as_tensor(self.angles, dtype=like.dtype, device=like.device)
+
+        def coords(views: slice) -> tuple[Tensor, Tensor | None]:
+            return self._pixel_detector_coords(angles[views], xx, yy)
+
+        return coords
 
     def _apply_filter(self, y: Tensor, response: np.ndarray, scale: float) -> Tensor:
         n_pad = response.shape[0]
@@ -441,35 +539,38 @@ class _Projector(SamplingOperator):
         spec = torch.fft.rfft(y, n=n_pad, dim=-1) * resp[: n_pad // 2 + 1]
         return torch.fft.irfft(spec, n=n_pad, dim=-1)[..., : self.n_bins]
 
-    def _backproject_pixels(self, q: Tensor, weights: Tensor) -> Tensor:
-        """Pixel-driven back-projection of filtered views ``q``, each view weighted."""
-        b, c, n_views, n_bins = q.shape
-        qw = (q * weights[:, None]).reshape(b, c, n_views * n_bins)
-        return self.backprojector.apply(qw).reshape(b, c, *self.image_shape)
-
 
 # --------------------------------------------------------------------------------------------
 # parallel beam
 # --------------------------------------------------------------------------------------------
-class ParallelBeamCT(_Projector):
+class ParallelBeamCT(CTProjector):
     """2D parallel-beam projection ``(B, C, H, W) -> (B, C, views, bins)``.
 
     Parameters
     ----------
     image_size : int or (H, W)
     angles_rad : array-like, shape (n,), optional
-        The full angle set T projects over, radians on ``[0, π)``.  Default: 180 equally
-        spaced views.
+        The full angle set T projects over, radians on ``[0, 2π)`` (a full scan covers
+        ``[0, π)``).  Default: 180 equally spaced views on ``[0, π)``.
     view_mask : array-like of bool, shape (n,), optional
         The measured views Λ (default: all); A projects only these.
     n_bins : int, optional
         Detector bins; default ⌈√2·max(H, W)⌉ (scikit-image ``circle=False``).
     detector_spacing : float
         Bin width in pixels.
-    backend : {"auto", "sparse", "torch-radon"}
+    detector_offset : float
+        Centre-of-rotation offset: the bin, from the middle bin ``n_bins // 2``, that the ray
+        through the rotation centre meets.
+    flip_detector : bool
+        Bins run against the detector axis ``u = (cos θ, −sin θ)``.
+    center : (row, col), optional
+        Rotation centre in pixels; default ``(H // 2, W // 2)``.
+    backend : {"auto", "sparse", "matrix-free", "torch-radon"}
         ``auto`` uses torch-radon for CUDA tensors when it is installed and passes a geometry
-        check against the sparse projector (:mod:`medrecon.operators.torch_radon_backend`),
-        and the sparse matrix otherwise.
+        check against the reference projector (:mod:`medrecon.operators.torch_radon_backend`),
+        else the sparse matrix while it fits ``matrix_budget``, else the matrix-free projector.
+    matrix_budget : int, optional
+        Bytes the sparse matrices may take (:func:`default_matrix_budget`).
 
     Examples
     --------
@@ -481,6 +582,7 @@ class ParallelBeamCT(_Projector):
     """
 
     period = math.pi
+    _middle = staticmethod(lambda n: n // 2)
 
     def __init__(
         self,
@@ -490,24 +592,28 @@ class ParallelBeamCT(_Projector):
         view_mask=None,
         n_bins: int | None = None,
         detector_spacing: float = 1.0,
+        detector_offset: float = 0.0,
+        flip_detector: bool = False,
+        center: tuple[float, float] | None = None,
         backend: str = "auto",
+        matrix_budget: int | None = None,
     ):
         shape = _image_shape(image_size)
         who = "ParallelBeamCT"
         if backend not in BACKENDS:
             raise SettingsError(f"{who}: backend must be one of {', '.join(BACKENDS)}; got {backend!r}")
-        self.backend = backend
         if angles_rad is None:
             angles_rad = np.arange(180) * (math.pi / 180)
         angles = _check_angles(
-            angles_rad.cpu().numpy() if isinstance(angles_rad, Tensor) else angles_rad, math.pi, who
+            angles_rad.cpu().numpy() if isinstance(angles_rad, Tensor) else angles_rad, 2 * math.pi, who
         )
         mask = _check_mask(view_mask, angles.size, who)
         n_bins = int(math.ceil(math.sqrt(2) * max(shape))) if n_bins is None else int(n_bins)
         if n_bins < 1 or not detector_spacing > 0:
             raise SettingsError(f"{who}: n_bins and detector_spacing must be positive, got {n_bins}, {detector_spacing}")
         self.detector_spacing = float(detector_spacing)
-        super().__init__(shape, angles, mask, n_bins, who)
+        super().__init__(shape, angles, mask, n_bins, who, center=center, detector_offset=detector_offset,
+                         flip_detector=flip_detector, backend=backend, matrix_budget=matrix_budget)
 
     @classmethod
     def sparse_view(cls, image_size, n_views: int, n_full: int | None = None, **kw) -> ParallelBeamCT:
@@ -533,42 +639,38 @@ class ParallelBeamCT(_Projector):
             "shape": list(self.image_shape),
             "bins": self.n_bins,
             "spacing": self.detector_spacing,
+            "center": list(self.center),
+            "offset": self.detector_offset,
+            "flip": self.flip_detector,
         }
 
-    def _with_angles(self, angles: np.ndarray) -> ParallelBeamCT:
-        return ParallelBeamCT(
-            self.image_shape, angles, n_bins=self.n_bins, detector_spacing=self.detector_spacing,
-            backend=self.backend,
-        )
+    def _geometry_kwargs(self) -> dict:
+        return {"n_bins": self.n_bins, "detector_spacing": self.detector_spacing,
+                "detector_offset": self.detector_offset, "flip_detector": self.flip_detector,
+                "center": self.center, "backend": self.backend, "matrix_budget": self.matrix_budget}
 
     def _rays(self, angles):
-        h, w = self.image_shape
-        n_samples = int(math.ceil(math.sqrt(2) * max(h, w)))
-        n_samples = max(n_samples, int(math.ceil(self.n_bins * self.detector_spacing)))
-        t = np.arange(n_samples, dtype=np.float64) - n_samples // 2
-        s = (np.arange(self.n_bins) - self.n_bins // 2) * self.detector_spacing
+        cy, cx = self.center
+        reach = math.ceil(self._reach())
+        t = np.arange(-reach, reach + 1, dtype=np.float64)
+        s = self._positions() * self.detector_spacing
         cos, sin = np.cos(angles)[:, None], np.sin(angles)[:, None]
-        ox = w // 2 + cos * s[None, :]
-        oy = h // 2 - sin * s[None, :]
-        dx = np.broadcast_to(sin, ox.shape)
-        dy = np.broadcast_to(cos, ox.shape)
-        origins = np.stack([ox.ravel(), oy.ravel()], axis=1)
-        dirs = np.stack([dx.ravel(), dy.ravel()], axis=1)
-        return origins, dirs, t
+        origins = np.stack([cx + cos * s[None, :], cy - sin * s[None, :]], axis=-1)
+        dirs = np.broadcast_to(np.stack([sin, cos], axis=-1), origins.shape)
+        return origins, np.ascontiguousarray(dirs), t
 
     def _filter_and_weight(self, y: Tensor, filter_name: str) -> Tensor:
         return self._apply_filter(y, fbp_filter(self.n_bins, filter_name), 1.0 / self.detector_spacing)
 
     def _pixel_detector_coords(self, angles, xx, yy):
         s = torch.cos(angles)[:, None, None] * xx - torch.sin(angles)[:, None, None] * yy
-        pos = s / self.detector_spacing + self.n_bins // 2
-        return pos, torch.ones_like(pos)
+        return self._bin_of(s / self.detector_spacing), None
 
 
 # --------------------------------------------------------------------------------------------
 # fan beam
 # --------------------------------------------------------------------------------------------
-class FanBeamCT(_Projector):
+class FanBeamCT(CTProjector):
     """2D fan-beam projection ``(B, C, H, W) -> (B, C, views, bins)``.
 
     Parameters
@@ -588,16 +690,29 @@ class FanBeamCT(_Projector):
         Measured views within ``angles_rad``.
     pixel_size : float
         Size of one pixel in the distance unit.
+    detector_offset : float
+        Centre-of-rotation offset: the element, from the middle ``(n_bins − 1) / 2``, that the
+        ray through the rotation centre meets.
+    flip_detector : bool
+        Elements run against the detector axis ``u = (cos β, −sin β)``.
+    center : (row, col), optional
+        Rotation centre in pixels; default ``(H // 2, W // 2)``.
+    backend : {"auto", "sparse", "matrix-free"}
+        ``auto``: the sparse matrix while it fits ``matrix_budget``, else matrix-free.
+    matrix_budget : int, optional
+        Bytes the sparse matrices may take (:func:`default_matrix_budget`).
 
     Notes
     -----
-    :meth:`fbp` is the fan-beam FBP of Kak & Slaney (§3.4) for a full 2π scan: cosine (or
-    D/√(D²+s²)) pre-weighting, a (γ/sin γ)²-corrected ramp for the equiangular detector, and
-    back-projection with 1/L² (equiangular) or 1/U² (flat) weights.  Short scans need Parker
-    weights, which are not implemented: FBP of a short scan is approximate.
+    :meth:`fbp` is the fan-beam FBP of Kak & Slaney (§3.4): cosine (or D/√(D²+s²))
+    pre-weighting, a (γ/sin γ)²-corrected ramp for the equiangular detector, and back-projection
+    with 1/L² (equiangular) or 1/U² (flat) weights.  A full 2π scan weights every view equally;
+    a short scan (π + fan angle up to 2π) gets Parker weights; a shorter scan is limited-angle
+    and normalised to the range it covers (:func:`medrecon.operators.fbp.angular_weights`).
     """
 
     period = 2 * math.pi
+    _middle = staticmethod(lambda n: (n - 1) / 2)
 
     def __init__(
         self,
@@ -611,11 +726,18 @@ class FanBeamCT(_Projector):
         detector: str = "equiangular",
         view_mask=None,
         pixel_size: float = 1.0,
+        detector_offset: float = 0.0,
+        flip_detector: bool = False,
+        center: tuple[float, float] | None = None,
+        backend: str = "auto",
+        matrix_budget: int | None = None,
     ):
         shape = _image_shape(image_size)
         who = "FanBeamCT"
         if detector not in ("equiangular", "flat"):
             raise SettingsError(f"{who}: detector must be 'equiangular' or 'flat', got {detector!r}")
+        if backend not in FAN_BACKENDS:
+            raise SettingsError(f"{who}: backend must be one of {', '.join(FAN_BACKENDS)}; got {backend!r}")
         if not pixel_size > 0:
             raise SettingsError(f"{who}: pixel_size must be positive, got {pixel_size}")
         d_so = float(source_to_isocenter) / pixel_size
@@ -649,7 +771,8 @@ class FanBeamCT(_Projector):
         # spacing in radians, or in pixels on the physical detector
         self.detector_spacing = float(detector_spacing) / (1.0 if detector == "equiangular" else pixel_size)
         self.pixel_size = pixel_size
-        super().__init__(shape, angles, mask, n_bins, who)
+        super().__init__(shape, angles, mask, n_bins, who, center=center, detector_offset=detector_offset,
+                         flip_detector=flip_detector, backend=backend, matrix_budget=matrix_budget)
 
     def _geometry_key(self) -> dict:
         return {
@@ -659,21 +782,30 @@ class FanBeamCT(_Projector):
             "spacing": self.detector_spacing,
             "dso": self.d_so,
             "dsd": self.d_sd,
+            "center": list(self.center),
+            "offset": self.detector_offset,
+            "flip": self.flip_detector,
         }
 
-    def _with_angles(self, angles):
-        return FanBeamCT(
-            self.image_shape, angles, source_to_isocenter=self.d_so, source_to_detector=self.d_sd,
-            n_bins=self.n_bins, detector=self.detector, detector_spacing=self.detector_spacing,
-        )  # distances and the flat spacing are already in pixels (pixel_size 1)
+    def _geometry_kwargs(self) -> dict:
+        # distances and the flat spacing are already in pixels (pixel_size 1)
+        return {"source_to_isocenter": self.d_so, "source_to_detector": self.d_sd, "n_bins": self.n_bins,
+                "detector": self.detector, "detector_spacing": self.detector_spacing,
+                "detector_offset": self.detector_offset, "flip_detector": self.flip_detector,
+                "center": self.center, "backend": self.backend, "matrix_budget": self.matrix_budget}
 
     def _element_offsets(self) -> np.ndarray:
-        return (np.arange(self.n_bins) - (self.n_bins - 1) / 2) * self.detector_spacing
+        """Signed fan angle (equiangular, radians) or position along ``u`` (flat, pixels) of
+        each element."""
+        return self._positions() * self.detector_spacing
+
+    def _fan_angles(self) -> np.ndarray:
+        off = self._element_offsets()
+        return off if self.detector == "equiangular" else np.arctan2(off, self.d_sd)
 
     def _rays(self, angles):
-        h, w = self.image_shape
-        cx, cy = w // 2, h // 2
-        radius = 0.5 * math.hypot(h, w) + 1
+        cy, cx = self.center
+        reach = self._reach()
         sin, cos = np.sin(angles)[:, None], np.cos(angles)[:, None]
         d0 = (sin, cos)
         e = (cos, -sin)
@@ -688,8 +820,8 @@ class FanBeamCT(_Projector):
             dx, dy = dx / norm, dy / norm
         sx = np.broadcast_to(cx - self.d_so * d0[0], dx.shape)
         sy = np.broadcast_to(cy - self.d_so * d0[1], dx.shape)
-        t = np.arange(math.floor(self.d_so - radius), math.ceil(self.d_so + radius) + 1, dtype=np.float64)
-        return np.stack([sx.ravel(), sy.ravel()], 1), np.stack([dx.ravel(), dy.ravel()], 1), t
+        t = np.arange(max(0, math.floor(self.d_so - reach)), math.ceil(self.d_so + reach) + 1, dtype=np.float64)
+        return np.stack([sx, sy], -1), np.stack([dx, dy], -1), t
 
     def _filter_and_weight(self, y: Tensor, filter_name: str) -> Tensor:
         n_pad = max(64, int(2 ** math.ceil(math.log2(2 * self.n_bins))))
@@ -718,10 +850,10 @@ class FanBeamCT(_Projector):
         across = cos * xx - sin * yy
         if self.detector == "equiangular":
             gamma = torch.atan2(across, along)
-            pos = gamma / self.detector_spacing + (self.n_bins - 1) / 2
+            pos = self._bin_of(gamma / self.detector_spacing)
             wt = 1.0 / (along**2 + across**2)
         else:
             u = self.d_sd * across / along
-            pos = u / self.detector_spacing + (self.n_bins - 1) / 2
+            pos = self._bin_of(u / self.detector_spacing)
             wt = (self.d_so / along) ** 2
         return pos, wt

@@ -5,12 +5,18 @@ by the geometry, written atomically) and turned into a pair of torch CSR tensors
 precomputed transpose, on each device and dtype it is used with.  torch's CPU CSR product is
 3–10× faster with int32 indices than with its default int64, and ``M.mT @ y`` without a stored
 transpose is two orders of magnitude slower (ENVIRONMENT.md), hence both choices.
+
+The disk cache (:func:`cache_dir`) holds at most :func:`cache_limit_bytes` (default 4 GiB,
+``MEDRECON_CACHE_LIMIT_GB``): after each write the least recently used files are deleted until
+it fits.  A matrix larger than the caller's budget or the limit is never stored, and the first
+write into a new cache folder announces itself with a :class:`CacheNotice` warning.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import tempfile
 import warnings
@@ -22,9 +28,18 @@ import scipy.sparse as sp
 import torch
 from torch import Tensor
 
-__all__ = ["SparseMatrix", "cache_dir", "cached_matrix"]
+from medrecon.errors import SettingsError
 
-_CACHE_VERSION = 1
+__all__ = ["SparseMatrix", "cache_dir", "cached_matrix", "cache_limit_bytes", "CacheNotice", "CACHE_LIMIT_ENV"]
+
+_CACHE_VERSION = 2
+#: environment variable with the cache's size limit in GiB (default 4)
+CACHE_LIMIT_ENV = "MEDRECON_CACHE_LIMIT_GB"
+_DEFAULT_LIMIT_GIB = 4.0
+
+
+class CacheNotice(UserWarning):
+    """medrecon starts writing system matrices to a disk cache (said once, when it creates it)."""
 
 
 def cache_dir() -> Path | None:
@@ -39,12 +54,76 @@ def cache_dir() -> Path | None:
     return base / "operators"
 
 
-def cached_matrix(key: dict, build: Callable[[], sp.csr_matrix]) -> sp.csr_matrix:
+def cache_limit_bytes() -> int:
+    """Largest total size of the operator cache: ``MEDRECON_CACHE_LIMIT_GB`` GiB, else 4 GiB.
+
+    Raises
+    ------
+    SettingsError
+        The variable is not a number ≥ 0.
+    """
+    text = os.environ.get(CACHE_LIMIT_ENV, "").strip()
+    if not text:
+        return int(_DEFAULT_LIMIT_GIB * 2**30)
+    try:
+        gib = float(text)
+    except ValueError:
+        gib = -1.0
+    if not (gib >= 0 and math.isfinite(gib)):
+        raise SettingsError(f"{CACHE_LIMIT_ENV} must be a number of GiB ≥ 0 (e.g. 4 or 0.5); got {text!r}")
+    return int(gib * 2**30)
+
+
+def _nbytes(m: sp.csr_matrix) -> int:
+    return int(m.data.nbytes + m.indices.nbytes + m.indptr.nbytes)
+
+
+def _evict(folder: Path, limit: int, keep: Path) -> None:
+    """Delete the least recently used cache files until the folder holds at most ``limit`` bytes."""
+    entries = []
+    for f in folder.glob("*.npz"):
+        try:
+            st = f.stat()
+        except OSError:
+            continue
+        entries.append((st.st_mtime, st.st_size, f))
+    total = sum(size for _, size, _ in entries)
+    for _, size, f in sorted(entries):
+        if total <= limit:
+            break
+        if f == keep:
+            continue
+        try:
+            f.unlink()
+            total -= size
+        except OSError:
+            pass
+
+
+def _announce(folder: Path, limit: int) -> None:
+    warnings.warn(
+        f"medrecon: caching CT system matrices in {folder} (at most {limit / 2**30:.1g} GiB, least recently "
+        f"used deleted first; {CACHE_LIMIT_ENV} sets the limit, MEDRECON_CACHE=off turns the cache off)",
+        CacheNotice, stacklevel=3,
+    )
+
+
+def cached_matrix(key: dict, build: Callable[[], sp.csr_matrix], *, budget: int | None = None) -> sp.csr_matrix:
     """Return the CSR matrix for ``key``, from the disk cache or by calling ``build``.
 
     The cache file name is the sha256 of the JSON-encoded key; files are written to a temporary
-    name and renamed, so concurrent processes never read a half-written matrix.  An unreadable
-    cache entry is rebuilt; an unwritable cache folder is skipped with a warning.
+    name and renamed, so concurrent processes never read a half-written matrix.  A file read is
+    marked as used (its time stamp), so eviction deletes the least recently used first.  An
+    unreadable cache entry is rebuilt; an unwritable cache folder is skipped with a warning.
+
+    Parameters
+    ----------
+    key : dict
+        What the matrix depends on (JSON-serialisable); ``key["kind"]`` starts the file name.
+    build : callable
+        Returns the matrix when it is not cached.
+    budget : int, optional
+        Bytes above which a built matrix is not stored (nor is one above the cache's limit).
     """
     folder = cache_dir()
     if folder is None:
@@ -56,18 +135,30 @@ def cached_matrix(key: dict, build: Callable[[], sp.csr_matrix]) -> sp.csr_matri
     if path.exists():
         try:
             with np.load(path, allow_pickle=False) as f:
-                return _compact(sp.csr_matrix(
+                m = _compact(sp.csr_matrix(
                     (f["data"], f["indices"], f["indptr"]), shape=tuple(f["shape"]), copy=False
                 ))
+            try:
+                os.utime(path)
+            except OSError:
+                pass
+            return m
         except (OSError, ValueError, KeyError):
             pass  # corrupt or foreign file: rebuild and overwrite it
     m = build()
+    limit = cache_limit_bytes()
+    size = _nbytes(m)
+    if size > limit or (budget is not None and size > budget):
+        return m
     try:
-        folder.mkdir(parents=True, exist_ok=True)
+        if not folder.exists():
+            folder.mkdir(parents=True, exist_ok=True)
+            _announce(folder, limit)
         fd, tmp = tempfile.mkstemp(dir=folder, suffix=".tmp")
         with os.fdopen(fd, "wb") as fh:
             np.savez(fh, data=m.data, indices=m.indices, indptr=m.indptr, shape=np.array(m.shape))
         os.replace(tmp, path)
+        _evict(folder, limit, keep=path)
     except OSError as err:
         warnings.warn(f"medrecon: cannot write operator cache {folder}: {err}", stacklevel=2)
     return m

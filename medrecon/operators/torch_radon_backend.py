@@ -20,7 +20,7 @@ from medrecon.errors import SettingsError
 
 __all__ = ["validated_torch_radon", "BACKENDS"]
 
-BACKENDS = ("auto", "sparse", "torch-radon")
+BACKENDS = ("auto", "sparse", "matrix-free", "torch-radon")
 
 
 def _build(op: Any, device: torch.device) -> tuple[Any | None, str]:
@@ -37,7 +37,7 @@ def _build(op: Any, device: torch.device) -> tuple[Any | None, str]:
         g = torch.Generator(device="cpu").manual_seed(0)
         x = torch.rand(1, 1, h, w, generator=g).to(device)
         y = torch.rand(1, 1, len(op.angles), op.n_bins, generator=g).to(device)
-        ours = op.matrix.apply(x.reshape(1, 1, -1)).reshape(y.shape)
+        ours = op._project(x)
         theirs = radon.forward(x)
         rel = float(torch.linalg.norm(theirs - ours) / torch.linalg.norm(ours))
         if rel > 1e-2:
@@ -71,7 +71,7 @@ def validated_torch_radon(op: Any, device: torch.device) -> Any | None:
 
 
 def use_torch_radon(op: Any, t: Tensor) -> Any | None:
-    """The torch-radon projector to use for tensor ``t``, or None for the sparse matrix."""
-    if op.backend == "sparse" or (op.backend == "auto" and t.device.type != "cuda"):
+    """The torch-radon projector to use for tensor ``t``, or None for the reference projector."""
+    if op.backend in ("sparse", "matrix-free") or (op.backend == "auto" and t.device.type != "cuda"):
         return None
     return validated_torch_radon(op, t.device)

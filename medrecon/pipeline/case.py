@@ -33,6 +33,10 @@ __all__ = ["ReconstructConfig", "run_case", "case_id_for", "case_seed", "output_
            "warning_text", "collect_warnings", "estimate_diffusion_time"]
 
 
+#: views of a simulated CT case and R of a simulated MRI case when none is given
+DEFAULT_VIEWS, DEFAULT_ACCELERATION = 23, 4.0
+
+
 @dataclass(frozen=True)
 class ReconstructConfig:
     """Settings of one reconstruction case.
@@ -50,15 +54,21 @@ class ReconstructConfig:
         ``auto``: retrospective for images, prospective for measured data.
     geometry : {"parallel", "fan"}
         CT beam geometry of a retrospective case (fan: equiangular detector, 2π scan).
-    views : int
-        CT: equally spaced views (parallel on [0, π), fan on [0, 2π)).
+    views : int or None
+        CT: equally spaced views (parallel on [0, π), fan on [0, 2π)); None: 23 for a simulated
+        case.  A measured sinogram is thinned to this many of its views (retrospectively).
+    view_step : int or None
+        Measured sinogram: keep every k-th view (retrospective thinning).
     angles_deg : tuple of float or None
         CT: explicit view angles in degrees (wins over ``views``).
     limited_angle_deg : float or None
-        CT: measure only the views of a full set within [0, this) degrees.
+        CT: measure only the views of a full set within [0, this) degrees; a measured sinogram
+        keeps its views within this many degrees of its first.
     source_to_isocenter_mm, source_to_detector_mm : float
         Fan-beam distances.
-    acceleration, center_fraction, mask : MRI undersampling of a retrospective case.
+    acceleration, center_fraction, mask : MRI undersampling of a retrospective case
+        (``acceleration`` None: 4).  Fully sampled measured k-space is undersampled with this mask
+        when ``acceleration`` is given (retrospectively).
     method : str
         A method of :func:`medrecon.reconstruct` (classical or diffusion).
     prior : str or None
@@ -110,12 +120,13 @@ class ReconstructConfig:
     out: str = "medrecon-out"
     mode: str = "auto"
     geometry: str = "parallel"
-    views: int = 23
+    views: int | None = None
+    view_step: int | None = None
     angles_deg: tuple[float, ...] | None = None
     limited_angle_deg: float | None = None
     source_to_isocenter_mm: float = 541.0
     source_to_detector_mm: float = 949.0
-    acceleration: float = 4.0
+    acceleration: float | None = None
     center_fraction: float = 0.08
     mask: str = "equispaced"
     method: str = "tv"
@@ -139,6 +150,27 @@ class ReconstructConfig:
     overwrite: bool = False
     progress: bool = False
     into_source_study: bool = False
+
+    @property
+    def simulated_views(self) -> int:
+        """The views of a simulated CT case (``views``, default 23)."""
+        return DEFAULT_VIEWS if self.views is None else self.views
+
+    @property
+    def simulated_acceleration(self) -> float:
+        """R of a simulated MRI case (``acceleration``, default 4)."""
+        return DEFAULT_ACCELERATION if self.acceleration is None else self.acceleration
+
+    @property
+    def thins_measured_data(self) -> bool:
+        """Whether settings ask to thin measured data (``views``, ``view_step``,
+        ``limited_angle_deg`` for a sinogram; ``acceleration`` for k-space)."""
+        from medrecon.pipeline.problems import input_kind
+
+        kind = input_kind(self.input, self.modality)
+        if kind == "sinogram":
+            return any(v is not None for v in (self.views, self.view_step, self.limited_angle_deg))
+        return kind == "kspace" and self.acceleration is not None
 
 
 def case_id_for(path: str | None, series_uid: str | None = None) -> str:
@@ -167,26 +199,37 @@ OUTPUT_SUFFIXES = (".json", ".png", ".nii.gz", "_std.nii.gz", "_dicom", "_std_di
 
 
 def settings_tag(cfg: ReconstructConfig) -> str:
-    """The measurement settings of a simulated case, short enough for a file name.
+    """The measurement settings of a case, short enough for a file name.
 
     ``23v`` (23 parallel views), ``fan60v``, ``la90`` (limited angle, degrees), ``6angles``
-    (explicit angles), ``R4-equispaced`` (MRI), with ``-noise0.05`` when noise is added; ``""``
-    for measured data (the measurement is the file).
+    (explicit angles), ``R4-equispaced`` (MRI), with ``-noise0.05`` when noise is added; for
+    measured data ``""`` (the measurement is the file) unless it is thinned: ``60v``,
+    ``step4``, ``la90-30v``, ``R8-random``.
     """
     from medrecon.pipeline.problems import input_kind
 
-    if input_kind(cfg.input, cfg.modality) != "image":
-        return ""
+    kind = input_kind(cfg.input, cfg.modality)
+    if kind != "image":
+        if not cfg.thins_measured_data:
+            return ""
+        if kind == "kspace":
+            tag = f"R{cfg.acceleration:g}-{cfg.mask}"
+        else:
+            parts = [f"la{cfg.limited_angle_deg:g}"] if cfg.limited_angle_deg is not None else []
+            parts += [f"{cfg.views}v"] if cfg.views is not None else []
+            parts += [f"step{cfg.view_step}"] if cfg.view_step is not None else []
+            tag = "-".join(parts)
+        return re.sub(r"[^A-Za-z0-9.+-]", "-", tag)
     if cfg.modality == "ct":
         if cfg.angles_deg is not None:
             tag = f"{len(cfg.angles_deg)}angles"
         elif cfg.limited_angle_deg is not None:
             tag = f"la{cfg.limited_angle_deg:g}"
         else:
-            tag = f"{cfg.views}v"
+            tag = f"{cfg.simulated_views}v"
         tag = ("fan" if cfg.geometry == "fan" else "") + tag
     else:
-        tag = f"R{cfg.acceleration:g}-{cfg.mask}"
+        tag = f"R{cfg.simulated_acceleration:g}-{cfg.mask}"
     if cfg.noise > 0:
         tag += f"-noise{cfg.noise:g}"
     return re.sub(r"[^A-Za-z0-9.+-]", "-", tag)
@@ -218,7 +261,7 @@ def free_stem(cfg: ReconstructConfig) -> str:
 
 
 #: the command-line spelling of the settings that only some cases use
-_OPTIONS = {"views": "--views", "angles_deg": "--angles", "limited_angle_deg": "--limited-angle",
+_OPTIONS = {"views": "--views", "view_step": "--view-step", "angles_deg": "--angles", "limited_angle_deg": "--limited-angle",
             "geometry": "--geometry", "source_to_isocenter_mm": "--source-to-isocenter-mm",
             "source_to_detector_mm": "--source-to-detector-mm", "image_size": "--image-size",
             "acceleration": "--acceleration", "center_fraction": "--center-fraction", "mask": "--mask",
@@ -245,22 +288,30 @@ def _inapplicable(cfg: ReconstructConfig) -> dict[str, str]:
         why["iters"] = f"{cfg.method} is a diffusion method: its length is --steps"
     measured = {"sinogram": "measured sinogram: its geometry is in the file",
                 "kspace": "measured k-space: its sampling is in the file"}.get(kind, "")
-    ct_why = measured or ("an MRI case" if cfg.modality != "ct" else "")
-    if ct_why:
-        for name in ("views", "angles_deg", "limited_angle_deg", "geometry", "source_to_isocenter_mm",
+    if kind == "sinogram":  # views may be thinned (retrospectively); the geometry is the file's
+        for name in ("angles_deg", "geometry", "source_to_isocenter_mm", "source_to_detector_mm"):
+            why[name] = measured + " (--views, --view-step and --limited-angle thin its views)"
+    elif kind == "kspace" or cfg.modality != "ct":
+        for name in ("views", "view_step", "angles_deg", "limited_angle_deg", "geometry", "source_to_isocenter_mm",
                      "source_to_detector_mm"):
-            why[name] = ct_why
+            why[name] = measured or "an MRI case"
     else:
+        why["view_step"] = "--view-step thins measured sinograms; a simulated case takes --views"
         if cfg.angles_deg is not None:
             why["views"] = why["limited_angle_deg"] = "--angles gives the views"
         elif cfg.limited_angle_deg is not None:
             why["views"] = "--limited-angle chooses the views"
         if cfg.geometry != "fan":
             why["source_to_isocenter_mm"] = why["source_to_detector_mm"] = "parallel beam (fan-beam distances)"
-    mri_why = measured or ("a CT case" if cfg.modality != "mri" else "")
-    if mri_why:
+    if cfg.views is not None and cfg.view_step is not None and "views" not in why:
+        why["view_step"] = "--views chooses the views"
+    if kind == "kspace":
+        if cfg.acceleration is None:
+            for name in ("center_fraction", "mask"):
+                why[name] = measured + " (--acceleration undersamples fully sampled k-space retrospectively)"
+    elif kind == "sinogram" or cfg.modality != "mri":
         for name in ("acceleration", "center_fraction", "mask"):
-            why[name] = mri_why
+            why[name] = measured or "a CT case"
     if not retro:
         why["noise"] = f"{measured}; nothing is simulated"
         why["downsample"] = f"{measured}; it is reconstructed at its own size"
@@ -617,7 +668,7 @@ def _remove_empty(folders: list[Path]) -> None:
 def _run_case(cfg: ReconstructConfig, stem: str, notify: Callable[[str], None] | None,
               found: list[str]) -> dict[str, Any]:
     from medrecon.api import reconstruct
-    from medrecon.operators.ct import _Projector
+    from medrecon.operators.ct import CTProjector
     from medrecon.pipeline.outputs import write_image_outputs
     from medrecon.pipeline.problems import build_problem
     from medrecon.report import case_figure, display_window, orient_for_display, thumbnail
@@ -641,7 +692,7 @@ def _run_case(cfg: ReconstructConfig, stem: str, notify: Callable[[str], None] |
     if notify is not None and cfg.method in DIFFUSION_METHODS:
         from medrecon.priors import ScorePrior
 
-        name = cfg.prior or ("ct-256" if isinstance(prob.A, _Projector) else "mri-256")
+        name = cfg.prior or ("ct-256" if isinstance(prob.A, CTProjector) else "mri-256")
         settings["prior"] = ScorePrior.load(name, device=device)  # loaded once: timed, then used
         try:
             estimate = estimate_diffusion_time(settings["prior"], prob.A, y, cfg.method,

@@ -14,7 +14,7 @@ import numpy as np
 
 from medrecon.errors import SettingsError
 
-__all__ = ["ct_geometry", "ct_case_operator", "fan_half_angle_rad"]
+__all__ = ["ct_geometry", "ct_case_operator", "fan_half_angle_rad", "sinogram_grid"]
 
 
 def fan_half_angle_rad(image_shape: tuple[int, int], pixel_mm: float, source_to_isocenter_mm: float) -> float:
@@ -125,3 +125,25 @@ def ct_case_operator(
         image_shape, angles, view_mask=mask, source_to_isocenter=source_to_isocenter_mm,
         source_to_detector=source_to_detector_mm, pixel_size=pixel_mm,
     )
+
+
+def sinogram_grid(geometry: dict[str, Any], image_size: int | None = None) -> tuple[int, float]:
+    """The reconstruction grid of a measured sinogram: ``(size, pixel_mm)`` of an N×N image.
+
+    ``image_size`` (``--image-size``), else the geometry's ``image_size``, else the size whose
+    diagonal the detector just covers (parallel: ⌊bins · bin width / pixel / √2⌋; fan:
+    ⌊bins / √2⌋).  The pixel is the geometry's ``pixel_size_mm`` (default 1 mm).
+
+    Examples
+    --------
+    >>> sinogram_grid({"type": "parallel", "n_detectors": 363})
+    (256, 1.0)
+    """
+    pixel = float(geometry.get("pixel_size_mm") or 1.0)
+    if image_size:
+        return int(image_size), pixel
+    if geometry.get("image_size"):
+        return int(geometry["image_size"]), pixel
+    n_det = int(geometry["n_detectors"])
+    bin_px = float(geometry.get("detector_spacing_mm", 1.0)) / pixel
+    return int(math.floor(n_det * (bin_px if geometry["type"] == "parallel" else 1.0) / math.sqrt(2))), pixel

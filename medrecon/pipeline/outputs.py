@@ -70,8 +70,8 @@ def simulation_label(cfg: ReconstructConfig) -> str | None:
     if input_kind(cfg.input, cfg.modality) != "image":
         return None
     return describe_simulation(
-        cfg.modality, views=cfg.views, geometry=cfg.geometry, angles_deg=cfg.angles_deg,
-        limited_angle_deg=cfg.limited_angle_deg, acceleration=cfg.acceleration, mask=cfg.mask,
+        cfg.modality, views=cfg.simulated_views, geometry=cfg.geometry, angles_deg=cfg.angles_deg,
+        limited_angle_deg=cfg.limited_angle_deg, acceleration=cfg.simulated_acceleration, mask=cfg.mask,
         center_fraction=cfg.center_fraction, noise=cfg.noise,
     )
 

@@ -222,41 +222,48 @@ def available_memory_bytes() -> int | None:
     return None if avail is None else max(0, avail)
 
 
-def check_projector_memory(A: Any, what: str) -> None:  # noqa: N803
-    """Refuse a CT geometry whose sparse matrices would not fit in memory, before they are built.
+def check_projector_memory(A: Any, what: str, slices: int = 1) -> None:  # noqa: N803
+    """Fit a CT projector to the memory there is, before anything big is built; refuse it if it
+    cannot fit.
 
     ``A`` is a CT projector (its matrices are built on first use, so creating it is cheap); other
-    operators pass.  The estimate is :func:`medrecon.operators.ct.projector_memory_bytes` for the
-    measured views plus, for a subset, the full angle set (data consistency uses it).
+    operators pass.  Where its sparse matrices
+    (:func:`medrecon.operators.ct.projector_memory_bytes` for the measured views plus, for a
+    subset, the full angle set) would take more than half the available memory, its
+    ``matrix_budget`` is lowered so that it runs matrix-free.  It is refused only when even the
+    matrix-free path (:func:`medrecon.operators.ct.matrix_free_memory_bytes`) would not fit.
 
     Parameters
     ----------
     what : str
         The setting that chose the geometry, e.g. ``"--views 100000"``, for the message.
+    slices : int
+        Images reconstructed together.
 
     Raises
     ------
     SettingsError
-        The estimate exceeds the available memory, or the forward matrix would exceed the 2³¹
-        non-zeros its int32 indices can address.
+        The estimate exceeds the available memory.
     """
-    from medrecon.operators.ct import _Projector, projector_memory_bytes, projector_nnz
+    from medrecon.operators.ct import CTProjector, matrix_free_memory_bytes, projector_memory_bytes
 
-    if not isinstance(A, _Projector):
+    if not isinstance(A, CTProjector):
         return
-    views = len(A.angles) + (0 if bool(np.all(A.view_mask_np)) else len(A.full_angles))
+    views = len(A.angles) + (0 if bool(np.all(A.view_mask)) else len(A.full_angles))
     h, w = A.image_shape
-    need = projector_memory_bytes((h, w), views, A.n_bins)
-    forward_nnz, _ = projector_nnz((h, w), len(A.full_angles), A.n_bins)
-    geometry = f"a {len(A.angles)}-view CT projector on a {h}×{w} grid ({A.n_bins} detector bins)"
-    hint = "use fewer views or a smaller image (--downsample, --image-size)"
     avail = available_memory_bytes()
+    if avail is not None and not A.matrix_free and projector_memory_bytes((h, w), views, A.n_bins) > avail // 2:
+        A.matrix_budget = 0 if A.backend != "sparse" else A.matrix_budget
+    if A.matrix_free:
+        need = matrix_free_memory_bytes((h, w), len(A.full_angles), A.n_bins, slices)
+        how = "to run matrix-free"
+    else:
+        need = projector_memory_bytes((h, w), views, A.n_bins)
+        how = "for its sparse matrices"
+    geometry = f"a {len(A.angles)}-view CT projector on a {h}×{w} grid ({A.n_bins} detector bins)"
     if avail is not None and need > avail:
-        raise SettingsError(f"{what}: {geometry} needs about {_bytes(need)} of memory for its sparse "
-                            f"matrices; {_bytes(avail)} is available; {hint}")
-    if forward_nnz >= 2**31:
-        raise SettingsError(f"{what}: {geometry} would hold about {forward_nnz:.2e} non-zeros, more than the "
-                            f"2^31 its sparse matrix can index; {hint}")
+        raise SettingsError(f"{what}: {geometry} needs about {_bytes(need)} of memory {how}; {_bytes(avail)} "
+                            "is available; use fewer views or a smaller image (--downsample, --image-size)")
 
 
 def _bytes(n: float) -> str:
@@ -269,7 +276,7 @@ def _ct_what(cfg: ReconstructConfig) -> str:
         return f"--angles ({len(cfg.angles_deg)} views)"
     if cfg.limited_angle_deg is not None:
         return f"--limited-angle {cfg.limited_angle_deg:g}"
-    return f"--views {cfg.views}"
+    return f"--views {cfg.simulated_views}"
 
 
 def _check_modality(vol: Volume, cfg: ReconstructConfig) -> None:
@@ -298,20 +305,20 @@ def _retrospective(cfg: ReconstructConfig, seed: int) -> Problem:
     del full
     x = torch.from_numpy(np.ascontiguousarray(vol.array, dtype=np.float32))[:, None]  # (Z, 1, H, W)
     A = retrospective_operator(  # noqa: N806
-        x.shape[-2:], cfg.modality, seed=seed, views=cfg.views, geometry=cfg.geometry,
+        x.shape[-2:], cfg.modality, seed=seed, views=cfg.simulated_views, geometry=cfg.geometry,
         angles_deg=cfg.angles_deg, limited_angle_deg=cfg.limited_angle_deg, pixel_mm=vol.spacing_mm[2],
         source_to_isocenter_mm=cfg.source_to_isocenter_mm, source_to_detector_mm=cfg.source_to_detector_mm,
-        mask=cfg.mask, acceleration=cfg.acceleration, center_fraction=cfg.center_fraction,
+        mask=cfg.mask, acceleration=cfg.simulated_acceleration, center_fraction=cfg.center_fraction,
     )
     check_projector_memory(A, _ct_what(cfg))  # before the matrices are built
     if cfg.modality == "ct":
-        n = int(np.count_nonzero(A.mask.cpu().numpy())) if hasattr(A, "mask") else cfg.views
+        n = int(np.count_nonzero(A.mask.cpu().numpy())) if hasattr(A, "mask") else cfg.simulated_views
         what = f"{n} views" if cfg.limited_angle_deg is None else f"{cfg.limited_angle_deg:g}° limited angle"
         title = f"CT {cfg.geometry} beam, {what}"
         unit, initial, scale = "HU", "fbp", 1.0
     else:
         scale = float(np.percentile(np.abs(vol.array), 99.5)) or 1.0
-        title = f"MRI {cfg.acceleration:g}x {cfg.mask} mask"
+        title = f"MRI {cfg.simulated_acceleration:g}x {cfg.mask} mask"
         unit, initial = "a.u.", "zero-filled"
     y = simulate_measurement(x, A, cfg.noise, seed)
     return Problem(y, A, x, vol, unit, initial, title, scale, first_slice=first,
@@ -356,73 +363,136 @@ def simulate_measurement(x: Tensor, A: Any, noise: float, seed: int) -> Tensor: 
 
 
 def _sinogram_problem(cfg: ReconstructConfig) -> Problem:
+    """A measured sinogram, reconstructed as it is or thinned (retrospectively) to some of its views.
+
+    Thinned (``views``, ``view_step``, ``limited_angle_deg``): ``A`` measures the kept views
+    within the full set of measured ones (its ``T``), ``y`` holds those views, and the FBP of
+    all measured views is the reference for the metrics.  Each slice's data are checked against
+    the geometry (:func:`medrecon.pipeline.geometry_check.check_geometry` on the middle slice):
+    a geometry that fits clearly worse than another gives a warning.
+    """
+    import warnings
+
     from medrecon.datasets import Volume, load_sinogram
     from medrecon.datasets.simulate import MU_WATER_PER_MM, ct_operator
+    from medrecon.datasets.thinning import thin_view_indices
+    from medrecon.pipeline.geometry import sinogram_grid
+    from medrecon.pipeline.geometry_check import check_geometry, geometry_warning
 
     sino = load_sinogram(cfg.input)
     g = sino.geometry
     s = parse_slices(cfg.slices, sino.data.shape[0], str(cfg.input))
     data = np.asarray(sino.data[s], dtype=np.float32)
-    n_det = int(g["n_detectors"])
-    if cfg.image_size:
-        size = int(cfg.image_size)
-    elif g.get("image_size"):
-        size = int(g["image_size"])
-    else:  # the default parallel detector is ⌈√2·N⌉ bins of one pixel
-        bin_px = float(g.get("detector_spacing_mm", 1.0)) / float(g.get("pixel_size_mm") or 1.0)
-        size = int(math.floor(n_det * (bin_px if g["type"] == "parallel" else 1.0) / math.sqrt(2)))
+    size, pix = sinogram_grid(g, cfg.image_size)
+    json_path = Path(cfg.input).with_suffix(".json")
     try:
-        A = ct_operator(g, (size, size))  # noqa: N806
+        full = ct_operator(g, (size, size))
     except SettingsError as err:
-        raise InputError(Path(cfg.input).with_suffix(".json"), str(err)) from err
-    check_projector_memory(A, f"{Path(cfg.input).name} ({len(g['angles_rad'])} views, {size}×{size} grid)")
+        raise InputError(json_path, str(err)) from err
+    n_views = len(g["angles_rad"])
+    notes: dict[str, Any] = {}
+    check = check_geometry(sino.__class__(data, g), image_size=size, grid=96, max_views=90, refine=False)
+    notes["geometry_check"] = {"data_residual": round(check.stated.residual, 5), "confidence": check.confidence,
+                               "best_fit": check.keys() if check.changed else "as given"}
+    text = geometry_warning(check, str(cfg.input))
+    if text:
+        warnings.warn(text, UserWarning, stacklevel=2)
+    A = full  # noqa: N806
+    idx = None
+    if cfg.thins_measured_data:
+        idx = thin_view_indices(g["angles_rad"], views=cfg.views, view_step=cfg.view_step,
+                                limited_angle_deg=cfg.limited_angle_deg)
+        keep = np.zeros(n_views, dtype=bool)
+        keep[idx] = True
+        A = full.with_view_mask(keep)  # noqa: N806
+    check_projector_memory(A, f"{Path(cfg.input).name} ({len(A.angles)} views, {size}×{size} grid)", data.shape[0])
     y = torch.from_numpy(data)[:, None]
     if g.get("units", "image_pixel") == "attenuation":
-        pix = float(g.get("pixel_size_mm") or 1.0)
         mu = float(g.get("mu_water_per_mm") or MU_WATER_PER_MM)
         with torch.no_grad():
-            ones = A(torch.ones(1, 1, size, size))
+            ones = full(torch.ones(1, 1, size, size))
         y = (y / (pix * mu) - ones) * 1000.0  # HU · pixel line integrals
-    pix = float(g.get("pixel_size_mm") or 1.0)
     template = Volume(np.zeros((data.shape[0], size, size), np.float32), np.diag([pix, pix, pix, 1.0]), "CT")
-    n_views = len(g["angles_rad"])
-    return Problem(y, A, None, template, "HU", "fbp",
-                   f"CT measured sinogram, {g['type']} beam, {n_views} views",
+    title = f"CT measured sinogram, {g['type']} beam, {n_views} views"
+    reference = None
+    if idx is not None:
+        with torch.no_grad():
+            reference = full.fbp(y)
+        y = y[:, :, torch.from_numpy(idx)]
+        how = ", ".join(f"{opt} {v:g}" for opt, v in (("--limited-angle", cfg.limited_angle_deg),
+                                                      ("--views", cfg.views), ("--view-step", cfg.view_step))
+                        if v is not None)
+        notes["subsampling"] = {"retrospective": True, "of": "measured sinogram", "how": how,
+                                "views_kept": int(idx.size), "views_measured": n_views, "view_indices": idx.tolist()}
+        notes["reference"] = f"FBP of all {n_views} measured views"
+        title = (f"CT measured sinogram, {g['type']} beam, {idx.size} of {n_views} views "
+                 f"(retrospectively thinned: {how})")
+    return Problem(y, A, reference, template, "HU", "fbp", title, notes=notes,
                    first_slice=range(sino.data.shape[0])[s][0])
 
 
-def _kspace_problem(cfg: ReconstructConfig) -> Problem:
+def _kspace_problem(cfg: ReconstructConfig, seed: int) -> Problem:
+    """Measured k-space, reconstructed as it is or undersampled (retrospectively) with a mask.
+
+    Undersampled (``acceleration`` given; the data must be fully sampled): the mask
+    ``mri_mask(cfg.mask, (ky, kx), R, cfg.center_fraction, seed)`` is applied
+    (:func:`medrecon.datasets.thinning.undersample_kspace`), coil maps (when the file has none)
+    are estimated from the full data, and its zero-filled (exact) reconstruction is the reference.
+    """
     from medrecon.datasets import Volume, load_fastmri_reference, load_kspace
-    from medrecon.operators import MaskedFourier, MultiCoilMRI, estimate_coil_maps
+    from medrecon.datasets.thinning import is_fully_sampled, undersample_kspace
+    from medrecon.operators import MaskedFourier, MultiCoilMRI, estimate_coil_maps, mri_mask
 
     path = Path(cfg.input)
     is_h5 = path.suffix.lower() in (".h5", ".hdf5")
     ksp = load_kspace(str(path), input_domain=cfg.input_domain)  # by ending; coil images refused or converted
     s = parse_slices(cfg.slices, ksp.data.shape[1], str(path))
+    notes: dict[str, Any] = {"coils": int(ksp.data.shape[0])}
+    full_data = None
+    if cfg.thins_measured_data:
+        if not is_fully_sampled(ksp):
+            raise SettingsError(f"--acceleration {cfg.acceleration:g}: {path.name} is not fully sampled "
+                                f"({float(ksp.mask.mean()):.0%} of k-space measured); retrospective undersampling "
+                                "needs fully sampled data (leave --acceleration out to reconstruct it as it is)")
+        full_data = ksp.data[:, s]
+        mask2d = mri_mask(cfg.mask, ksp.data.shape[2:], cfg.acceleration, cfg.center_fraction, seed=seed)
+        ksp = undersample_kspace(ksp, mask2d)
+        notes["subsampling"] = {"retrospective": True, "of": "measured k-space", "acceleration": cfg.acceleration,
+                                "mask": cfg.mask, "center_fraction": cfg.center_fraction,
+                                "sampled_fraction": ksp.header["retrospective_mask"]["sampled_fraction"]}
     data = ksp.data[:, s]  # (coils, Z, H, W)
     mask = ksp.mask if ksp.mask.shape[0] == 1 else ksp.mask[s]
     y = torch.from_numpy(np.ascontiguousarray(data.transpose(1, 0, 2, 3)))  # (Z, coils, H, W)
     m = torch.from_numpy(np.ascontiguousarray(mask if mask.shape[0] > 1 else mask[0]))
-    notes: dict[str, Any] = {"coils": int(data.shape[0])}
     images = ksp.header.get("input_domain") == "image"
     if images:
         notes["input_domain"] = "image: coil images turned into fully sampled k-space (centred FFT)"
+    maps = None
     if data.shape[0] == 1:
         A = MaskedFourier(m)  # noqa: N806
     else:
         if ksp.coil_maps is not None:
             maps = torch.from_numpy(np.ascontiguousarray(ksp.coil_maps[:, s].transpose(1, 0, 2, 3)))
             notes["coil_maps"] = "from file"
-        else:
-            maps = torch.stack([estimate_coil_maps(y[z], calib_width=min(24, *y.shape[-2:]))
+        else:  # a retrospective study tests the undersampling, not the maps: they come from the full data
+            calib = y if full_data is None else torch.from_numpy(np.ascontiguousarray(full_data.transpose(1, 0, 2, 3)))
+            maps = torch.stack([estimate_coil_maps(calib[z], calib_width=min(24, *y.shape[-2:]))
                                 for z in range(y.shape[0])])
-            notes["coil_maps"] = "ESPIRiT"
+            notes["coil_maps"] = "ESPIRiT" + (" (from the fully sampled data)" if full_data is not None else "")
         A = MultiCoilMRI(maps, m)  # noqa: N806
     with torch.no_grad():
         zf = A.adjoint(y).abs()
-    scale = float(torch.quantile(zf.flatten()[:: max(1, zf.numel() // 100000)], 0.995)) or 1.0
     reference = None
-    if is_h5:
+    if full_data is not None:
+        y_full = torch.from_numpy(np.ascontiguousarray(full_data.transpose(1, 0, 2, 3)))
+        ones = torch.ones_like(m if m.ndim == 2 else m[0])
+        A_full = MaskedFourier(ones) if maps is None else MultiCoilMRI(maps, ones)  # noqa: N806
+        with torch.no_grad():
+            reference = A_full.adjoint(y_full).abs()
+        notes["reference"] = "the fully sampled data's reconstruction (zero-filled, exact)"
+        zf = reference
+    scale = float(torch.quantile(zf.flatten()[:: max(1, zf.numel() // 100000)], 0.995)) or 1.0
+    if is_h5 and reference is None:
         ref = load_fastmri_reference(path, slices=s)
         if ref is not None:
             reference = torch.from_numpy(ref.array)[:, None]
@@ -432,8 +502,10 @@ def _kspace_problem(cfg: ReconstructConfig) -> Problem:
     what = f"{layout} k-space"
     if images:
         what = "coil images turned into k-space" if data.shape[0] > 1 else "image turned into k-space"
-    return Problem(y, A, reference, template, "a.u.", "zero-filled",
-                   f"MRI measured {what}, {float(mask.mean()):.0%} sampled", scale, notes,
+    title = f"MRI measured {what}, {float(mask.mean()):.0%} sampled"
+    if full_data is not None:
+        title += f" (retrospectively undersampled: R={cfg.acceleration:g} {cfg.mask})"
+    return Problem(y, A, reference, template, "a.u.", "zero-filled", title, scale, notes,
                    first_slice=range(ksp.data.shape[1])[s][0])
 
 
@@ -464,10 +536,10 @@ def build_problem(cfg: ReconstructConfig, seed: int) -> Problem:
     if kind == "sinogram":
         prob = _sinogram_problem(cfg)
     elif kind == "kspace":
-        prob = _kspace_problem(cfg)
+        prob = _kspace_problem(cfg, seed)
     else:
         return _retrospective(cfg, seed)
-    if cfg.reference:
+    if cfg.reference:  # a given reference wins over the full data's reconstruction
         ref_all = load_image_input(cfg.reference, "--reference").array
         ref = ref_all[parse_slices(cfg.slices, ref_all.shape[0], cfg.reference)]
         prob.reference = torch.from_numpy(np.ascontiguousarray(ref, dtype=np.float32))[:, None]

@@ -30,7 +30,7 @@ from torch import Tensor
 
 from medrecon.errors import SettingsError
 from medrecon.operators.base import LinearOperator, SamplingOperator
-from medrecon.operators.ct import _Projector
+from medrecon.operators.ct import CTProjector
 from medrecon.operators.mri import MaskedFourier as MaskedFourierType
 from medrecon.operators.mri import MultiCoilMRI
 from medrecon.solvers import classical, pieces
@@ -262,13 +262,13 @@ def _predictor(s: DiffusionSettings, score: ScoreCounter):
 
 def _initial_estimate(y: Tensor, A: LinearOperator, init: str) -> Tensor:  # noqa: N803
     if init == "auto":
-        init = "fbp" if isinstance(A, _Projector) else ("cg" if isinstance(A, MultiCoilMRI) else "zero-filled")
+        init = "fbp" if isinstance(A, CTProjector) else ("cg" if isinstance(A, MultiCoilMRI) else "zero-filled")
     if init == "fbp":
         return classical.fbp(y, A)
     if init == "zero-filled":
         return classical.zero_filled(y, A)
     if init == "tv":
-        return classical.tv(y, A, nonneg=isinstance(A, _Projector))
+        return classical.tv(y, A, nonneg=isinstance(A, CTProjector))
     if init == "cg":
         return classical.cg(y, A, iters=20)
     raise SettingsError(f"unknown CCDF init {init!r}; known: auto, fbp, zero-filled, tv, cg")
