@@ -28,6 +28,18 @@ taken in one run.
     python benchmarks/operators.py            # full (a few minutes on 2 cores)
     python benchmarks/operators.py --quick    # < 60 s: fewer repeats, fewer cases
     python benchmarks/operators.py --smoke    # 64², 1 repeat, no optional peers (the test)
+    python benchmarks/operators.py --clinical # 512², 720 views × 560 bins: time and peak memory
+
+Clinical size (``--clinical``; ``--clinical-size 128`` shrinks it for a smoke run).  A fan-beam
+geometry like the Helsinki Tomography Challenge's (flat detector, 560 bins of 0.2 mm, 720 views
+over 2π, source–origin 410.66 mm, source–detector 553.74 mm, 512² pixels of 0.16 mm) and a
+parallel-beam one (720 views over π, 560 bins), both far above the 2 GiB matrix budget, so
+medrecon runs matrix-free.  Each measurement runs in a fresh process, which reports its wall
+time (median of the repeats after one warm-up call) and its peak resident memory (the process's
+own, interpreter and libraries included, and the part the operation added).  Peers: ASTRA's CPU
+``line_fanflat`` / ``line`` projectors (FP, BP; FBP for parallel beam only: ASTRA's CPU FBP has
+no fan beam) and scikit-image ``radon`` / ``iradon`` (parallel beam only).  Targets on 2 cores:
+FBP ≤ 10 s and ≤ 2 GiB peak, A and Aᵀ ≤ 2 s each.
 """
 
 from __future__ import annotations
@@ -51,6 +63,10 @@ SEED = 0
 VIEWS = (23, 180)
 BATCHES = (1, 8)
 COILS = 8
+
+#: clinical-size targets: seconds (wall, 2 threads) and GiB of peak resident memory
+CLINICAL_TARGETS = {"fan_fbp_s": 10.0, "fan_fbp_peak_gib": 2.0, "fan_A_s": 2.0, "fan_AT_s": 2.0,
+                    "parallel_fbp_s": 10.0, "parallel_A_s": 2.0, "parallel_AT_s": 2.0}
 
 TARGETS = {
     "radon23_vs_skimage": 15.0,
@@ -515,6 +531,167 @@ def bench_sense(bench: Bench, dinv) -> None:
 
 
 # --------------------------------------------------------------------------------------------
+# clinical size: one measurement per process (its own peak memory)
+# --------------------------------------------------------------------------------------------
+#: (geometry, who, operation) of every clinical-size measurement
+CLINICAL_CASES = [(g, who, op) for g in ("fan", "parallel") for who, op in
+                  [("medrecon", "A"), ("medrecon", "AT"), ("medrecon", "fbp"), ("astra", "A"), ("astra", "AT"),
+                   ("astra", "fbp"), ("skimage", "A"), ("skimage", "AT"), ("skimage", "fbp")]
+                  if not (g == "fan" and (who == "skimage" or (who, op) == ("astra", "fbp")))]
+
+
+def cpu_name() -> str:
+    """The CPU model (``/proc/cpuinfo``), else ``platform.processor()``."""
+    try:
+        for line in open("/proc/cpuinfo", encoding="utf-8"):
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def _rss_mib() -> float:
+    """Current resident memory of this process (MiB), from /proc (0 where unknown)."""
+    try:
+        for line in open("/proc/self/status", encoding="utf-8"):
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return 0.0
+
+
+def clinical_geometry(kind: str, n: int) -> dict:
+    """The clinical-size geometry (scaled to an n² grid for smoke runs)."""
+    views, bins = (720, 560) if n >= 512 else (max(16, 720 * n // 512), max(16, 560 * n // 512))
+    if kind == "fan":
+        return {"type": "fan", "convention": "astra", "detector": "flat", "n_detectors": bins,
+                "detector_spacing_mm": 0.2 * 560 / bins, "source_to_isocenter_mm": 410.66,
+                "source_to_detector_mm": 553.74, "pixel_size_mm": 0.16 * 512 / n,
+                "angles_rad": (np.arange(views) * 2 * np.pi / views).tolist()}
+    return {"type": "parallel", "convention": "astra", "n_detectors": bins, "detector_spacing_mm": 1.0,
+            "angles_rad": (np.arange(views) * np.pi / views).tolist()}
+
+
+def clinical_one(kind: str, who: str, op: str, n: int, reps: int) -> dict:
+    """Time one operation at clinical size in this (fresh) process; its peak memory."""
+    import resource
+
+    g = clinical_geometry(kind, n)
+    x = shepp_logan(n)
+    base = _rss_mib()
+    if who == "medrecon":
+        from medrecon.datasets.simulate import ct_operator
+
+        A = ct_operator(g, (n, n))
+        xt = torch.from_numpy(x)[None, None]
+        with torch.no_grad():
+            y = A(xt)
+        fn = {"A": lambda: A(xt), "AT": lambda: A.adjoint(y), "fbp": lambda: A.fbp(y)}[op]
+        note = "matrix-free" if A.matrix_free else "sparse matrix"
+    elif who == "astra":
+        import astra
+
+        pix = g.get("pixel_size_mm", 1.0)
+        vol = astra.create_vol_geom(n, n, -n * pix / 2, n * pix / 2, -n * pix / 2, n * pix / 2)
+        a = np.asarray(g["angles_rad"])
+        if kind == "fan":
+            geom = astra.create_proj_geom("fanflat", g["detector_spacing_mm"], g["n_detectors"], a,
+                                          g["source_to_isocenter_mm"],
+                                          g["source_to_detector_mm"] - g["source_to_isocenter_mm"])
+        else:
+            geom = astra.create_proj_geom("parallel", g["detector_spacing_mm"], g["n_detectors"], a)
+        W = astra.OpTomo(astra.create_projector("line_fanflat" if kind == "fan" else "line", geom, vol))  # noqa: N806
+        y = W.FP(x)
+        fn = {"A": lambda: W.FP(x), "AT": lambda: W.BP(y), "fbp": lambda: W.reconstruct("FBP", y)}[op]
+        note = f"astra-toolbox {astra.__version__} CPU (cuda: {astra.use_cuda()})"
+    else:
+        import skimage
+        from skimage.transform import iradon, radon
+
+        theta = np.rad2deg(np.asarray(g["angles_rad"]))
+        sino = radon(x, theta, circle=False)
+        fn = {"A": lambda: radon(x, theta, circle=False),
+              "AT": lambda: iradon(sino, theta, circle=False, filter_name=None),
+              "fbp": lambda: iradon(sino, theta, circle=False)}[op]
+        note = f"scikit-image {skimage.__version__}" + (" (unfiltered iradon as Aᵀ)" if op == "AT" else "")
+    ready = _rss_mib()
+    fn()  # warm-up (medrecon: plans its chunks)
+    times = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    return {"geometry": kind, "who": who, "op": op, "s": round(statistics.median(times), 4), "reps": reps,
+            "peak_mib": round(peak), "added_mib": round(peak - ready), "base_mib": round(base), "note": note}
+
+
+def bench_clinical(n: int, threads: int, reps: int, peers: bool) -> tuple[list[dict], dict]:
+    """Every clinical-size case in a fresh process each; rows and the summary keys."""
+    import subprocess
+
+    from medrecon.operators.ct import projector_memory_bytes
+
+    rows, summary = [], {}
+    for kind, who, op in CLINICAL_CASES:
+        if who != "medrecon" and not peers:
+            continue
+        if who == "astra" and import_astra()[0] is None:
+            rows.append({"geometry": kind, "who": who, "op": op, "s": None, "note": "astra-toolbox not installed"})
+            continue
+        cmd = [sys.executable, __file__, "--clinical-one", f"{kind},{who},{op}", "--clinical-size", str(n),
+               "--threads", str(threads), "--reps", str(reps)]
+        done = subprocess.run(cmd, capture_output=True, text=True, check=False)
+        if done.returncode != 0:
+            tail = (done.stderr.strip().splitlines() or ["?"])[-1]
+            rows.append({"geometry": kind, "who": who, "op": op, "s": None, "note": f"failed: {tail[:120]}"})
+            continue
+        row = json.loads(done.stdout.strip().splitlines()[-1])
+        rows.append(row)
+        if who == "medrecon":
+            summary[f"{kind}_{op}_s"] = row["s"]
+            summary[f"{kind}_{op}_peak_gib"] = round(row["peak_mib"] / 1024, 3)
+    g = clinical_geometry("fan", n)
+    summary["matrix_gib_would_be"] = round(projector_memory_bytes((n, n), len(g["angles_rad"]), g["n_detectors"])
+                                           / 2**30, 1)
+    return rows, summary
+
+
+def format_clinical(rows: Sequence[dict]) -> str:
+    """The clinical-size table."""
+    head = f"{'geometry':<9} {'operation':<6} {'implementation':<10} {'wall s':>8} {'peak MiB':>9} {'added MiB':>10}"
+    lines = [head, "-" * len(head)]
+    for r in rows:
+        t = "–" if r.get("s") is None else f"{r['s']:.3f}"
+        lines.append(f"{r['geometry']:<9} {r['op']:<6} {r['who']:<10} {t:>8} {r.get('peak_mib', '–'):>9} "
+                     f"{r.get('added_mib', '–'):>10}  ({r['note']})")
+    return "\n".join(lines)
+
+
+def main_clinical(args: argparse.Namespace) -> dict:
+    """``--clinical``: the clinical-size table and JSON line."""
+    n = args.clinical_size
+    t0 = time.perf_counter()
+    load_start = [round(v, 2) for v in os.getloadavg()]
+    rows, s = bench_clinical(n, args.threads, args.reps, not args.no_peers)
+    targets = {f"{k} <= {v:g}": s[k] <= v for k, v in CLINICAL_TARGETS.items() if s.get(k) is not None}
+    load = [round(v, 2) for v in os.getloadavg()]
+    print(f"medrecon operator benchmark (clinical): {n}², CPU {cpu_name()}, {args.threads} threads, "
+          f"torch {torch.__version__}; load average {load_start[0]} at the start, {load[0]} at the end on "
+          f"{os.cpu_count()} cores")
+    print(f"as sparse matrices this fan-beam geometry would need about {s['matrix_gib_would_be']} GiB to build\n")
+    print(format_clinical(rows))
+    print("\ntargets: " + ", ".join(f"{k}: {'met' if ok else 'MISSED'}" for k, ok in targets.items()))
+    out = {"bench": "operators-clinical", "device": "cpu", "cpu": cpu_name(), "threads": args.threads,
+           "size": n, "results": rows, **s, "targets": targets, "wall_s": round(time.perf_counter() - t0, 1),
+           "loadavg_start": load_start, "loadavg_end": load, "cpu_count": os.cpu_count()}
+    print(json.dumps(out))
+    return out
+
+
+# --------------------------------------------------------------------------------------------
 # output
 # --------------------------------------------------------------------------------------------
 def _fmt(v: float | None, spec: str) -> str:
@@ -555,6 +732,11 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     mode.add_argument(
         "--smoke", action="store_true", help="64² images, 1 repeat, no optional peers"
     )
+    mode.add_argument("--clinical", action="store_true",
+                      help="512², 720 views × 560 bins: time and peak memory, each in a fresh process")
+    mode.add_argument("--clinical-one", metavar="GEOMETRY,WHO,OP", help=argparse.SUPPRESS)
+    ap.add_argument("--clinical-size", type=int, default=512, help="grid of --clinical (512; smaller for a try)")
+    ap.add_argument("--reps", type=int, default=3, help="--clinical: timed repeats after a warm-up (3)")
     ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--no-peers", action="store_true", help="skip deepinv and ASTRA")
@@ -567,6 +749,17 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 def main(argv: Sequence[str] | None = None) -> dict:
     """Run the benchmark, print the table and the JSON line; return the JSON object."""
     args = parse_args(argv)
+    if args.clinical_one:
+        torch.set_num_threads(args.threads)
+        out = clinical_one(*args.clinical_one.split(","), args.clinical_size, args.reps)
+        print(json.dumps(out))
+        return out
+    if args.clinical:
+        threads_before = torch.get_num_threads()
+        try:
+            return main_clinical(args)
+        finally:
+            torch.set_num_threads(threads_before)
     plan = plan_for(args)
     threads_before = torch.get_num_threads()
     torch.set_num_threads(args.threads)

@@ -38,6 +38,21 @@ def test_operators_benchmark_quick_smoke(capsys, tmp_path, monkeypatch):
     assert torch.get_num_threads() == threads  # the thread count is restored
 
 
+def test_operators_benchmark_clinical_mode_smoke(capsys, tmp_path, monkeypatch):
+    """--clinical at a tiny size, ours only: one fresh process per measurement, each with its
+    time and peak memory; the CPU is named and the targets are judged."""
+    monkeypatch.setenv("MEDRECON_CACHE", str(tmp_path))
+    monkeypatch.setenv("MEDRECON_MATRIX_BUDGET_GB", "0")  # matrix-free, as at clinical size
+    out = _load("operators").main(["--clinical", "--clinical-size", "32", "--reps", "1", "--no-peers"])
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert json.loads(lines[-1]) == json.loads(json.dumps(out))
+    assert out["bench"] == "operators-clinical" and out["cpu"] and out["size"] == 32
+    assert {(r["geometry"], r["op"]) for r in out["results"]} == {
+        (g, op) for g in ("fan", "parallel") for op in ("A", "AT", "fbp")}
+    assert all(r["who"] == "medrecon" and r["note"] == "matrix-free" and r["peak_mib"] > 0 for r in out["results"])
+    assert out["fan_fbp_s"] >= 0 and "fan_fbp_peak_gib <= 2" in out["targets"]
+
+
 def test_prior_designs_compares_checkpoints(capsys, tmp_path):
     """Two tiny runs (VE, VP) through the trainer, compared on the same slices: a table, then
     JSON with one row per checkpoint, each at its own step and design."""

@@ -131,17 +131,25 @@ def test_library_warnings_are_printed_and_recorded(tmp_path, capsys, monkeypatch
 
 
 # --------------------------------------------------------------------------- item 5: resources
-def test_too_many_views_are_refused_before_the_matrices_are_built(tmp_path, capsys, monkeypatch):
+def test_too_many_views_run_matrix_free_or_are_refused_before_anything_is_built(tmp_path, capsys, monkeypatch):
+    """A geometry whose sparse matrices would not fit runs matrix-free; one that would not fit
+    even so is refused, before anything big is built."""
     import medrecon.operators.ct as ct
+    import medrecon.pipeline.problems as problems
+    from medrecon.pipeline.geometry import ct_case_operator
 
     def no_build(*a, **k):
         raise AssertionError("the system matrix was built")
 
     monkeypatch.setattr(ct, "ray_matrix", no_build)
+    A = ct_case_operator((256, 256), views=100000)
+    problems.check_projector_memory(A, "--views 100000")  # ~800 GB of matrices: matrix-free instead
+    assert A.matrix_free
+    monkeypatch.setattr(problems, "available_memory_bytes", lambda: 2**30)
     assert main(_ct(tmp_path, "--views", "100000", "--method", "fbp")) == 2
     err = _one_line(capsys)
     assert "--views 100000: a 100000-view CT projector on a 256×256 grid" in err
-    assert "GiB of memory" in err and "available" in err
+    assert "GiB of memory to run matrix-free" in err and "1.0 GiB is available" in err
 
 
 def test_memory_check_compares_with_the_available_memory(tmp_path, monkeypatch):

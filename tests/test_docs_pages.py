@@ -13,7 +13,7 @@ from medrecon.cli.main import build_parser
 
 ROOT = Path(__file__).resolve().parents[1]
 DOCS = ROOT / "docs"
-PAGES = ["getting-started.md", "cli.md", "api.md", "conventions.md", "training.md", "model-cards.md",
+PAGES = ["getting-started.md", "cli.md", "api.md", "conventions.md", "geometry.md", "training.md", "model-cards.md",
          "benchmarks.md", "methods/fbp.md", "methods/zero-filled.md", "methods/cg.md", "methods/tv.md",
          "methods/l1-wavelet.md"]
 

@@ -253,6 +253,9 @@ class CTProjector(SamplingOperator):
         Bin (from the middle) that the ray through the rotation centre meets.
     flip_detector : bool
         Bins run against the detector axis ``u``.
+    matrix_budget : int
+        Bytes the sparse matrices may take (:func:`default_matrix_budget`); lowering it before
+        first use makes the projector matrix-free (the pipeline does so when memory is short).
     matrix_free : bool
         A, Aᵀ and FBP run without stored matrices (the matrices would exceed ``matrix_budget``
         bytes, or ``backend="matrix-free"``).
@@ -292,11 +295,6 @@ class CTProjector(SamplingOperator):
         self._rays_cache: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None
         # per-view back-projection weights of the *full* set (T⁻¹), restricted to measured views
         self.full_weights = view_weights(angles, self.period)
-
-    @property
-    def view_mask_np(self) -> np.ndarray:
-        """The view mask as a NumPy array (an older name of :attr:`view_mask`)."""
-        return self.view_mask
 
     @property
     def matrix_free(self) -> bool:

@@ -159,7 +159,8 @@ class _Plan:
         enter, leave = ray_box_span(image_shape, origins, directions)
         hit = enter < leave
         per_view = max(1, t.size * n_bins * per_sample_bytes)
-        size = max(1, CHUNK_BYTES // per_view)
+        # at least one view per thread: grid_sample's backward (Aᵀ) runs in parallel over views only
+        size = max(torch.get_num_threads(), CHUNK_BYTES // per_view)
         o_n, d_n = _normalised(image_shape, origins, directions)
         self.chunks = []
         for v0 in range(0, v, size):

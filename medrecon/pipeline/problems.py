@@ -391,7 +391,8 @@ def _sinogram_problem(cfg: ReconstructConfig) -> Problem:
         raise InputError(json_path, str(err)) from err
     n_views = len(g["angles_rad"])
     notes: dict[str, Any] = {}
-    check = check_geometry(sino.__class__(data, g), image_size=size, grid=96, max_views=90, refine=False)
+    check = check_geometry(sino.__class__(data, g), image_size=size, grid=96, max_views=90, refine=False,
+                           max_offset_bins=min(12, max(4, round(0.05 * g["n_detectors"]))))
     notes["geometry_check"] = {"data_residual": round(check.stated.residual, 5), "confidence": check.confidence,
                                "best_fit": check.keys() if check.changed else "as given"}
     text = geometry_warning(check, str(cfg.input))

@@ -36,7 +36,7 @@ def operator_key(A: LinearOperator) -> str:  # noqa: N803
 
     if isinstance(A, ParallelBeamCT | FanBeamCT):
         kind = "parallel" if isinstance(A, ParallelBeamCT) else "fan"
-        return f"{kind}-{int(np.asarray(A.view_mask_np).sum())}"
+        return f"{kind}-{int(np.asarray(A.view_mask).sum())}"
     if isinstance(A, MaskedFourier | MultiCoilMRI):
         m = A.mask.reshape(-1, *A.mask.shape[-2:])[0] != 0
         acc = round(m.numel() / max(1, int(m.sum())))
