@@ -47,7 +47,9 @@ def add_recon_options(p: argparse.ArgumentParser, *, batch: bool = False) -> Non
     g.add_argument("--method", default=None,
                    help="fbp | zero-filled | cg | tv | l1-wavelet, or a diffusion method: dds, ccdf, song, dps, "
                         "score-mri, dds3d, mbir3d (default: " + ("tv" if batch else
-                        "the best measured diffusion method, dds, when a prior exists for the modality; else tv") + ")")
+                        "per measurement setting, from the prior card's benchmark: dds where it beat the best classical "
+                        "method there, that method otherwise and where the setting is unmeasured; --samples or "
+                        "--steps ask for dds") + ")")
     g.add_argument("--prior", help="score prior for diffusion methods (see: medrecon priors list)")
     g.add_argument("--samples", type=int, help="posterior samples (diffusion methods; gives the uncertainty map)")
     g.add_argument("--steps", type=int, help="sampler steps (diffusion methods)")
@@ -88,12 +90,10 @@ def recon_settings(a: argparse.Namespace) -> dict[str, Any]:
     """The ReconstructConfig keyword arguments the parsed options give."""
     out = {k: getattr(a, k) for k in _FIELDS if hasattr(a, k)}
     out["limited_angle_deg"] = out.pop("limited_angle")
-    if out.get("method") is None:  # reconstruct: the library's default for the modality; batch: tv
+    if out.get("method") is None:  # reconstruct: the default for the operator key ("auto"); batch: tv
         out.pop("method", None)
         if getattr(a, "default_method", False):
-            from medrecon.api import default_method
-
-            out["method"] = default_method(modality=a.modality, prior=getattr(a, "prior", None))
+            out["method"] = "auto"
     return out
 
 

@@ -48,6 +48,7 @@ def add_parser(sub) -> None:
 def run(a: argparse.Namespace) -> int:
     import sys
     import warnings
+    from dataclasses import replace
 
     from medrecon.cli.options import WarningPrinter
     from medrecon.pipeline.case import ReconstructConfig, check_settings, free_stem, run_case, settings_stem
@@ -55,7 +56,6 @@ def run(a: argparse.Namespace) -> int:
     cfg = ReconstructConfig(modality=a.modality, input=a.input, out=a.out, progress=show_progress(),
                             **recon_settings(a))
     check_settings(cfg)  # refuse options that would do nothing (exit 2, one line)
-    stem = free_stem(cfg)
 
     def note(text: str) -> None:
         print(f"medrecon reconstruct: {text}", file=sys.stderr)
@@ -63,14 +63,15 @@ def run(a: argparse.Namespace) -> int:
     with warnings.catch_warnings():
         printer = WarningPrinter("reconstruct")
         warnings.showwarning = printer
-        rec = run_case(cfg, stem=stem, notify=note)
+        rec = run_case(cfg, stem=free_stem, notify=note)
         for text in rec["info"].get("warnings", []) or []:  # the method's own (may not be Python warnings)
             printer.line(text)
-    if stem != settings_stem(cfg):  # said once the outputs exist, not before a run that may fail
-        note(f"{cfg.out} already held outputs named {settings_stem(cfg)}; this run wrote {stem}.* "
+    base = settings_stem(replace(cfg, method=rec["config"]["method"]))
+    if rec["stem"] != base:  # said once the outputs exist, not before a run that may fail
+        note(f"{cfg.out} already held outputs named {base}; this run wrote {rec['stem']}.* "
              "(--overwrite replaces them instead)")
     m = rec["metrics"]
-    line = f"{rec['case_id']}: {cfg.method} on {rec['problem']}, {rec['info'].get('wall_time_s', 0):.1f} s"
+    line = f"{rec['case_id']}: {rec['info'].get('method')} on {rec['problem']}, {rec['info'].get('wall_time_s', 0):.1f} s"
     if "psnr" in m:
         line += f"; PSNR {m['psnr']:.2f} dB (initial {m['psnr_initial']:.2f} dB), SSIM {m['ssim']:.3f}"
     print(line)

@@ -19,7 +19,7 @@ import tempfile
 import time
 import warnings
 from collections.abc import Callable, Iterator
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -60,7 +60,11 @@ class ReconstructConfig:
         Fan-beam distances.
     acceleration, center_fraction, mask : MRI undersampling of a retrospective case.
     method : str
-        A method of :func:`medrecon.reconstruct` (classical or diffusion).
+        A method of :func:`medrecon.reconstruct` (classical or diffusion), or ``"auto"`` (the
+        default of ``medrecon reconstruct``): the default for the operator key from the prior
+        card's measured benchmark (:func:`medrecon.api.default_choice`), a diffusion method when
+        ``samples`` or ``steps`` ask for one; a default diffusion run that flags itself as
+        failing returns the classical estimate.
     prior : str or None
         Score prior name for diffusion methods (passed to ``reconstruct`` as ``prior``).
     samples : int or None
@@ -559,7 +563,7 @@ def _uncertainty_summary(std: torch.Tensor, info: dict[str, Any], unit: str) -> 
     }
 
 
-def run_case(cfg: ReconstructConfig, *, stem: str | None = None,
+def run_case(cfg: ReconstructConfig, *, stem: str | Callable[[ReconstructConfig], str] | None = None,
              notify: Callable[[str], None] | None = None) -> dict[str, Any]:
     """Run one case and return its JSON record (also written to ``<out>/<stem>.json``).
 
@@ -574,9 +578,10 @@ def run_case(cfg: ReconstructConfig, *, stem: str | None = None,
     Parameters
     ----------
     cfg : ReconstructConfig
-    stem : str, optional
-        File stem of the outputs; default :func:`output_stem` (``<case>_<method>``).
-        ``medrecon reconstruct`` passes :func:`free_stem`.
+    stem : str or callable, optional
+        File stem of the outputs, or a function of the config (with ``"auto"`` resolved) that
+        gives it; default :func:`output_stem` (``<case>_<method>``).  ``medrecon reconstruct``
+        passes :func:`free_stem`.
     notify : callable, optional
         Called with one-line progress notes (the time estimate of a diffusion run, measured
         before it starts, :func:`estimate_diffusion_time`); None: no estimate is made.
@@ -590,7 +595,7 @@ def run_case(cfg: ReconstructConfig, *, stem: str | None = None,
     created = _missing_folders(Path(cfg.out))
     try:
         with collect_warnings(found):
-            return _run_case(cfg, stem or output_stem(cfg), notify, found)
+            return _run_case(cfg, stem or output_stem, notify, found)
     except BaseException:
         _remove_empty(created)  # a failed case leaves no empty output folder behind
         raise
@@ -614,8 +619,31 @@ def _remove_empty(folders: list[Path]) -> None:
             return
 
 
-def _run_case(cfg: ReconstructConfig, stem: str, notify: Callable[[str], None] | None,
-              found: list[str]) -> dict[str, Any]:
+def resolve_method(cfg: ReconstructConfig, A: Any) -> tuple[ReconstructConfig, dict[str, Any] | None]:  # noqa: N803
+    """``cfg`` with ``method="auto"`` replaced by the default for the operator ``A``, and the
+    choice (method, reason, whether measured, the classical settings), or None for a named method.
+
+    The default is :func:`medrecon.api.default_choice`'s (the prior card's benchmark for the
+    operator key); ``samples`` or ``steps`` given ask for posterior sampling, so they make it
+    :data:`medrecon.api.BEST_DIFFUSION` where the key's default is classical.
+    """
+    from medrecon.api import BEST_DIFFUSION, default_choice
+    from medrecon.solvers.presets import DIFFUSION_METHODS
+
+    if cfg.method != "auto":
+        return cfg, None
+    choice = default_choice(A, cfg.prior)
+    method, reason = choice.method, choice.reason
+    asked = [_OPTIONS[k] for k in ("samples", "steps") if getattr(cfg, k) is not None]
+    if asked and method not in DIFFUSION_METHODS:
+        method = BEST_DIFFUSION
+        reason += f"; {' and '.join(asked)} ask for posterior sampling, so {method} runs"
+    return replace(cfg, method=method), {"method": method, "reason": reason, "measured": choice.measured,
+                                         "settings": choice.settings if method == choice.method else {}}
+
+
+def _run_case(cfg: ReconstructConfig, stem_for: str | Callable[[ReconstructConfig], str],
+              notify: Callable[[str], None] | None, found: list[str]) -> dict[str, Any]:
     from medrecon.api import reconstruct
     from medrecon.operators.ct import _Projector
     from medrecon.pipeline.outputs import write_image_outputs
@@ -628,15 +656,29 @@ def _run_case(cfg: ReconstructConfig, stem: str, notify: Callable[[str], None] |
     case = cfg.case_id or case_id_for(cfg.input, cfg.series_uid)
     seed = case_seed(cfg.seed, case)
     out = prepare_output_folder(cfg.out)
+    auto = cfg.method == "auto"
+    if not auto:
+        stem = stem_for if isinstance(stem_for, str) else stem_for(cfg)
+        if (out / f"{stem}.json").exists() and not cfg.overwrite:  # fail before the work, not after it
+            raise InputError(out / f"{stem}.json", "exists; pass --overwrite to replace it")
+    prob = build_problem(cfg, seed)
+    cfg, choice = resolve_method(cfg, prob.A)
+    if auto:
+        stem = stem_for if isinstance(stem_for, str) else stem_for(cfg)
+        if (out / f"{stem}.json").exists() and not cfg.overwrite:
+            raise InputError(out / f"{stem}.json", "exists; pass --overwrite to replace it")
+        if notify is not None:
+            notify(f"method: {choice['reason']}")
     record_path = out / f"{stem}.json"
-    if record_path.exists() and not cfg.overwrite:  # fail before the work, not after it
-        raise InputError(record_path, "exists; pass --overwrite to replace it")
     ignored = unused_settings(cfg)
     for text in _unused_lines(cfg, ignored):
         warnings.warn(f"ignored {text}", UserWarning, stacklevel=2)
-    prob = build_problem(cfg, seed)
     y = prob.y.to(device)
     settings = _method_settings(cfg)
+    if choice is not None:  # the measured weight of a classical default, and the fallback of a diffusion one
+        settings = {**choice["settings"], **settings}
+        if cfg.method in DIFFUSION_METHODS:
+            settings["fallback"] = True
     estimate = None
     if notify is not None and cfg.method in DIFFUSION_METHODS:
         from medrecon.priors import ScorePrior
@@ -654,6 +696,9 @@ def _run_case(cfg: ReconstructConfig, stem: str, notify: Callable[[str], None] |
                    f"on {estimate['batch']} image(s), {estimate['seconds_per_evaluation']:.2f} s each on {device}"
                    + (f", after its {init} initial estimate" if init else ""))
     rec = reconstruct(y, prob.A, method=cfg.method, seed=seed, progress=cfg.progress, **settings)
+    if choice is not None:
+        rec.info["default"] = {k: v for k, v in choice.items() if k != "settings"}
+    method_run = rec.info.get("method", cfg.method)  # the classical estimate when a default run fell back
     mean = _real(rec.mean).detach().cpu()
     std = None if rec.std is None else rec.std.detach().cpu()
     initial = _real(reconstruct(y, prob.A, method=prob.initial_method).mean).detach().cpu()
@@ -669,7 +714,7 @@ def _run_case(cfg: ReconstructConfig, stem: str, notify: Callable[[str], None] |
     if ref is not None:
         panels.append(("reference", ref[mid, 0].numpy(), prob.unit))
     panels += [(f"initial estimate ({prob.initial_method})", initial[mid, 0].numpy(), prob.unit),
-               (f"reconstruction ({cfg.method})", mean[mid, 0].numpy(), prob.unit)]
+               (f"reconstruction ({method_run})", mean[mid, 0].numpy(), prob.unit)]
     if std is not None:
         panels.append(("uncertainty (posterior std)", std[mid, 0].numpy(), prob.unit))
     if ref is not None:
@@ -708,6 +753,7 @@ def _run_case(cfg: ReconstructConfig, stem: str, notify: Callable[[str], None] |
         "seed": seed,
         "config": {k: v for k, v in asdict(cfg).items() if k not in ("input", "reference", "out") and k not in skip},
         "ignored_settings": {_OPTIONS.get(k, k): getattr(cfg, k) for k in ignored},
+        "stem": stem,
         "input_kind": "bundled" if cfg.input is None else "file",
         "problem": prob.title,
         "notes": prob.notes,
