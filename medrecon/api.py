@@ -24,7 +24,7 @@ from medrecon.solvers import classical
 from medrecon.solvers.cards import DefaultChoice, measured_default
 
 __all__ = ["Reconstruction", "reconstruct", "METHODS", "BEST_DIFFUSION", "default_choice", "default_method",
-           "problem_scale"]
+           "prior_card", "problem_scale"]
 
 #: classical methods and their defaults (weights in normalised units, see solvers.classical)
 METHODS: dict[str, dict[str, Any]] = {
@@ -58,7 +58,7 @@ def default_choice(operator: LinearOperator, prior: Any = None) -> DefaultChoice
     no measurement gets the best classical method, and the reason says that the diffusion method
     is unmeasured there.  Without a prior for the modality: TV.
     """
-    card, why_none = _card_for(prior, operator)
+    card, why_none = prior_card(prior, operator)
     if card is None:
         return DefaultChoice("tv", {}, f"tv is the default: {why_none}", False)
     return measured_default(card, operator, BEST_DIFFUSION)
@@ -69,7 +69,7 @@ def default_method(operator: LinearOperator, prior: Any = None) -> str:
     return default_choice(operator, prior).method
 
 
-def _card_for(prior: Any, operator: LinearOperator) -> tuple[dict[str, Any] | None, str]:
+def prior_card(prior: Any, operator: LinearOperator) -> tuple[dict[str, Any] | None, str]:
     """The model card of ``prior`` (name, card path or object; None: the modality's shipped
     prior), or None and why there is none."""
     from pathlib import Path

@@ -23,6 +23,7 @@ from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from medrecon.datasets._atomic import open_temp
@@ -563,6 +564,44 @@ def _uncertainty_summary(std: torch.Tensor, info: dict[str, Any], unit: str) -> 
     }
 
 
+def uncertainty_meaning(info: dict[str, Any], domain: Any = None) -> str:
+    """What the uncertainty map of a run means, in one line: calibrated (the card's factor for
+    this setting was applied, and the input is inside the prior's domain), or the spread of the
+    posterior samples, which is not an error estimate, and why."""
+    how = str(info.get("std_calibration") or "")
+    scale = info.get("std_scale")
+    calibrated = bool(how) and not how.startswith(("none", "not applied", "off", "one sample"))
+    if calibrated and (domain is None or domain.in_domain):
+        return (f"calibrated: scaled ×{scale:g} so that ±2σ held the error's share measured on held-out images "
+                f"for this setting ({how})")
+    why = "the input is outside the prior's training domain" if calibrated else f"no calibration applies ({how})"
+    return f"the map shows the spread of the posterior samples, not the error: {why}"
+
+
+def _domain_report(cfg: ReconstructConfig, prob: Any, mean: torch.Tensor, method: str, prior: Any) -> Any:
+    """:func:`medrecon.priors.domain.check_domain` of a diffusion run's result against its
+    prior's card (None for classical results: no prior shaped them)."""
+    from medrecon.api import prior_card
+    from medrecon.pipeline.problems import input_kind
+    from medrecon.priors.domain import check_domain
+    from medrecon.solvers.presets import DIFFUSION_METHODS
+
+    if method not in DIFFUSION_METHODS:
+        return None
+    card = getattr(prior, "card", None)
+    if not isinstance(card, dict):  # not loaded here: read the card of the prior the run used
+        card = prior_card(cfg.prior, prob.A)[0]
+    if not isinstance(card, dict):
+        return None
+    tpl = prob.template
+    spacing = None
+    if input_kind(cfg.input, cfg.modality) == "image":  # images carry their pixel size; raw data may not
+        cols = np.linalg.norm(np.asarray(tpl.affine, dtype=np.float64)[:3, :2], axis=0)
+        spacing = (float(cols[0]), float(cols[1]))
+    return check_domain(card, _real(mean)[:, 0].numpy(), modality=getattr(tpl, "modality", None) or cfg.modality,
+                        dicom=(tpl.meta or {}).get("dicom"), spacing_mm=spacing)
+
+
 def run_case(cfg: ReconstructConfig, *, stem: str | Callable[[ReconstructConfig], str] | None = None,
              notify: Callable[[str], None] | None = None) -> dict[str, Any]:
     """Run one case and return its JSON record (also written to ``<out>/<stem>.json``).
@@ -703,8 +742,15 @@ def _run_case(cfg: ReconstructConfig, stem_for: str | Callable[[ReconstructConfi
     std = None if rec.std is None else rec.std.detach().cpu()
     initial = _real(reconstruct(y, prob.A, method=prob.initial_method).mean).detach().cpu()
 
+    domain = _domain_report(cfg, prob, mean, method_run, settings.get("prior"))
+    cautions = [f"outside the prior's training domain: {w}" for w in domain.warnings] if domain else []
+    for text in cautions:
+        warnings.warn(text, UserWarning, stacklevel=2)
+    meaning = None if std is None else uncertainty_meaning(rec.info, domain)
+    std_cautions = [meaning] if meaning and not meaning.startswith("calibrated") else []
     files, output_notes = write_image_outputs(  # labels, study and modality: pipeline/outputs.py
-        cfg, prob, mean[:, 0].numpy(), None if std is None else std[:, 0].numpy(), out, stem)
+        replace(cfg, method=method_run), prob, mean[:, 0].numpy(), None if std is None else std[:, 0].numpy(),
+        out, stem, cautions=cautions, std_cautions=std_cautions)
     metrics = _metrics(prob, mean, initial, std, cfg.modality)
 
     z = mean.shape[0]
@@ -716,7 +762,8 @@ def _run_case(cfg: ReconstructConfig, stem_for: str | Callable[[ReconstructConfi
     panels += [(f"initial estimate ({prob.initial_method})", initial[mid, 0].numpy(), prob.unit),
                (f"reconstruction ({method_run})", mean[mid, 0].numpy(), prob.unit)]
     if std is not None:
-        panels.append(("uncertainty (posterior std)", std[mid, 0].numpy(), prob.unit))
+        panels.append(("uncertainty (posterior std)" if not std_cautions else
+                       "uncertainty: sampling spread, not error", std[mid, 0].numpy(), prob.unit))
     if ref is not None:
         h, w = ref.shape[-2:]  # a fastMRI reference is the centre crop
         top, left = (mean.shape[-2] - h) // 2, (mean.shape[-1] - w) // 2
@@ -733,7 +780,8 @@ def _run_case(cfg: ReconstructConfig, stem_for: str | Callable[[ReconstructConfi
     if z > 1 or prob.first_slice:
         title += f"; slice {mid + 1} of {z}" + (f" (input slice index {prob.first_slice + mid})"
                                               if prob.first_slice else "")
-    fig = case_figure(out / f"{stem}.png", panels, display=display, title=title, affine=prob.display_affine)
+    fig = case_figure(out / f"{stem}.png", panels, display=display, title=title, affine=prob.display_affine,
+                      caption="\n".join([*cautions, *std_cautions]))
     files.append(fig)
     if cfg.thumbnails:
         files.append(thumbnail(out / f"{stem}_thumb.png",
@@ -769,7 +817,9 @@ def _run_case(cfg: ReconstructConfig, stem_for: str | Callable[[ReconstructConfi
         "outputs": [str(p) for p in files],
     }
     if std is not None:
-        record["uncertainty"] = _uncertainty_summary(std, rec.info, prob.unit)
+        record["uncertainty"] = {**_uncertainty_summary(std, rec.info, prob.unit), "meaning": meaning}
+    if domain is not None:
+        record["domain"] = domain.as_record()
     if estimate is not None:
         record["time_estimate"] = estimate
     _write_json(record_path, record, cfg.overwrite)

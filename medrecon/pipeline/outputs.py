@@ -110,7 +110,7 @@ def _modality(template_modality: str, cfg_modality: str) -> str:
 
 def write_image_outputs(
     cfg: ReconstructConfig, prob: Problem, mean: np.ndarray, std: np.ndarray | None, out: Path,
-    stem: str,
+    stem: str, *, cautions: tuple[str, ...] | list[str] = (), std_cautions: tuple[str, ...] | list[str] = (),
 ) -> tuple[list[Path], dict[str, Any]]:
     """Write the reconstruction (and the uncertainty map) of one case.
 
@@ -127,6 +127,9 @@ def write_image_outputs(
     stem : str
         File stem: ``<stem>.nii.gz`` / ``<stem>_std.nii.gz`` or ``<stem>_dicom`` /
         ``<stem>_std_dicom``.
+    cautions, std_cautions : sequence of str
+        Lines every output (and, added to them, the uncertainty output) carries in its header:
+        NIfTI ``descrip`` + extension, DICOM ImageComments.
 
     Returns
     -------
@@ -150,10 +153,11 @@ def write_image_outputs(
     files: list[Path] = []
     record: dict[str, Any] = {"simulated": simulated}
     if cfg.output_format == "nifti":
-        files += save_nifti(result, out / f"{stem}.nii.gz", overwrite=cfg.overwrite, simulated=simulated)
+        files += save_nifti(result, out / f"{stem}.nii.gz", overwrite=cfg.overwrite, simulated=simulated,
+                            cautions=cautions)
         if std_vol is not None:
             files += save_nifti(std_vol, out / f"{stem}_std.nii.gz", overwrite=cfg.overwrite,
-                                simulated=simulated)
+                                simulated=simulated, cautions=[*cautions, *std_cautions])
         return files, record
     into_source = bool(getattr(cfg, "into_source_study", False))
     kw: dict[str, Any] = {"method": cfg.method, "overwrite": cfg.overwrite, "simulated": simulated,
@@ -162,10 +166,11 @@ def write_image_outputs(
         kw["value_scale"] = mr_value_scale(result.array)
     source_number = meta.get("dicom", {}).get("SeriesNumber")
     files += save_dicom_series(result, out / f"{stem}_dicom",
-                               series_number=series_number(source_number, cfg.method), **kw)
+                               series_number=series_number(source_number, cfg.method), cautions=cautions, **kw)
     if std_vol is not None:
         files += save_dicom_series(std_vol, out / f"{stem}_std_dicom", kind="uncertainty",
-                                   series_number=series_number(source_number, cfg.method, "uncertainty"), **kw)
+                                   series_number=series_number(source_number, cfg.method, "uncertainty"),
+                                   cautions=[*cautions, *std_cautions], **kw)
     has_study = bool(str(meta.get("dicom", {}).get("StudyInstanceUID") or "").strip())
     if simulated is not None and not into_source:
         record["study"] = ("a study of its own, not the patient's (simulated data); "
