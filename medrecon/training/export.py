@@ -103,9 +103,9 @@ def export_prior(
         before_card = read_card(replaced)
         kept = {k: before_card[k] for k in ("tuned", "calibration", "benchmark") if k in before_card and k not in extra}
         if before_card.get("sha256"):
-            for name, section in kept.items():  # entries older than the hash field
+            for what, section in kept.items():  # entries older than the hash field
                 for methods in section.values():
-                    for entry in ([methods] if name == "benchmark" else methods.values()):
+                    for entry in ([methods] if what == "benchmark" else methods.values()):
                         entry.setdefault("weights_sha256", before_card["sha256"])
         extra.update(kept)
     path = prior.save(directory, name, dtype=dtype, card=extra, overwrite=overwrite)
