@@ -67,6 +67,13 @@ def _check_container(p: Path) -> None:
             fh.seek(0)
             import twixtools.hdr_def as hdr_def
 
+            if size < hdr_def.MultiRaidFileHeader.itemsize:
+                raise InputError(
+                    p,
+                    f"truncated: {size} bytes, shorter than the measurement table "
+                    f"({hdr_def.MultiRaidFileHeader.itemsize} bytes)",
+                )
+
             raid = np.frombuffer(
                 fh.read(hdr_def.MultiRaidFileHeader.itemsize), hdr_def.MultiRaidFileHeader
             )[0]
