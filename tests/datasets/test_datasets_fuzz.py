@@ -477,7 +477,7 @@ MRD_EDITS = {
                                 b"</ismrmrdHeader>"),
     "no-data": lambda hf: hf["dataset"].__delitem__("data"),
     "no-xml": lambda hf: hf["dataset"].__delitem__("xml"),
-    "no-dataset": lambda hf: hf.move("dataset", "other/inner"),
+    "no-dataset": lambda hf: (hf.create_group("other"), hf.move("dataset", "other/inner")),
     "centre-outside": _head_field("center_sample", 999),
     "samples-too-many": _head_field("number_of_samples", 50),
     "channels-too-many": _head_field("active_channels", 9),
