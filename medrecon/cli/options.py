@@ -40,9 +40,17 @@ def add_recon_options(p: argparse.ArgumentParser, *, batch: bool = False) -> Non
     g.add_argument("--source-to-detector-mm", type=float, default=949.0, help="fan beam (default %(default)s)")
     g.add_argument("--image-size", type=int, help="measured sinogram: reconstruction grid N×N")
     g = p.add_argument_group("measurement (MRI)")
-    g.add_argument("--acceleration", type=float, default=4.0, help="undersampling factor (default %(default)s)")
+    g.add_argument("--acceleration", type=float, default=None,
+                   help="undersampling factor of a simulated image (default 4); with a fully sampled raw scan "
+                        "(twix .dat, MRD): thin it retrospectively, the full scan becoming the reference")
     g.add_argument("--center-fraction", type=float, default=0.08, help="fully sampled centre (default %(default)s)")
     g.add_argument("--mask", default="equispaced", help="random | equispaced | gaussian1d | poisson")
+    g = p.add_argument_group("raw scanner files (Siemens twix .dat, MRD .mrd/.h5)")
+    g.add_argument("--partial-fourier", choices=["zero-fill", "homodyne", "pocs"], default="zero-fill",
+                   help="asymmetric echo / partial Fourier (default %(default)s)")
+    g.add_argument("--prewhiten", choices=["auto", "noise", "edge", "off"], default="auto",
+                   help="coil noise prewhitening: from the noise scan, else the k-space edge (default %(default)s)")
+    g.add_argument("--compress-coils", type=int, metavar="N", help="SVD coil compression to N virtual coils")
     g = p.add_argument_group("method")
     g.add_argument("--method", default=None,
                    help="fbp | zero-filled | cg | tv | l1-wavelet, or a diffusion method: dds, ccdf, song, dps, "
@@ -83,7 +91,8 @@ def add_recon_options(p: argparse.ArgumentParser, *, batch: bool = False) -> Non
 _FIELDS = ("views", "angles_deg", "limited_angle", "geometry", "source_to_isocenter_mm", "source_to_detector_mm",
            "image_size", "acceleration", "center_fraction", "mask", "method", "prior", "samples", "steps",
            "iters", "noise", "seed", "device", "mode", "slices", "downsample", "output_format",
-           "series_uid", "reference", "case_id", "overwrite", "into_source_study", "window", "input_domain")
+           "series_uid", "reference", "case_id", "overwrite", "into_source_study", "window", "input_domain",
+           "partial_fourier", "prewhiten", "compress_coils")
 
 
 def recon_settings(a: argparse.Namespace) -> dict[str, Any]:

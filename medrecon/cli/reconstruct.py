@@ -17,6 +17,9 @@ EXAMPLES = """examples:
   medrecon reconstruct --modality mri --input brain.nii.gz --acceleration 8 --mask random
   medrecon reconstruct --modality mri --input file.h5 --method cg      # fastMRI k-space (prospective)
   medrecon reconstruct --modality mri --input ksp.cfl --method l1-wavelet --format dicom
+  medrecon reconstruct --modality mri --input meas.dat --method cg    # Siemens twix raw data (prospective)
+  medrecon reconstruct --modality mri --input scan.mrd --method l1-wavelet --format dicom   # MRD raw data
+  medrecon reconstruct --modality mri --input meas.dat --acceleration 4 --method cg   # thinned: full scan = reference
   medrecon reconstruct --modality ct --method song --prior ct-256 --samples 4 --steps 100
 
 outputs (in --out), NAME = CASE_METHOD_SETTINGS (e.g. bundled-ct_tv_23v): NAME.nii.gz (or _dicom/),
@@ -31,15 +34,17 @@ def add_parser(sub) -> None:
         "reconstruct", help="reconstruct one case (simulated or measured data)",
         description="Reconstruct CT or MRI from incomplete measurements. Images (DICOM, NIfTI, image "
         "folders) are retrospective: the measurement is simulated from them. Raw sinograms (.npy or, "
-        "with --modality ct, .mat + .json geometry), fastMRI .h5, BART .cfl and MATLAB .mat k-space are "
-        "prospective: measured data, reconstructed as is (k-space is checked: coil images are refused "
+        "with --modality ct, .mat + .json geometry), fastMRI .h5, BART .cfl, MATLAB .mat k-space and raw "
+        "scanner files (Siemens twix .dat, MRD .mrd/.h5: prewhitened, readout oversampling removed, ESPIRiT maps "
+        "from the calibration lines) are prospective: measured data, reconstructed as is (k-space is checked: coil images are refused "
         "unless --input-domain image). "
         "Without --input, runs on the bundled real CT slice.",
         epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("--modality", choices=["ct", "mri"], required=True)
     p.add_argument("--input", help="DICOM folder/file, NIfTI, image folder, sinogram .npy (or .mat with --modality "
-                   "ct) + .json, fastMRI .h5, BART .cfl or MATLAB .mat k-space (default: bundled CT slice)")
+                   "ct) + .json, fastMRI .h5, BART .cfl or MATLAB .mat k-space, Siemens twix .dat or MRD .mrd/.h5 raw data "
+                   "(default: bundled CT slice)")
     p.add_argument("--out", default="medrecon-out", help="output folder (default: %(default)s)")
     add_recon_options(p)
     p.set_defaults(run=run, default_method=True)

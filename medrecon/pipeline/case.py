@@ -29,7 +29,7 @@ import torch
 from medrecon.datasets._atomic import open_temp
 from medrecon.errors import InputError, SettingsError
 
-__all__ = ["ReconstructConfig", "run_case", "case_id_for", "case_seed", "output_stem", "settings_tag",
+__all__ = ["ReconstructConfig", "DEFAULT_ACCELERATION", "acceleration_of", "thins_raw_scan", "run_case", "case_id_for", "case_seed", "output_stem", "settings_tag",
            "settings_stem", "free_stem", "OUTPUT_SUFFIXES", "unused_settings", "check_settings", "prepare_output_folder",
            "warning_text", "collect_warnings", "estimate_diffusion_time"]
 
@@ -60,6 +60,17 @@ class ReconstructConfig:
     source_to_isocenter_mm, source_to_detector_mm : float
         Fan-beam distances.
     acceleration, center_fraction, mask : MRI undersampling of a retrospective case.
+        ``acceleration`` None: :data:`DEFAULT_ACCELERATION` for a simulated image, no thinning
+        for measured k-space; given with a fully sampled raw scanner file (twix, MRD), its lines
+        are thinned retrospectively and the full scan is the reference.
+    partial_fourier : {"zero-fill", "homodyne", "pocs"}
+        Raw scanner files: how an asymmetric echo (or phase partial Fourier) is handled
+        (:func:`medrecon.datasets.partial_fourier.fill_partial_fourier`).
+    prewhiten : {"auto", "noise", "edge", "off"}
+        Raw scanner files: coil noise prewhitening from the noise scan or the k-space edge
+        (:func:`medrecon.datasets.raw_steps.prewhiten`).
+    compress_coils : int or None
+        Raw scanner files: SVD coil compression to this many virtual coils.
     method : str
         A method of :func:`medrecon.reconstruct` (classical or diffusion), or ``"auto"`` (the
         default of ``medrecon reconstruct``): the default for the operator key from the prior
@@ -120,7 +131,7 @@ class ReconstructConfig:
     limited_angle_deg: float | None = None
     source_to_isocenter_mm: float = 541.0
     source_to_detector_mm: float = 949.0
-    acceleration: float = 4.0
+    acceleration: float | None = None
     center_fraction: float = 0.08
     mask: str = "equispaced"
     method: str = "tv"
@@ -144,6 +155,25 @@ class ReconstructConfig:
     overwrite: bool = False
     progress: bool = False
     into_source_study: bool = False
+    partial_fourier: str = "zero-fill"
+    prewhiten: str = "auto"
+    compress_coils: int | None = None
+
+
+#: MRI acceleration of a simulated (retrospective) image case when none is given
+DEFAULT_ACCELERATION = 4.0
+
+
+def acceleration_of(cfg: ReconstructConfig) -> float:
+    """The case's acceleration: ``cfg.acceleration``, else :data:`DEFAULT_ACCELERATION`."""
+    return float(cfg.acceleration) if cfg.acceleration is not None else DEFAULT_ACCELERATION
+
+
+def thins_raw_scan(cfg: ReconstructConfig) -> bool:
+    """True when the case thins a measured raw scan retrospectively (``--acceleration`` on twix / MRD)."""
+    from medrecon.datasets import raw_format
+
+    return cfg.acceleration is not None and cfg.input is not None and raw_format(cfg.input) is not None
 
 
 def case_id_for(path: str | None, series_uid: str | None = None) -> str:
@@ -180,6 +210,8 @@ def settings_tag(cfg: ReconstructConfig) -> str:
     """
     from medrecon.pipeline.problems import input_kind
 
+    if thins_raw_scan(cfg):
+        return re.sub(r"[^A-Za-z0-9.+-]", "-", f"R{acceleration_of(cfg):g}-{cfg.mask}")
     if input_kind(cfg.input, cfg.modality) != "image":
         return ""
     if cfg.modality == "ct":
@@ -191,7 +223,7 @@ def settings_tag(cfg: ReconstructConfig) -> str:
             tag = f"{cfg.views}v"
         tag = ("fan" if cfg.geometry == "fan" else "") + tag
     else:
-        tag = f"R{cfg.acceleration:g}-{cfg.mask}"
+        tag = f"R{acceleration_of(cfg):g}-{cfg.mask}"
     if cfg.noise > 0:
         tag += f"-noise{cfg.noise:g}"
     return re.sub(r"[^A-Za-z0-9.+-]", "-", tag)
@@ -229,7 +261,8 @@ _OPTIONS = {"views": "--views", "angles_deg": "--angles", "limited_angle_deg": "
             "acceleration": "--acceleration", "center_fraction": "--center-fraction", "mask": "--mask",
             "prior": "--prior", "samples": "--samples", "steps": "--steps", "iters": "--iters",
             "noise": "--noise", "downsample": "--downsample", "reference": "--reference",
-            "into_source_study": "--into-source-study", "input_domain": "--input-domain"}
+            "into_source_study": "--into-source-study", "input_domain": "--input-domain",
+            "partial_fourier": "--partial-fourier", "prewhiten": "--prewhiten", "compress_coils": "--compress-coils"}
 
 
 def _inapplicable(cfg: ReconstructConfig) -> dict[str, str]:
@@ -262,7 +295,10 @@ def _inapplicable(cfg: ReconstructConfig) -> dict[str, str]:
             why["views"] = "--limited-angle chooses the views"
         if cfg.geometry != "fan":
             why["source_to_isocenter_mm"] = why["source_to_detector_mm"] = "parallel beam (fan-beam distances)"
-    mri_why = measured or ("a CT case" if cfg.modality != "mri" else "")
+    from medrecon.datasets import raw_format
+
+    raw = cfg.input is not None and kind == "kspace" and raw_format(cfg.input) is not None
+    mri_why = "" if raw and cfg.modality == "mri" else (measured or ("a CT case" if cfg.modality != "mri" else ""))
     if mri_why:
         for name in ("acceleration", "center_fraction", "mask"):
             why[name] = mri_why
@@ -275,6 +311,11 @@ def _inapplicable(cfg: ReconstructConfig) -> dict[str, str]:
         why["image_size"] = "only for measured sinograms"
     if kind != "kspace":
         why["input_domain"] = "only for MRI k-space files (.h5, .cfl, .mat), which may hold coil images"
+    if not raw:
+        for name in ("partial_fourier", "prewhiten", "compress_coils"):
+            why[name] = "only for raw scanner files (Siemens twix .dat, MRD .mrd/.h5)"
+    elif cfg.acceleration is None:
+        why["center_fraction"] = why["mask"] = "a measured scan is thinned only with --acceleration"
     if not (retro and cfg.output_format == "dicom"):
         why["into_source_study"] = "only for DICOM output of simulated data"
     return why
@@ -493,15 +534,19 @@ def _duration(seconds: float) -> str:
 
 def _validate(cfg: ReconstructConfig) -> None:
     from medrecon.datasets import INPUT_DOMAINS
+    from medrecon.datasets.partial_fourier import PARTIAL_FOURIER_METHODS
 
     choices = {"modality": ("ct", "mri"), "output_format": ("nifti", "dicom"),
                "mode": ("auto", "retrospective", "prospective"), "geometry": ("parallel", "fan"),
-               "input_domain": INPUT_DOMAINS}
+               "input_domain": INPUT_DOMAINS, "partial_fourier": PARTIAL_FOURIER_METHODS,
+               "prewhiten": ("auto", "noise", "edge", "off")}
     for name, allowed in choices.items():
         if getattr(cfg, name) not in allowed:
             raise SettingsError(f"{name} must be one of {', '.join(str(v) for v in allowed)}; "
                                 f"got {getattr(cfg, name)!r}")
-    for name in ("samples", "steps", "iters"):
+    if cfg.acceleration is not None and not cfg.acceleration >= 1:
+        raise SettingsError(f"acceleration must be ≥ 1; got {cfg.acceleration:g}")
+    for name in ("samples", "steps", "iters", "compress_coils"):
         v = getattr(cfg, name)
         if v is not None and v < 1:
             raise SettingsError(f"{name} must be ≥ 1; got {v}")
@@ -712,6 +757,12 @@ def _run_case(cfg: ReconstructConfig, stem_for: str | Callable[[ReconstructConfi
     ignored = unused_settings(cfg)
     for text in _unused_lines(cfg, ignored):
         warnings.warn(f"ignored {text}", UserWarning, stacklevel=2)
+    if notify is not None and prob.notes.get("raw"):  # what a raw scanner file held, and what was done to it
+        notify(f"found {prob.notes['raw']}")
+        for step in prob.notes.get("raw_steps", []):
+            notify(f"  {step}")
+        if prob.notes.get("header_mismatch"):
+            notify(f"  header: {prob.notes['header_mismatch']}")
     y = prob.y.to(device)
     settings = _method_settings(cfg)
     if choice is not None:  # the measured weight of a classical default, and the fallback of a diffusion one

@@ -65,13 +65,17 @@ def describe_simulation(
 
 def simulation_label(cfg: ReconstructConfig) -> str | None:
     """:func:`describe_simulation` of a case; None when it reconstructs measured data."""
+    from medrecon.pipeline.case import acceleration_of, thins_raw_scan
     from medrecon.pipeline.problems import input_kind
 
+    if thins_raw_scan(cfg):
+        return (f"retrospective on measured data: R={acceleration_of(cfg):g} {cfg.mask}, "
+                f"centre {cfg.center_fraction:g}")
     if input_kind(cfg.input, cfg.modality) != "image":
         return None
     return describe_simulation(
         cfg.modality, views=cfg.views, geometry=cfg.geometry, angles_deg=cfg.angles_deg,
-        limited_angle_deg=cfg.limited_angle_deg, acceleration=cfg.acceleration, mask=cfg.mask,
+        limited_angle_deg=cfg.limited_angle_deg, acceleration=acceleration_of(cfg), mask=cfg.mask,
         center_fraction=cfg.center_fraction, noise=cfg.noise,
     )
 

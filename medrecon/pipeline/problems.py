@@ -38,9 +38,10 @@ __all__ = ["Problem", "input_kind", "build_problem", "parse_slices", "retrospect
 SINOGRAM_SUFFIXES = (".npy", ".npz")
 NIFTI_SUFFIXES = (".nii", ".nii.gz")
 #: format names of the k-space endings (an ending missing here is listed by itself)
-_KSPACE_FORMATS = {".h5": "fastMRI", ".hdf5": "fastMRI", ".cfl": "BART", ".hdr": "BART", ".mat": "MATLAB"}
+_KSPACE_FORMATS = {".h5": "fastMRI or MRD", ".hdf5": "fastMRI or MRD", ".cfl": "BART", ".hdr": "BART",
+                   ".mat": "MATLAB", ".dat": "Siemens twix", ".mrd": "MRD"}
 #: what some common endings are, for error messages
-_FILE_KINDS = {".mat": "a MATLAB .mat file", ".h5": "an HDF5 file", ".hdf5": "an HDF5 file",
+_FILE_KINDS = {".dat": "a Siemens twix .dat file", ".mrd": "an MRD file", ".mat": "a MATLAB .mat file", ".h5": "an HDF5 file", ".hdf5": "an HDF5 file",
                ".cfl": "a BART .cfl array", ".hdr": "a BART .hdr header", ".npy": "a NumPy array (.npy)",
                ".npz": "a NumPy archive (.npz)", ".json": "a JSON file", ".txt": "a text file",
                ".csv": "a CSV file", ".zip": "a zip archive", ".gz": "a gzip file", ".pdf": "a PDF file",
@@ -297,11 +298,13 @@ def _retrospective(cfg: ReconstructConfig, seed: int) -> Problem:
     vol = _subset(full, cfg)
     del full
     x = torch.from_numpy(np.ascontiguousarray(vol.array, dtype=np.float32))[:, None]  # (Z, 1, H, W)
+    from medrecon.pipeline.case import acceleration_of
+
     A = retrospective_operator(  # noqa: N806
         x.shape[-2:], cfg.modality, seed=seed, views=cfg.views, geometry=cfg.geometry,
         angles_deg=cfg.angles_deg, limited_angle_deg=cfg.limited_angle_deg, pixel_mm=vol.spacing_mm[2],
         source_to_isocenter_mm=cfg.source_to_isocenter_mm, source_to_detector_mm=cfg.source_to_detector_mm,
-        mask=cfg.mask, acceleration=cfg.acceleration, center_fraction=cfg.center_fraction,
+        mask=cfg.mask, acceleration=acceleration_of(cfg), center_fraction=cfg.center_fraction,
     )
     check_projector_memory(A, _ct_what(cfg))  # before the matrices are built
     if cfg.modality == "ct":
@@ -311,7 +314,7 @@ def _retrospective(cfg: ReconstructConfig, seed: int) -> Problem:
         unit, initial, scale = "HU", "fbp", 1.0
     else:
         scale = float(np.percentile(np.abs(vol.array), 99.5)) or 1.0
-        title = f"MRI {cfg.acceleration:g}x {cfg.mask} mask"
+        title = f"MRI {acceleration_of(cfg):g}x {cfg.mask} mask"
         unit, initial = "a.u.", "zero-filled"
     y = simulate_measurement(x, A, cfg.noise, seed)
     return Problem(y, A, x, vol, unit, initial, title, scale, first_slice=first,
@@ -391,13 +394,17 @@ def _sinogram_problem(cfg: ReconstructConfig) -> Problem:
                    first_slice=range(sino.data.shape[0])[s][0])
 
 
-def _kspace_problem(cfg: ReconstructConfig) -> Problem:
+def _kspace_problem(cfg: ReconstructConfig, seed: int = 0) -> Problem:
     from medrecon.datasets import Volume, load_fastmri_reference, load_kspace
     from medrecon.operators import MaskedFourier, MultiCoilMRI, estimate_coil_maps
 
     path = Path(cfg.input)
     is_h5 = path.suffix.lower() in (".h5", ".hdf5")
     ksp = load_kspace(str(path), input_domain=cfg.input_domain)  # by ending; coil images refused or converted
+    if "raw" in ksp.header:  # a raw scanner file (twix, MRD)
+        from medrecon.pipeline.rawscan import raw_problem
+
+        return raw_problem(cfg, ksp, seed)
     s = parse_slices(cfg.slices, ksp.data.shape[1], str(path))
     data = ksp.data[:, s]  # (coils, Z, H, W)
     mask = ksp.mask if ksp.mask.shape[0] == 1 else ksp.mask[s]
@@ -450,11 +457,18 @@ def build_problem(cfg: ReconstructConfig, seed: int) -> Problem:
     if cfg.input is not None and not Path(cfg.input).exists():
         raise InputError(cfg.input, "no such file or folder")
     kind = input_kind(cfg.input, cfg.modality)
+    from medrecon.pipeline.case import thins_raw_scan
+
+    thin = thins_raw_scan(cfg)  # --acceleration on a raw scanner file: retrospective on measured data
     mode = cfg.mode
     if mode == "auto":
-        mode = "retrospective" if kind == "image" else "prospective"
-    if mode == "retrospective" and kind != "image":
-        raise SettingsError(f"retrospective mode needs an image input; {Path(str(cfg.input)).name} is a {kind}")
+        mode = "retrospective" if kind == "image" or thin else "prospective"
+    if mode == "retrospective" and kind != "image" and not thin:
+        raise SettingsError(f"retrospective mode needs an image input, or a fully sampled raw scanner file (twix, "
+                            f"MRD) with --acceleration; {Path(str(cfg.input)).name} is a {kind}")
+    if mode == "prospective" and thin:
+        raise SettingsError("--acceleration thins a measured raw scan retrospectively, --mode prospective "
+                            "reconstructs it as measured: give one of them")
     if mode == "prospective" and kind == "image":
         raise SettingsError(f"prospective mode needs measured data: {supported_formats('input').split('; ', 1)[1]}")
     want = {"sinogram": "ct", "kspace": "mri"}.get(kind)
@@ -464,7 +478,7 @@ def build_problem(cfg: ReconstructConfig, seed: int) -> Problem:
     if kind == "sinogram":
         prob = _sinogram_problem(cfg)
     elif kind == "kspace":
-        prob = _kspace_problem(cfg)
+        prob = _kspace_problem(cfg, seed)
     else:
         return _retrospective(cfg, seed)
     if cfg.reference:
