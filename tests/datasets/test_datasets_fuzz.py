@@ -502,10 +502,18 @@ for _bad in ("nan", "inf"):
 
     case(f"mrd-{_bad}-sample")(_b)
 
-case("mrd-text-file")(lambda tmp: ((lambda: load_mrd(_write(tmp / "x.mrd", b"hello"))), "x.mrd"))
-case("mrd-fastmri-file")(
-    lambda tmp: ((lambda: load_mrd(_h5(tmp, kspace=_K))), "no MRD dataset")
-)
+def _mrd_text(tmp: Path):
+    p = _write(tmp / "x.mrd", b"hello")  # written before the snapshot: the reader must leave it alone
+    return (lambda: load_mrd(p)), "x.mrd"
+
+
+case("mrd-text-file")(_mrd_text)
+def _mrd_fastmri(tmp: Path):
+    p = _h5(tmp, kspace=_K)
+    return (lambda: load_mrd(p)), "no MRD dataset"
+
+
+case("mrd-fastmri-file")(_mrd_fastmri)
 
 
 # ------------------------------------------------------------------ Siemens twix (needs the shared file)
@@ -545,8 +553,18 @@ def _twix_bytes(offset: int, payload: bytes):
 case("twix-garbage-table")(_twix_bytes(8, bytes(range(256)) * 2))
 case("twix-no-measurements")(_twix_bytes(4, b"\0\0\0\0"))
 case("twix-header-length")(_twix_bytes(0, (50_000_000).to_bytes(4, "little")))
-case("twix-text-file")(lambda tmp: ((lambda: load_twix(_write(tmp / "t.dat", b"hello world " * 200))), "t.dat"))
-case("twix-zeros")(lambda tmp: ((lambda: load_twix(_write(tmp / "z.dat", bytes(5000)))), "z.dat"))
+def _twix_text(tmp: Path):
+    p = _write(tmp / "t.dat", b"hello world " * 200)
+    return (lambda: load_twix(p)), "t.dat"
+
+
+case("twix-text-file")(_twix_text)
+def _twix_zeros(tmp: Path):
+    p = _write(tmp / "z.dat", bytes(5000))
+    return (lambda: load_twix(p)), "z.dat"
+
+
+case("twix-zeros")(_twix_zeros)
 case("twix-missing")(lambda tmp: ((lambda: load_twix(tmp / "none.dat")), "none.dat"))
 
 
