@@ -29,7 +29,13 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["DomainReport", "check_domain", "histogram_distance", "normalised_for_domain", "MR_CONTRASTS"]
+__all__ = [
+    "DomainReport",
+    "check_domain",
+    "histogram_distance",
+    "normalised_for_domain",
+    "MR_CONTRASTS",
+]
 
 #: MR contrast names recognised in SeriesDescription / ProtocolName / SequenceName (first match
 #: in this order wins: "T2 FLAIR" is FLAIR)
@@ -44,15 +50,32 @@ MR_CONTRASTS = {
 
 #: body-region words in descriptions, mapped to DICOM BodyPartExamined terms
 _REGION_WORDS = {
-    "HEAD": r"\bhead\b|\bbrain\b|\bskull\b|\bcran|\bneuro", "NECK": r"\bneck\b|\bcervical\b",
-    "CHEST": r"\bchest\b|\bthorax\b|\blung|\bthoracic\b", "ABDOMEN": r"\babdom|\bliver\b|\bpancrea|\brenal\b",
-    "PELVIS": r"\bpelvi|\bprostat|\bbladder\b", "SPINE": r"\bspine\b|\blumbar\b|\bl-spine\b",
-    "KNEE": r"\bknee\b", "BREAST": r"\bbreast\b|\bmamm", "EXTREMITY": r"\barm\b|\bleg\b|\bthigh\b|\bankle\b|\bwrist\b",
+    "HEAD": r"\bhead\b|\bbrain\b|\bskull\b|\bcran|\bneuro",
+    "NECK": r"\bneck\b|\bcervical\b",
+    "CHEST": r"\bchest\b|\bthorax\b|\blung|\bthoracic\b",
+    "ABDOMEN": r"\babdom|\bliver\b|\bpancrea|\brenal\b",
+    "PELVIS": r"\bpelvi|\bprostat|\bbladder\b",
+    "SPINE": r"\bspine\b|\blumbar\b|\bl-spine\b",
+    "KNEE": r"\bknee\b",
+    "BREAST": r"\bbreast\b|\bmamm",
+    "EXTREMITY": r"\barm\b|\bleg\b|\bthigh\b|\bankle\b|\bwrist\b",
 }
 #: BodyPartExamined synonyms folded together
-_REGION_ALIASES = {"BRAIN": "HEAD", "SKULL": "HEAD", "THORAX": "CHEST", "LUNG": "CHEST", "ABDOMENPELVIS": "ABDOMEN",
-                   "WHOLEBODY": "WHOLEBODY", "CSPINE": "SPINE", "LSPINE": "SPINE", "TSPINE": "SPINE",
-                   "ARM": "EXTREMITY", "LEG": "EXTREMITY", "HAND": "EXTREMITY", "FOOT": "EXTREMITY"}
+_REGION_ALIASES = {
+    "BRAIN": "HEAD",
+    "SKULL": "HEAD",
+    "THORAX": "CHEST",
+    "LUNG": "CHEST",
+    "ABDOMENPELVIS": "ABDOMEN",
+    "WHOLEBODY": "WHOLEBODY",
+    "CSPINE": "SPINE",
+    "LSPINE": "SPINE",
+    "TSPINE": "SPINE",
+    "ARM": "EXTREMITY",
+    "LEG": "EXTREMITY",
+    "HAND": "EXTREMITY",
+    "FOOT": "EXTREMITY",
+}
 
 
 @dataclass
@@ -79,8 +102,12 @@ class DomainReport:
         return not self.warnings
 
     def as_record(self) -> dict[str, Any]:
-        return {"in_domain": self.in_domain, "warnings": list(self.warnings), "notes": list(self.notes),
-                "stats": dict(self.stats)}
+        return {
+            "in_domain": self.in_domain,
+            "warnings": list(self.warnings),
+            "notes": list(self.notes),
+            "stats": dict(self.stats),
+        }
 
 
 def normalised_for_domain(image: np.ndarray, card: dict[str, Any]) -> np.ndarray:
@@ -89,7 +116,11 @@ def normalised_for_domain(image: np.ndarray, card: dict[str, Any]) -> np.ndarray
     A ``window`` normaliser maps ``[low, high]`` to ``[0, 1]``; a ``percentile`` one divides by
     the image's own percentile (the 99.5th, as :func:`medrecon.api.problem_scale` does).
     """
-    a = np.abs(image).astype(np.float64) if np.iscomplexobj(image) else np.asarray(image, dtype=np.float64)
+    a = (
+        np.abs(image).astype(np.float64)
+        if np.iscomplexobj(image)
+        else np.asarray(image, dtype=np.float64)
+    )
     norm = card.get("normaliser", {})
     if norm.get("kind") == "window":
         low, high = float(norm["low"]), float(norm["high"])
@@ -166,38 +197,57 @@ def check_domain(
     if want and got and got != want:
         rep.warnings.append(f"the input is {got}; {name} was trained on {want} only")
     if not dom:
-        rep.notes.append(f"{name}'s card describes no training domain: body region, contrast, spacing and "
-                         "intensities not checked")
+        rep.notes.append(
+            f"{name}'s card describes no training domain: body region, contrast, spacing and "
+            "intensities not checked"
+        )
         return rep
-    text = " ".join(str(dicom.get(k) or "") for k in ("SeriesDescription", "ProtocolName", "SequenceName",
-                                                       "StudyDescription"))
+    text = " ".join(
+        str(dicom.get(k) or "")
+        for k in ("SeriesDescription", "ProtocolName", "SequenceName", "StudyDescription")
+    )
     regions = [str(r).upper() for r in dom.get("body_regions", [])]
-    region = _region(str(dicom.get("BodyPartExamined") or ""), text) if (dicom.get("BodyPartExamined") or text.strip()) \
+    region = (
+        _region(str(dicom.get("BodyPartExamined") or ""), text)
+        if (dicom.get("BodyPartExamined") or text.strip())
         else None
+    )
     rep.stats["body_region"] = region
     if region and regions and region not in regions:
-        rep.warnings.append(f"the input's body region is {region}; {name} was trained on "
-                            f"{', '.join(r.lower() for r in regions)} only")
+        rep.warnings.append(
+            f"the input's body region is {region}; {name} was trained on "
+            f"{', '.join(r.lower() for r in regions)} only"
+        )
     elif not region and regions:
-        rep.notes.append(f"body region not recorded in the input: not checked ({name}: "
-                         f"{', '.join(r.lower() for r in regions)})")
+        rep.notes.append(
+            f"body region not recorded in the input: not checked ({name}: "
+            f"{', '.join(r.lower() for r in regions)})"
+        )
     contrasts = [str(c).upper() for c in dom.get("contrasts", [])]
     if contrasts:
         contrast = _contrast(text)
         rep.stats["contrast"] = contrast
         if contrast and contrast not in contrasts:
-            rep.warnings.append(f"the input's MR contrast is {contrast}; {name} was trained on "
-                                f"{', '.join(contrasts)} only")
+            rep.warnings.append(
+                f"the input's MR contrast is {contrast}; {name} was trained on "
+                f"{', '.join(contrasts)} only"
+            )
         elif not contrast:
-            rep.notes.append(f"MR contrast not recorded in the input: not checked ({name}: {', '.join(contrasts)})")
+            rep.notes.append(
+                f"MR contrast not recorded in the input: not checked ({name}: {', '.join(contrasts)})"
+            )
     lo_hi = dom.get("pixel_spacing_mm")
     if lo_hi and spacing_mm is not None:
         s = float(min(spacing_mm))
         rep.stats["pixel_spacing_mm"] = round(s, 4)
         lo, hi = float(lo_hi[0]), float(lo_hi[1])
-        if not lo / 1.5 <= s <= hi * 1.5:  # a resampled image may sit a little outside the measured range
-            rep.warnings.append(f"the input's pixel spacing {s:.3g} mm is outside the training range "
-                                f"{lo:.3g}–{hi:.3g} mm of {name}")
+        if (
+            not lo / 1.5 <= s <= hi * 1.5
+        ):  # a resampled image may sit a little outside the measured range
+            rep.warnings.append(
+                f"the input's pixel spacing {s:.3g} mm is outside the training range "
+                f"{lo:.3g}–{hi:.3g} mm of {name}"
+            )
     elif lo_hi:
         rep.notes.append("pixel spacing unknown: not checked")
     hist = dom.get("histogram")
@@ -214,5 +264,6 @@ def check_domain(
             if med > thr:
                 rep.warnings.append(
                     f"the input's intensities are unlike {name}'s training images (histogram distance {med:.2f}; "
-                    f"the training slices reach {thr:.2f}): a phantom or an unusual scan?")
+                    f"the training slices reach {thr:.2f}): a phantom or an unusual scan?"
+                )
     return rep

@@ -24,7 +24,10 @@ __all__ = ["HISTOGRAMS", "measure_domain"]
 #: histogram layout per modality, normalised units: pixels above ``floor`` (CT: HU > −900, so
 #: air outside the body and in the lungs' core is left out; MRI: 2 % of the 99.5th percentile),
 #: ``bins`` equal bins from the floor to ``top`` (CT: 50 HU each)
-HISTOGRAMS = {"ct": {"floor": 124 / 4096, "top": 1.0, "bins": 79}, "mri": {"floor": 0.02, "top": 1.5, "bins": 74}}
+HISTOGRAMS = {
+    "ct": {"floor": 124 / 4096, "top": 1.0, "bins": 79},
+    "mri": {"floor": 0.02, "top": 1.5, "bins": 74},
+}
 
 
 def _spacings(paths: Sequence[str]) -> list[float]:
@@ -32,14 +35,23 @@ def _spacings(paths: Sequence[str]) -> list[float]:
     for p in paths:
         with np.load(_resolve(p)) as z:
             if "pixel_spacing_mm" in z.files:
-                out += [float(v) for v in np.asarray(z["pixel_spacing_mm"], dtype=np.float64).reshape(-1)]
+                out += [
+                    float(v)
+                    for v in np.asarray(z["pixel_spacing_mm"], dtype=np.float64).reshape(-1)
+                ]
             elif "spacing_mm" in z.files:  # a volume: (z, y, x)
-                out += [float(v) for v in np.asarray(z["spacing_mm"], dtype=np.float64).reshape(-1)[-2:]]
+                out += [
+                    float(v) for v in np.asarray(z["spacing_mm"], dtype=np.float64).reshape(-1)[-2:]
+                ]
     return [v for v in out if np.isfinite(v) and v > 0]
 
 
-def measure_domain(paths: Sequence[str], modality: str, curated: dict[str, Any] | None = None,
-                   validation: Any = None) -> dict[str, Any]:
+def measure_domain(
+    paths: Sequence[str],
+    modality: str,
+    curated: dict[str, Any] | None = None,
+    validation: Any = None,
+) -> dict[str, Any]:
     """The ``domain`` block of a prior trained on ``paths`` (``.npz`` training files).
 
     Parameters
@@ -63,21 +75,32 @@ def measure_domain(paths: Sequence[str], modality: str, curated: dict[str, Any] 
         if h.sum() > 0:
             hists.append(h / h.sum())
     reference = np.mean(hists, axis=0)
-    hist = {"floor": round(spec["floor"], 6), "edges": [round(float(e), 6) for e in edges],
-            "reference": [round(float(r), 6) for r in reference]}
+    hist = {
+        "floor": round(spec["floor"], 6),
+        "edges": [round(float(e), 6) for e in edges],
+        "reference": [round(float(r), 6) for r in reference],
+    }
     d = histogram_distance(x, hist)
     d = d[np.isfinite(d)]
     hist["tvd_threshold"] = round(float(np.percentile(d, 99.5)), 4)
-    hist["training_distance_percentiles"] = {f"p{q}": round(float(np.percentile(d, q)), 4) for q in (5, 50, 95, 99.5)}
+    hist["training_distance_percentiles"] = {
+        f"p{q}": round(float(np.percentile(d, q)), 4) for q in (5, 50, 95, 99.5)
+    }
     if validation is not None:
         dv = histogram_distance(np.asarray(validation, dtype=np.float64), hist)
         dv = dv[np.isfinite(dv)]
         hist["validation_distance_max"] = round(float(dv.max()), 4) if dv.size else None
-    hist["how"] = ("total-variation distance between a slice's histogram of normalised values above the floor and "
-                   "the mean training histogram; an input warns above tvd_threshold (the training slices' 99.5th "
-                   "percentile), judged on the median over its slices")
-    out: dict[str, Any] = {"modality": {"ct": "CT", "mri": "MR"}[modality], **dict(curated or {}),
-                           "slices_measured": int(len(x)), "histogram": hist}
+    hist["how"] = (
+        "total-variation distance between a slice's histogram of normalised values above the floor and "
+        "the mean training histogram; an input warns above tvd_threshold (the training slices' 99.5th "
+        "percentile), judged on the median over its slices"
+    )
+    out: dict[str, Any] = {
+        "modality": {"ct": "CT", "mri": "MR"}[modality],
+        **dict(curated or {}),
+        "slices_measured": int(len(x)),
+        "histogram": hist,
+    }
     sp = _spacings(paths)
     if sp:
         out["pixel_spacing_mm"] = [round(min(sp), 4), round(max(sp), 4)]
