@@ -21,6 +21,8 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
+import warnings
+
 import numpy as np
 import torch
 
@@ -55,6 +57,25 @@ def _maps(ksp: KSpace, where: str) -> tuple[torch.Tensor, int]:
         for z in range(calib.shape[1])
     ]
     return torch.stack(maps), width
+
+
+#: share of the object (pixels where the root-sum-of-squares of the zero-filled coil images
+#: exceeds 10 % of its maximum) that the coil maps must cover before a warning
+MIN_COVERAGE = 0.9
+
+
+def map_coverage(maps: torch.Tensor, y: torch.Tensor, mask: torch.Tensor) -> float:
+    """Share of the object that the coil maps cover: pixels with ``Σ|S|² ≥ 0.5`` among those
+    where the RSS of the zero-filled coil images exceeds 10 % of its maximum (all slices)."""
+    from medrecon.operators import MaskedFourier
+
+    z, c, h, w = y.shape
+    with torch.no_grad():
+        coil = MaskedFourier(mask).adjoint(y.reshape(z * c, 1, h, w)).abs().reshape(z, c, h, w)
+    rss = coil.pow(2).sum(1).sqrt()
+    obj = rss > 0.1 * rss.amax(dim=(-2, -1), keepdim=True)
+    covered = maps.abs().pow(2).sum(1) >= 0.5
+    return float((obj & covered).sum()) / max(1, int(obj.sum()))
 
 
 def raw_problem(cfg: ReconstructConfig, ksp: KSpace, seed: int) -> Problem:
@@ -120,6 +141,15 @@ def raw_problem(cfg: ReconstructConfig, ksp: KSpace, seed: int) -> Problem:
         maps, width = _maps(measured, where)
         A = MultiCoilMRI(maps, m)  # noqa: N806
         notes["coil_maps"] = f"ESPIRiT from the {width}×{width} calibration region"
+        cover = map_coverage(maps, y, m)
+        notes["coil_map_coverage"] = round(cover, 3)
+        if cover < MIN_COVERAGE:
+            warnings.warn(
+                f"{where}: the ESPIRiT coil maps from the {width}×{width} calibration region cover only "
+                f"{100 * cover:.0f} % of the object (the coil images' support): the reconstruction is cut to "
+                "them; give more calibration lines (a larger --center-fraction when thinning)",
+                UserWarning, stacklevel=2,
+            )
     reference = None
     if thin:
         full_y = torch.from_numpy(np.ascontiguousarray(full.data.transpose(1, 0, 2, 3)))
