@@ -47,6 +47,7 @@ import json
 import math
 import os
 import platform
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -388,7 +389,79 @@ def _best(rows: list[dict], cfg: str, methods: tuple[str, ...], key: str = "psnr
     return max(cand, key=lambda r: r[key]) if cand else None
 
 
-def check_targets(rows: list[dict]) -> list[dict[str, Any]]:
+def card_path_of(name: str) -> Path:
+    """The card file of a prior given by registry name or path."""
+    from medrecon.priors.registry import shipped_registry
+
+    reg = shipped_registry()
+    return reg.card_path(name) if name in reg else Path(name).with_suffix(".json")
+
+
+def store_rows(args: argparse.Namespace, configs: list[Config], results: list[dict[str, Any]],
+               priors: dict[str, tuple[Any, str]], rows_used: dict[str, list[int]],
+               data: dict[str, Any]) -> dict[str, list[str]]:
+    """Write each setting's mean PSNR per method into its prior's card (``store_benchmark``),
+    grouped by operator key; settings without dds and a regularised classical method are skipped."""
+    from medrecon.solvers.cards import CLASSICAL_FOR_DEFAULT, operator_key
+    from medrecon.tuning import store_benchmark
+
+    by_key: dict[tuple[str, str], list[dict[str, Any]]] = {}
+    for cfg in configs:
+        got = {r["method"]: r for r in results if r["config"] == cfg.name and r.get("psnr") is not None}
+        if "dds" not in got or not set(got) & set(CLASSICAL_FOR_DEFAULT) or priors.get(cfg.modality, (None,))[0] is None:
+            continue
+        key = operator_key(cfg.build(data[cfg.modality]["size"]))
+        by_key.setdefault((cfg.modality, key), []).append({
+            "config": cfg.name, "noise_rel": cfg.noise,
+            "psnr": {m: r["psnr"] for m, r in got.items()},
+            "settings": {m: {"lam": r["settings"]["lam"]} for m, r in got.items()
+                         if m in CLASSICAL_FOR_DEFAULT and "lam" in r.get("settings", {})},
+        })
+    stored: dict[str, list[str]] = {}
+    for (modality, key), rows in by_key.items():
+        path = card_path_of(args.prior_ct if modality == "ct" else args.prior_mri)
+        d = data[modality]
+        store_benchmark(path, key, rows, images=f"{modality}/val.npz rows {rows_used[modality]}",
+                        n_images=len(rows_used[modality]),
+                        command="benchmarks/recon.py " + " ".join(sys.argv[1:]))
+        stored.setdefault(str(path), []).append(key)
+        print(f"stored the benchmark of {key} ({', '.join(r['config'] for r in rows)}) in {path}; size {d['size']}²")
+    return stored
+
+
+def default_column(configs: list[Config], results: list[dict[str, Any]],
+                   priors: dict[str, tuple[Any, str]], data: dict[str, Any],
+                   names: dict[str, str]) -> list[dict[str, Any]]:
+    """Per setting: the method ``reconstruct(method=None)`` runs (from the prior's card as it is
+    now on disk) and its PSNR in this run — the chosen method's row, or the classical row where
+    the chosen diffusion row flagged itself as failing (what the default then returns)."""
+    from medrecon.api import default_choice
+    from medrecon.solvers.cards import CLASSICAL_FOR_DEFAULT, operator_key
+
+    out = []
+    for cfg in configs:
+        prior = priors.get(cfg.modality, (None,))[0]
+        got = {r["method"]: r for r in results if r["config"] == cfg.name and r.get("psnr") is not None}
+        classical = {m: r["psnr"] for m, r in got.items() if m in CLASSICAL_FOR_DEFAULT}
+        if prior is None or not classical:
+            continue
+        A = cfg.build(data[cfg.modality]["size"])  # noqa: N806
+        choice = default_choice(A, str(card_path_of(names[cfg.modality])))
+        method = choice.method
+        if method in got and got[method].get("failing"):
+            method = choice.classical
+        best = max(classical, key=classical.get)
+        row = {"config": cfg.name, "key": operator_key(A), "method": method, "reason": choice.reason,
+               "best_classical": best, "classical_psnr": classical[best]}
+        if method in got:
+            row.update(psnr=got[method]["psnr"], margin=round(got[method]["psnr"] - classical[best], 3))
+        else:
+            row.update(psnr=None, note=f"{method} not run here")
+        out.append(row)
+    return out
+
+
+def check_targets(rows: list[dict], defaults: list[dict[str, Any]] | None = None) -> list[dict[str, Any]]:
     """The targets of issues 25 (DDS) and 23 (priors v2), each ``{"target", "value", "ok"}`` (ok None =
     not measurable)."""
     out: list[dict[str, Any]] = []
@@ -424,6 +497,9 @@ def check_targets(rows: list[dict]) -> list[dict[str, Any]]:
         c, s = r["coverage_2sigma"], r["spearman"]
         add(f"{r['config']}/{r['method']}: ±2σ coverage in [0.85, 0.99]", c, 0.85 <= c <= 0.99)
         add(f"{r['config']}/{r['method']}: Spearman ≥ 0.4", s, s is not None and s >= 0.4)
+    for d in defaults or []:  # issue 31: the default never loses to classical by more than 0.2 dB
+        ok = None if d.get("margin") is None else d["margin"] >= -0.2
+        add(f"{d['config']}: default ({d['method']}) ≥ best classical − 0.2 dB PSNR", d.get("margin"), ok)
     return out
 
 
@@ -469,6 +545,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:  # noqa: D103
         "--lam",
         default=None,
         help="fixed weights instead of the sweep, e.g. tv=1e-4,l1-wavelet=3e-3",
+    )
+    p.add_argument(
+        "--store",
+        action="store_true",
+        help="write each setting's mean PSNR per method into its prior's card (card['benchmark'][key]), "
+        "from which medrecon picks the default method per operator key (needs dds and tv or l1-wavelet)",
     )
     p.add_argument(
         "--iters",
@@ -608,6 +690,8 @@ def _run(args: argparse.Namespace) -> dict[str, Any]:
             }
             if "tuned" in info:
                 row["tuned_defaults"] = info["tuned"]
+            if info.get("failing"):
+                row["failing"] = True
             results.append(row)
             log(
                 f"# {cfg.name:22s} {method:11s} PSNR {row['psnr']:.2f} SSIM {row['ssim']:.4f} "
@@ -644,7 +728,16 @@ def _run(args: argparse.Namespace) -> dict[str, Any]:
                 for m, w in ws.items()
             )
         )
-    targets = check_targets(results)
+    stored = store_rows(args, configs, results, priors, rows_used, data) if args.store else {}
+    defaults = default_column(configs, results, priors, data, {"ct": args.prior_ct, "mri": args.prior_mri})
+    if defaults:
+        print("default method per setting (medrecon.api.default_choice on the card"
+              + (" just written" if stored else "") + "), against the best classical method of this run:")
+        for d in defaults:
+            print(f"  {d['config']:22s} {d['key']:12s} {d['method']:11s} "
+                  + (f"{d['psnr']:.2f} dB, best classical {d['best_classical']} {d['classical_psnr']:.2f} dB "
+                     f"({d['margin']:+.2f})" if d.get("psnr") is not None else f"({d['note']})"))
+    targets = check_targets(results, defaults)
     print("targets (relative to the baselines of this run):")
     for t in targets:
         status = "n/a " if t["ok"] is None else ("PASS" if t["ok"] else "FAIL")
@@ -669,6 +762,8 @@ def _run(args: argparse.Namespace) -> dict[str, Any]:
         "priors": {m: (r or "loaded") for m, (_, r) in priors.items()},
         "results": results,
         "targets": targets,
+        "defaults": defaults,
+        "stored": stored,
         "wall_s": round(wall, 1),
     }
     print(json.dumps(out), flush=True)

@@ -21,8 +21,10 @@ from medrecon.errors import SettingsError
 from medrecon.operators.base import LinearOperator
 from medrecon.operators.ct import CTProjector
 from medrecon.solvers import classical
+from medrecon.solvers.cards import DefaultChoice, measured_default
 
-__all__ = ["Reconstruction", "reconstruct", "METHODS", "BEST_DIFFUSION", "default_method", "problem_scale"]
+__all__ = ["Reconstruction", "reconstruct", "METHODS", "BEST_DIFFUSION", "default_choice", "default_method",
+           "prior_card", "problem_scale"]
 
 #: classical methods and their defaults (weights in normalised units, see solvers.classical)
 METHODS: dict[str, dict[str, Any]] = {
@@ -45,16 +47,49 @@ BEST_DIFFUSION = "dds"
 FAILING_RATIO, FAILING_FLOOR, FAILING_ROUGHNESS = 3.0, 0.1, 3.0
 
 
-def default_method(operator: LinearOperator | None = None, prior: Any = None, *, modality: str | None = None) -> str:
-    """The method :func:`reconstruct` (and ``medrecon reconstruct``) uses when none is named:
-    :data:`BEST_DIFFUSION` when a prior is given or a shipped prior exists for the modality
-    (``ct-256`` for CT projectors or ``modality="ct"``, ``mri-256`` otherwise), else ``"tv"``."""
-    if prior is not None:
-        return BEST_DIFFUSION
-    from medrecon.priors.registry import shipped_registry
+def default_choice(operator: LinearOperator, prior: Any = None) -> DefaultChoice:
+    """The method :func:`reconstruct` (and ``medrecon reconstruct``) uses for ``operator`` when
+    none is named, with the measurement behind the choice
+    (:func:`medrecon.solvers.cards.measured_default`).
 
-    name = _default_prior_name(operator) if operator is not None else f"{(modality or 'ct').lower()}-256"
-    return BEST_DIFFUSION if name in shipped_registry().names() else "tv"
+    The prior's card (``prior``: a name, a card path or a prior object; default the shipped prior
+    of the modality) holds a benchmark per operator key: :data:`BEST_DIFFUSION` is the default
+    where it beat the best classical method there, that classical method otherwise.  A key with
+    no measurement gets the best classical method, and the reason says that the diffusion method
+    is unmeasured there.  Without a prior for the modality: TV.
+    """
+    card, why_none = prior_card(prior, operator)
+    if card is None:
+        return DefaultChoice("tv", {}, f"tv is the default: {why_none}", False)
+    return measured_default(card, operator, BEST_DIFFUSION)
+
+
+def default_method(operator: LinearOperator, prior: Any = None) -> str:
+    """The name of :func:`default_choice`'s method."""
+    return default_choice(operator, prior).method
+
+
+def prior_card(prior: Any, operator: LinearOperator) -> tuple[dict[str, Any] | None, str]:
+    """The model card of ``prior`` (name, card path or object; None: the modality's shipped
+    prior), or None and why there is none."""
+    from pathlib import Path
+
+    from medrecon.priors.registry import read_card, shipped_registry
+
+    if prior is None:
+        prior = _default_prior_name(operator)
+        if prior not in shipped_registry():
+            return None, f"no shipped prior {prior!r} for this modality"
+    if isinstance(prior, str | Path):
+        reg = shipped_registry()
+        if str(prior) in reg:
+            return reg.card(str(prior)), ""
+        path = Path(prior)
+        if path.suffix in (".json", ".safetensors") or path.exists():
+            return read_card(path.with_suffix(".json")), ""
+        return None, f"unknown prior {prior!r}"
+    card = getattr(prior, "card", None)
+    return (card, "") if isinstance(card, dict) else (None, "the prior object has no model card")
 
 
 def _default_prior_name(operator: LinearOperator) -> str:
@@ -153,6 +188,7 @@ def _diffusion(y, operator, method, prior, n_samples, steps, seed, progress, cal
             f"the data); check the settings (steps, tuned values) or use --method tv"
         )
     info.update({
+        "failing": len(warnings) > len(info.get("warnings", [])),
         "std_scale": round(scale, 4), "std_calibration": how,
         "method": method, "seed": seed, "wall_time_s": round(wall, 4),
         "prior": getattr(model, "name", type(model).__name__) or type(model).__name__,
@@ -198,6 +234,7 @@ def reconstruct(
     seed: int = 0,
     progress: bool = False,
     calibrated: bool = True,
+    fallback: bool | None = None,
     **settings: Any,
 ) -> Reconstruction:
     """Reconstruct an image from measurements ``y = A x``.
@@ -213,8 +250,10 @@ def reconstruct(
         Diffusion: ``"dds"``, ``"ccdf"``, ``"song"``, ``"dps"``, ``"score-mri"``, and for volumes
         (slices on the batch axis) ``"dds3d"``, ``"mbir3d"``; classical: ``"fbp"``,
         ``"zero-filled"``, ``"cg"``, ``"tv"``, ``"l1-wavelet"``.  Default
-        (:func:`default_method`): the best measured diffusion method, :data:`BEST_DIFFUSION`,
-        when a prior is given or shipped for the modality; TV otherwise.
+        (:func:`default_choice`): per operator key, from the prior card's measured benchmark —
+        :data:`BEST_DIFFUSION` where it beat the best classical method, that classical method
+        (at its measured weight) otherwise and where the key was never measured.
+        ``info["default"]`` says which and why.
     prior : str or prior object, optional
         Diffusion methods: a shipped prior's name (default ``"ct-256"`` for CT operators,
         ``"mri-256"`` otherwise) or any object with ``sde`` and ``score(x, t)`` in normalised space.
@@ -232,6 +271,12 @@ def reconstruct(
         method (measured on held-out images, :func:`medrecon.tuning.calibrate`) when the
         run uses the calibrated settings; ``info["std_scale"]`` and ``info["std_calibration"]``
         say which factor was applied and why.  False: the raw spread of the samples.
+    fallback : bool, optional
+        When a diffusion run flags itself as failing (``info["failing"]``: data residual or
+        roughness far above the initial estimate's), return the best classical estimate for the
+        key instead, with the reason in ``info["fallback"]`` and the warnings.  Default: True when
+        ``method`` is None (the default method), False for a named method, which keeps its
+        result with the warning.
     **settings
         Method settings overriding :data:`METHODS` (e.g. ``lam``, ``iters``).
 
@@ -252,12 +297,46 @@ def reconstruct(
     """
     from medrecon.solvers.presets import DIFFUSION_METHODS
 
+    choice = None
     if method is None:
-        method = default_method(operator, prior)
+        choice = default_choice(operator, prior)
+        method, settings = choice.method, {**choice.settings, **settings}
+    if fallback is None:
+        fallback = choice is not None
     if method in DIFFUSION_METHODS:
-        return _diffusion(y, operator, method, prior, n_samples, steps, seed, progress, calibrated, settings)
-    if method not in METHODS:
+        rec = _diffusion(y, operator, method, prior, n_samples, steps, seed, progress, calibrated, settings)
+        if fallback and rec.info.get("failing"):
+            rec = _fall_back(y, operator, method, rec, choice or default_choice(operator, prior), seed)
+    elif method not in METHODS:
         raise SettingsError(_nearest(method, (*METHODS, *DIFFUSION_METHODS)))
+    else:
+        rec = _classical(y, operator, method, seed, settings, choice)
+    if choice is not None:
+        rec.info["default"] = {"method": choice.method, "reason": choice.reason, "measured": choice.measured}
+    return rec
+
+
+def _fall_back(y: Tensor, operator: LinearOperator, method: str, failed: Reconstruction,
+               choice: DefaultChoice, seed: int) -> Reconstruction:
+    """The best classical estimate for the key, returned in place of a diffusion run that flagged
+    itself as failing; its warnings and numbers are kept in ``info["fallback"]``."""
+    rec = _classical(y, operator, choice.classical, seed, dict(choice.classical_settings), None)
+    why = [w for w in failed.info.get("warnings", []) if "is failing" in w]
+    rec.info["fallback"] = {
+        "from": method, "to": choice.classical, "why": why,
+        "data_residual": failed.info.get("data_residual"),
+        "roughness_vs_initial": failed.info.get("roughness_vs_initial"),
+    }
+    rec.info["warnings"] = [
+        *failed.info.get("warnings", []),
+        f"the default {method} run flagged itself as failing; returned the {choice.classical} estimate instead "
+        f"(name --method {method} to keep its result)",
+    ]
+    return rec
+
+
+def _classical(y: Tensor, operator: LinearOperator, method: str, seed: int, settings: dict[str, Any],
+               choice: DefaultChoice | None) -> Reconstruction:
     import inspect
 
     func = {"fbp": classical.fbp, "zero-filled": classical.zero_filled, "cg": classical.cg,
@@ -265,8 +344,10 @@ def reconstruct(
     accepted = [p for p in inspect.signature(func).parameters if p not in ("y", "A")]
     unknown = sorted(set(settings) - set(accepted))
     if unknown:
+        chosen = f" ({choice.reason})" if choice is not None else ""
         raise SettingsError(
-            f"method {method!r} does not take {', '.join(unknown)}; it takes: {', '.join(accepted) or 'nothing'}"
+            f"method {method!r}{chosen} does not take {', '.join(unknown)}; it takes: "
+            f"{', '.join(accepted) or 'nothing'}"
         )
     opts = {**METHODS[method], **settings}
     low, width = problem_scale(y, operator)

@@ -237,14 +237,19 @@ def _figure(
     display: tuple[float, float] | None,
     title: str,
     affine: np.ndarray | None,
+    caption: str = "",
 ):
+    import textwrap
+
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     # constrained layout makes room for colour-bar ticks and labels (tight_layout clipped them)
-    fig, axes = plt.subplots(1, len(panels), figsize=(3.8 * len(panels), 3.8), squeeze=False,
+    lines = [w for line in caption.splitlines() if line.strip()
+             for w in textwrap.wrap(line, width=int(30 * len(panels)))]
+    fig, axes = plt.subplots(1, len(panels), figsize=(3.8 * len(panels), 3.8 + 0.18 * len(lines)), squeeze=False,
                              layout="constrained")
     for ax, (name, img, unit) in zip(axes[0], panels, strict=True):
         own = any(k in name.lower() for k in ("uncertainty", "error", "std"))
@@ -258,6 +263,8 @@ def _figure(
         bar.ax.tick_params(labelsize=7)
     if title:
         fig.suptitle(title, fontsize=10)
+    if lines:
+        fig.supxlabel("\n".join(lines), fontsize=8, color="firebrick")
     return fig
 
 
@@ -268,6 +275,7 @@ def case_figure(
     display: tuple[float, float] | None = None,
     title: str = "",
     affine: np.ndarray | None = None,
+    caption: str = "",
 ) -> Path:
     """Write a row of image panels with colour bars to ``path`` (PNG, written atomically).
 
@@ -286,10 +294,13 @@ def case_figure(
     affine : ndarray (4, 4), optional
         RAS+ affine of the volume the panels are slices of: panels are turned to the usual
         viewer layout (:func:`display_orientation`).  None: shown as stored.
+    caption : str
+        Lines printed under the panels (cautions: an input outside the prior's domain, an
+        uncertainty map that is not calibrated).
     """
     import matplotlib.pyplot as plt
 
-    fig = _figure(panels, display, title, affine)
+    fig = _figure(panels, display, title, affine, caption)
     try:
         return _atomic_write(Path(path), lambda tmp: fig.savefig(tmp, dpi=100, format="png"))
     finally:

@@ -45,6 +45,7 @@ __all__ = [
     "DEFAULT_SPACES",
     "tune",
     "store_tuned_defaults",
+    "store_benchmark",
     "calibrate",
     "store_calibration",
 ]
@@ -355,6 +356,61 @@ def store_tuned_defaults(
         entry[method] = {k: (v.item() if hasattr(v, "item") else v) for k, v in values.items()}
         if card.get("sha256"):  # tuned values hold for the weights they were measured on
             entry[method]["weights_sha256"] = card["sha256"]
+    write_card(path, card)
+    return card
+
+
+def store_benchmark(
+    card_path: str | Path,
+    operator_key: str,
+    rows: list[dict[str, Any]],
+    *,
+    images: str,
+    n_images: int,
+    command: str = "",
+) -> dict[str, Any]:
+    """Write a measured benchmark into ``card["benchmark"][operator_key]``, atomically.
+
+    :func:`medrecon.api.default_choice` reads it to pick the default method for the key.  Each
+    row is one measurement setting of the key (e.g. noiseless and noisy):
+    ``{"config": name, "noise_rel": float, "psnr": {method: mean dB}, "settings": {method:
+    {...}}}``.  Rows of other configs already stored for these weights are kept; a row of the
+    same config is replaced; rows measured on other weights are dropped.
+
+    Parameters
+    ----------
+    card_path : path
+        The prior's ``NAME.json``.
+    operator_key : str
+        From :func:`operator_key`.
+    rows : list of dict
+        As above; ``psnr`` must name at least one classical method (tv, l1-wavelet).
+    images : str
+        Which held-out images were measured (e.g. ``"ct/val.npz rows 2, 13, 27"``).
+    n_images : int
+    command : str
+        The command that measured them.
+    """
+    from medrecon.solvers.cards import CLASSICAL_FOR_DEFAULT
+
+    for row in rows:
+        if not isinstance(row.get("psnr"), dict) or not set(row["psnr"]) & set(CLASSICAL_FOR_DEFAULT):
+            raise SettingsError(f"store_benchmark: each row needs psnr of one of {', '.join(CLASSICAL_FOR_DEFAULT)}; "
+                                f"got {row!r}")
+    path = Path(card_path)
+    card = read_card(path)
+    table = card.setdefault("benchmark", {})
+    old = table.get(operator_key, {})
+    keep = [] if old.get("weights_sha256") != card.get("sha256") else [
+        r for r in old.get("rows", []) if r.get("config") not in {n.get("config") for n in rows}]
+    table[operator_key] = {
+        "weights_sha256": card.get("sha256"),
+        "images": images,
+        "n_images": int(n_images),
+        "measured": time.strftime("%Y-%m-%d"),
+        "command": command,
+        "rows": [*keep, *({**r, "psnr": {m: round(float(v), 3) for m, v in r["psnr"].items()}} for r in rows)],
+    }
     write_card(path, card)
     return card
 

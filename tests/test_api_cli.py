@@ -96,17 +96,27 @@ def test_cli_info(capsys):
     assert "medrecon" in capsys.readouterr().out
 
 
-def test_default_method_is_the_best_diffusion_method_where_a_prior_exists():
-    """The benchmark's best diffusion method (dds) is the default wherever a prior is given or
-    shipped for the modality; TV where none is."""
-    from medrecon.priors.registry import shipped_registry
-
+def test_default_method_without_a_prior_is_tv():
+    """A prior without a model card (nothing measured): TV, and the reason says so (the per-key
+    choice from the card's benchmark is tests/test_default_method.py)."""
     assert api.BEST_DIFFUSION == "dds"
-    assert {"ct-256", "mri-256"} <= set(shipped_registry().names())
-    assert api.default_method(ParallelBeamCT.sparse_view(16, 4)) == "dds"
-    assert api.default_method(modality="ct") == "dds" and api.default_method(modality="mri") == "dds"
-    assert api.default_method(modality="pet") == "tv"  # no shipped prior
-    assert api.default_method(modality="pet", prior=object()) == "dds"  # a prior object is given
+
+    choice = api.default_choice(ParallelBeamCT.sparse_view(16, 4), prior=object())
+    assert choice.method == "tv" and "no model card" in choice.reason
+    assert api.default_method(ParallelBeamCT.sparse_view(16, 4), prior=object()) == "tv"
+
+
+def test_cli_default_on_an_unmeasured_key_is_classical_and_says_so(tmp_path, capsys):
+    """No --method on a setting the card never measured (37 views): TV, with a note that DDS is
+    unmeasured there; --samples asks for posterior sampling, so DDS runs (next test)."""
+    rc = main(["reconstruct", "--modality", "ct", "--views", "37", "--downsample", "4", "--out", str(tmp_path)])
+    assert rc == 0
+    captured = capsys.readouterr()
+    record = json.loads((tmp_path / "bundled-ct_tv_37v.json").read_text())
+    assert record["info"]["method"] == "tv" and record["config"]["method"] == "tv"
+    assert record["info"]["default"]["measured"] is False and "unmeasured" in record["info"]["default"]["reason"]
+    assert "dds exists for this prior but is unmeasured for parallel-37" in captured.err
+    assert "tv on" in captured.out
 
 
 def test_cli_default_runs_the_prior_and_writes_the_uncertainty(tmp_path, capsys):

@@ -19,9 +19,9 @@ import torch
 from medrecon.cli.main import main
 from medrecon.datasets import KSpace, Sinogram, load_kspace
 from medrecon.datasets.simulate import ct_operator
-from medrecon.datasets.thinning import thin_view_indices, undersample_kspace
+from medrecon.datasets.thinning import thin_view_indices
 from medrecon.errors import SettingsError
-from medrecon.pipeline.case import ReconstructConfig, case_id_for, case_seed, run_case
+from medrecon.pipeline.case import ReconstructConfig, case_seed, run_case
 from medrecon.pipeline.geometry_check import check_geometry
 from medrecon.pipeline.problems import build_problem
 
@@ -134,15 +134,18 @@ def test_thinning_a_measured_sinogram_equals_thinning_in_numpy(tmp_path, selecti
     np.testing.assert_allclose(prob.A.angles, full.full_angles[idx])
     np.testing.assert_allclose(prob.A.full_angles, full.full_angles)  # T is every measured view
     torch.testing.assert_close(prob.reference, full.fbp(torch.from_numpy(data)[:, None]))
-    sub = prob.notes["subsampling"]
-    assert sub["retrospective"] and sub["of"] == "measured sinogram" and sub["view_indices"] == idx.tolist()
+    thin = prob.notes["thinning"]
+    assert thin["how"] == "retrospective on measured data" and thin["view_indices"] == idx.tolist()
     rec = run_case(cfg)
-    assert "retrospectively thinned" in rec["problem"] and rec["notes"]["subsampling"]["views_kept"] == idx.size
+    assert "retrospective on measured data" in rec["problem"] and rec["notes"]["thinning"]["views_kept"] == idx.size
+    assert rec["simulated"].startswith("retrospective on measured data")
     assert rec["notes"]["reference"] == f"FBP of all {n} measured views" and "psnr" in rec["metrics"]
     assert rec["metrics"]["psnr"] > 15  # FBP of the thinned data against FBP of all of it
 
 
 def test_thinning_measured_kspace_equals_masking_in_numpy(tmp_path):
+    """BART k-space (readout along kx, the last axis): the phase-encode rows an mri_mask over
+    (readout, phase) keeps, zeroed elsewhere, as NumPy does it."""
     from medrecon.datasets.bart import save_bart_kspace
     from medrecon.operators import fft2c, mri_mask
 
@@ -156,21 +159,25 @@ def test_thinning_measured_kspace_equals_masking_in_numpy(tmp_path):
     seed = case_seed(0, "m")
     prob = build_problem(cfg, seed)
     loaded = load_kspace(str(tmp_path / "k.cfl")).data
-    mask = mri_mask("random", (32, 32), 4.0, 0.08, seed=seed).numpy()
-    torch.testing.assert_close(prob.y, torch.from_numpy(loaded * mask).permute(1, 0, 2, 3))
-    assert prob.notes["subsampling"]["retrospective"] and prob.notes["subsampling"]["of"] == "measured k-space"
-    assert prob.reference is not None and "fully sampled" in prob.notes["reference"]
+    rows = mri_mask("random", (32, 32), 4.0, 0.08, seed=seed).numpy().any(axis=0)  # one flag per ky line
+    torch.testing.assert_close(prob.y, torch.from_numpy(loaded * rows[None, None, :, None]).permute(1, 0, 2, 3))
+    assert prob.notes["thinning"]["how"] == "retrospective on measured data"
+    assert prob.reference is not None and "full scan" in prob.notes["reference"]
     rec = run_case(cfg)
-    assert "retrospectively undersampled: R=4 random" in rec["problem"] and "psnr" in rec["metrics"]
-    assert case_id_for(cfg.input) != "m"  # (the record is the case's, named by its ID)
+    assert "R=4 random, retrospective on measured data" in rec["problem"] and "psnr" in rec["metrics"]
+    assert rec["simulated"].startswith("retrospective on measured data: R=4 random")
 
 
-def test_undersample_kspace_refuses_undersampled_data():
-    k = KSpace(np.ones((1, 1, 8, 8), np.complex64), mask=np.eye(8, dtype=bool))
-    with pytest.raises(SettingsError, match="not fully sampled"):
-        undersample_kspace(k, np.ones((8, 8), bool))
-    with pytest.raises(SettingsError, match="the mask must be"):
-        undersample_kspace(KSpace(np.ones((1, 1, 8, 8), np.complex64)), np.ones((4, 8), bool))
+def test_thinning_refuses_undersampled_kspace(tmp_path):
+    from medrecon.datasets.bart import save_bart_kspace
+
+    k = np.ones((1, 1, 16, 16), np.complex64)
+    k[:, :, ::2] = 0  # every other phase-encode line missing
+    save_bart_kspace(KSpace(k), tmp_path / "u")
+    cfg = ReconstructConfig(modality="mri", input=str(tmp_path / "u.cfl"), out=str(tmp_path / "o"),
+                            method="zero-filled", acceleration=2.0, input_domain="kspace")
+    with pytest.raises(SettingsError, match="u.cfl: --acceleration: retrospective thinning needs a fully sampled"):
+        build_problem(cfg, 0)
 
 
 # ----------------------------------------------------------------------------- figure window

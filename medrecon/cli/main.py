@@ -14,7 +14,7 @@ import warnings
 from collections.abc import Sequence
 from pathlib import Path
 
-from medrecon.cli import batch, check_geometry, evaluate, info, reconstruct, simulate, tune
+from medrecon.cli import batch, check_geometry, convert, evaluate, info, reconstruct, simulate, tune
 from medrecon.cli.options import WarningPrinter
 from medrecon.errors import MedreconError
 
@@ -25,6 +25,8 @@ EXAMPLES = """examples:
   medrecon simulate ct bundled sims --views 60 --noise gaussian --sigma 0.5
   medrecon batch cases.csv --out runs/ct23 --method tv --workers 2
   medrecon evaluate runs/ct23/cases/c1/c1_tv.nii.gz --reference truth.nii.gz
+  medrecon reconstruct --modality mri --input meas.dat --method cg    # Siemens twix raw data
+  medrecon convert meas.dat meas.h5 --to mrd
   medrecon check-geometry scan.npy                         # detector direction, centre of rotation
   medrecon priors list
   medrecon info
@@ -32,7 +34,7 @@ EXAMPLES = """examples:
 exit status: 0 success, 2 bad input or usage, 3 batch finished with failed cases
 """
 
-COMMANDS = (reconstruct, check_geometry, simulate, batch, evaluate, tune, info)
+COMMANDS = (reconstruct, check_geometry, simulate, batch, evaluate, tune, convert, info)
 DELEGATED = {"priors": "list or show the shipped score priors (medrecon priors list|show NAME)",
              "train": "train a score prior on your own data (medrecon train -h)",
              "pacs": "list, pull, push and batch-reconstruct studies in a PACS (medrecon pacs -h)"}

@@ -46,15 +46,24 @@ def add_recon_options(p: argparse.ArgumentParser, *, batch: bool = False) -> Non
     g.add_argument("--image-size", type=int, help="measured sinogram: reconstruction grid N×N")
     g = p.add_argument_group("measurement (MRI)")
     g.add_argument("--acceleration", type=float, default=None,
-                   help="undersampling factor (simulated data, default 4); fully sampled measured k-space is "
-                        "undersampled with --mask (retrospectively; the full data is the reference)")
+                   help="undersampling factor of a simulated image (default 4); with fully sampled measured k-space "
+                        "(twix .dat, MRD, fastMRI .h5, BART, MATLAB): thin it retrospectively, the full scan becoming "
+                        "the reference")
     g.add_argument("--center-fraction", type=float, default=0.08, help="fully sampled centre (default %(default)s)")
     g.add_argument("--mask", default="equispaced", help="random | equispaced | gaussian1d | poisson")
+    g = p.add_argument_group("raw scanner files (Siemens twix .dat, MRD .mrd/.h5)")
+    g.add_argument("--partial-fourier", choices=["zero-fill", "homodyne", "pocs"], default="zero-fill",
+                   help="asymmetric echo / partial Fourier (default %(default)s)")
+    g.add_argument("--prewhiten", choices=["auto", "noise", "edge", "off"], default="auto",
+                   help="coil noise prewhitening: from the noise scan, else the k-space edge (default %(default)s)")
+    g.add_argument("--compress-coils", type=int, metavar="N", help="SVD coil compression to N virtual coils")
     g = p.add_argument_group("method")
     g.add_argument("--method", default=None,
                    help="fbp | zero-filled | cg | tv | l1-wavelet, or a diffusion method: dds, ccdf, song, dps, "
                         "score-mri, dds3d, mbir3d (default: " + ("tv" if batch else
-                        "the best measured diffusion method, dds, when a prior exists for the modality; else tv") + ")")
+                        "per measurement setting, from the prior card's benchmark: dds where it beat the best classical "
+                        "method there, that method otherwise and where the setting is unmeasured; --samples or "
+                        "--steps ask for dds") + ")")
     g.add_argument("--prior", help="score prior for diffusion methods (see: medrecon priors list)")
     g.add_argument("--samples", type=int, help="posterior samples (diffusion methods; gives the uncertainty map)")
     g.add_argument("--steps", type=int, help="sampler steps (diffusion methods)")
@@ -88,19 +97,18 @@ def add_recon_options(p: argparse.ArgumentParser, *, batch: bool = False) -> Non
 _FIELDS = ("views", "view_step", "angles_deg", "limited_angle", "geometry", "source_to_isocenter_mm", "source_to_detector_mm",
            "image_size", "acceleration", "center_fraction", "mask", "method", "prior", "samples", "steps",
            "iters", "noise", "seed", "device", "mode", "slices", "downsample", "output_format",
-           "series_uid", "reference", "case_id", "overwrite", "into_source_study", "window", "input_domain")
+           "series_uid", "reference", "case_id", "overwrite", "into_source_study", "window", "input_domain",
+           "partial_fourier", "prewhiten", "compress_coils")
 
 
 def recon_settings(a: argparse.Namespace) -> dict[str, Any]:
     """The ReconstructConfig keyword arguments the parsed options give."""
     out = {k: getattr(a, k) for k in _FIELDS if hasattr(a, k)}
     out["limited_angle_deg"] = out.pop("limited_angle")
-    if out.get("method") is None:  # reconstruct: the library's default for the modality; batch: tv
+    if out.get("method") is None:  # reconstruct: the default for the operator key ("auto"); batch: tv
         out.pop("method", None)
         if getattr(a, "default_method", False):
-            from medrecon.api import default_method
-
-            out["method"] = default_method(modality=a.modality, prior=getattr(a, "prior", None))
+            out["method"] = "auto"
     return out
 
 

@@ -20,6 +20,9 @@ EXAMPLES = """examples:
   medrecon reconstruct --modality mri --input brain.nii.gz --acceleration 8 --mask random
   medrecon reconstruct --modality mri --input file.h5 --method cg      # fastMRI k-space (prospective)
   medrecon reconstruct --modality mri --input ksp.cfl --method l1-wavelet --format dicom
+  medrecon reconstruct --modality mri --input meas.dat --method cg    # Siemens twix raw data (prospective)
+  medrecon reconstruct --modality mri --input scan.mrd --method l1-wavelet --format dicom   # MRD raw data
+  medrecon reconstruct --modality mri --input meas.dat --acceleration 4 --method cg   # thinned: full scan = reference
   medrecon reconstruct --modality ct --method song --prior ct-256 --samples 4 --steps 100
 
 outputs (in --out), NAME = CASE_METHOD_SETTINGS (e.g. bundled-ct_tv_23v): NAME.nii.gz (or _dicom/),
@@ -34,15 +37,17 @@ def add_parser(sub) -> None:
         "reconstruct", help="reconstruct one case (simulated or measured data)",
         description="Reconstruct CT or MRI from incomplete measurements. Images (DICOM, NIfTI, image "
         "folders) are retrospective: the measurement is simulated from them. Raw sinograms (.npy or, "
-        "with --modality ct, .mat + .json geometry), fastMRI .h5, BART .cfl and MATLAB .mat k-space are "
-        "prospective: measured data, reconstructed as is (k-space is checked: coil images are refused "
+        "with --modality ct, .mat + .json geometry), fastMRI .h5, BART .cfl, MATLAB .mat k-space and raw "
+        "scanner files (Siemens twix .dat, MRD .mrd/.h5: prewhitened, readout oversampling removed, ESPIRiT maps "
+        "from the calibration lines) are prospective: measured data, reconstructed as is (k-space is checked: coil images are refused "
         "unless --input-domain image). "
         "Without --input, runs on the bundled real CT slice.",
         epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("--modality", choices=["ct", "mri"], required=True)
     p.add_argument("--input", help="DICOM folder/file, NIfTI, image folder, sinogram .npy (or .mat with --modality "
-                   "ct) + .json, fastMRI .h5, BART .cfl or MATLAB .mat k-space (default: bundled CT slice)")
+                   "ct) + .json, fastMRI .h5, BART .cfl or MATLAB .mat k-space, Siemens twix .dat or MRD .mrd/.h5 raw data "
+                   "(default: bundled CT slice)")
     p.add_argument("--out", default="medrecon-out", help="output folder (default: %(default)s)")
     add_recon_options(p)
     p.set_defaults(run=run, default_method=True)
@@ -51,6 +56,7 @@ def add_parser(sub) -> None:
 def run(a: argparse.Namespace) -> int:
     import sys
     import warnings
+    from dataclasses import replace
 
     from medrecon.cli.options import WarningPrinter
     from medrecon.pipeline.case import ReconstructConfig, check_settings, free_stem, run_case, settings_stem
@@ -58,7 +64,6 @@ def run(a: argparse.Namespace) -> int:
     cfg = ReconstructConfig(modality=a.modality, input=a.input, out=a.out, progress=show_progress(),
                             **recon_settings(a))
     check_settings(cfg)  # refuse options that would do nothing (exit 2, one line)
-    stem = free_stem(cfg)
 
     def note(text: str) -> None:
         print(f"medrecon reconstruct: {text}", file=sys.stderr)
@@ -66,14 +71,15 @@ def run(a: argparse.Namespace) -> int:
     with warnings.catch_warnings():
         printer = WarningPrinter("reconstruct")
         warnings.showwarning = printer
-        rec = run_case(cfg, stem=stem, notify=note)
+        rec = run_case(cfg, stem=free_stem, notify=note)
         for text in rec["info"].get("warnings", []) or []:  # the method's own (may not be Python warnings)
             printer.line(text)
-    if stem != settings_stem(cfg):  # said once the outputs exist, not before a run that may fail
-        note(f"{cfg.out} already held outputs named {settings_stem(cfg)}; this run wrote {stem}.* "
+    base = settings_stem(replace(cfg, method=rec["config"]["method"]))
+    if rec["stem"] != base:  # said once the outputs exist, not before a run that may fail
+        note(f"{cfg.out} already held outputs named {base}; this run wrote {rec['stem']}.* "
              "(--overwrite replaces them instead)")
     m = rec["metrics"]
-    line = f"{rec['case_id']}: {cfg.method} on {rec['problem']}, {rec['info'].get('wall_time_s', 0):.1f} s"
+    line = f"{rec['case_id']}: {rec['info'].get('method')} on {rec['problem']}, {rec['info'].get('wall_time_s', 0):.1f} s"
     if "psnr" in m:
         line += f"; PSNR {m['psnr']:.2f} dB (initial {m['psnr_initial']:.2f} dB), SSIM {m['ssim']:.3f}"
     print(line)

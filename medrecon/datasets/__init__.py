@@ -19,6 +19,10 @@ from medrecon.datasets.dicom_write import save_dicom_series
 from medrecon.datasets.fastmri import load_fastmri, load_fastmri_reference, save_fastmri
 from medrecon.datasets.images import list_image_files, load_image, load_image_folder
 from medrecon.datasets.matlab import list_matlab_variables, load_matlab_kspace, save_matlab_kspace
+from medrecon.datasets.mrd import is_mrd_file, load_mrd, save_mrd
+from medrecon.datasets.raw_steps import prepare_raw
+from medrecon.datasets.thinning import thin_measured_kspace
+from medrecon.datasets.twix import load_twix
 from medrecon.datasets.nifti import load_nifti, save_nifti, std_path
 from medrecon.datasets.sinogram import load_sinogram, save_sinogram, validate_geometry
 from medrecon.datasets.slices import slice_positions_lps, subset_volume
@@ -49,6 +53,13 @@ __all__ = [
     "load_matlab_kspace",
     "save_matlab_kspace",
     "list_matlab_variables",
+    "load_twix",
+    "load_mrd",
+    "save_mrd",
+    "is_mrd_file",
+    "raw_format",
+    "prepare_raw",
+    "thin_measured_kspace",
     "load_kspace",
     "KSPACE_SUFFIXES",
     "INPUT_DOMAINS",
@@ -63,7 +74,21 @@ __all__ = [
 
 
 #: file name endings of the k-space formats :func:`load_kspace` reads
-KSPACE_SUFFIXES = (".h5", ".hdf5", ".cfl", ".hdr", ".mat")
+KSPACE_SUFFIXES = (".h5", ".hdf5", ".cfl", ".hdr", ".mat", ".dat", ".mrd")
+
+
+def raw_format(path: str | object) -> str | None:
+    """``"twix"`` (a ``.dat`` file), ``"mrd"`` (``.mrd``, or an ``.h5`` / ``.hdf5`` file holding an MRD
+    dataset) or None: the raw scanner formats, whose k-space goes through
+    :func:`~medrecon.datasets.raw_steps.prepare_raw`."""
+    from pathlib import Path
+
+    name = Path(str(path)).name.lower()
+    if name.endswith(".dat"):
+        return "twix"
+    if name.endswith(".mrd") or (name.endswith((".h5", ".hdf5")) and is_mrd_file(str(path))):
+        return "mrd"
+    return None
 
 
 #: what ``load_kspace(input_domain=...)`` takes: None (k-space, checked), "kspace", "image"
@@ -72,7 +97,9 @@ INPUT_DOMAINS = (None, "kspace", "image")
 
 def load_kspace(path: str, *, input_domain: str | None = None, **kwargs: object) -> KSpace:
     """Load k-space by the file's ending: fastMRI ``.h5`` / ``.hdf5``, BART ``.cfl`` / ``.hdr``,
-    MATLAB ``.mat`` (v7.3 or older), checked for being k-space.
+    MATLAB ``.mat`` (v7.3 or older), Siemens twix ``.dat``, MRD ``.mrd`` (or an ``.h5`` holding an
+    MRD dataset), checked for being k-space.  Raw scanner files come as stored (readout
+    oversampled, not prewhitened): :func:`prepare_raw` makes them ready.
 
     Parameters
     ----------
@@ -104,14 +131,19 @@ def load_kspace(path: str, *, input_domain: str | None = None, **kwargs: object)
         raise SettingsError(f"load_kspace(): input_domain must be None, 'kspace' or 'image'; got {input_domain!r}")
     p = Path(path)
     suffix = p.suffix.lower()
-    if suffix in (".h5", ".hdf5"):
+    if suffix == ".dat":
+        ksp = load_twix(p, **kwargs)  # type: ignore[arg-type]
+    elif suffix == ".mrd" or (suffix in (".h5", ".hdf5") and is_mrd_file(p)):
+        ksp = load_mrd(p, **kwargs)  # type: ignore[arg-type]
+    elif suffix in (".h5", ".hdf5"):
         ksp = load_fastmri(p, **kwargs)  # type: ignore[arg-type]
     elif suffix in (".cfl", ".hdr"):
         ksp = load_bart_kspace(p, **kwargs)  # type: ignore[arg-type]
     elif suffix == ".mat":
         ksp = load_matlab_kspace(p, **kwargs)  # type: ignore[arg-type]
     else:
-        raise InputError(p, "not a k-space file; supported: fastMRI .h5/.hdf5, BART .cfl/.hdr, MATLAB .mat")
+        raise InputError(p, "not a k-space file; supported: fastMRI .h5/.hdf5, BART .cfl/.hdr, MATLAB .mat, "
+                            "Siemens twix .dat, MRD .mrd/.h5")
     if input_domain == "image":
         return kspace_from_coil_images(ksp, p)
     if input_domain is None:

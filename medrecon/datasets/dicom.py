@@ -84,6 +84,9 @@ COPY_TAGS = (
     "SeriesNumber",
     "SeriesDescription",
     "BodyPartExamined",
+    "Modality",
+    "ProtocolName",
+    "SequenceName",
 )
 
 

@@ -190,6 +190,7 @@ def save_dicom_series(
     simulated: str | None = None,
     source_study: bool | None = None,
     value_scale: float | None = None,
+    cautions: tuple[str, ...] | list[str] = (),
 ) -> list[Path]:
     """Write ``volume`` as a derived DICOM series, one file per slice, into ``folder``.
 
@@ -221,6 +222,9 @@ def save_dicom_series(
         RescaleSlope / Intercept).  Default: a power of ten chosen from the data; pass the
         reconstruction's scale for its uncertainty series so the two compare.  Any scale other
         than 1 is stated in ImageComments.
+    cautions : sequence of str
+        Lines a reader must see (the input is outside the prior's domain; the uncertainty is
+        sampling spread, not error), put first in ImageComments as ``CAUTION: …``.
 
     Returns
     -------
@@ -271,7 +275,7 @@ def save_dicom_series(
     what = "uncertainty (posterior std)" if kind == "uncertainty" else "reconstruction"
     description = f"medrecon {method} {what}"
     derivation = f"{description} from measured data"
-    comments = []
+    comments = [f"CAUTION: {c}" for c in cautions]
     if simulated is not None:
         short = "uncertainty" if kind == "uncertainty" else "recon"
         description = fit_lo(f"medrecon {method} {short} SIMULATED {simulated}")

@@ -178,7 +178,7 @@ def _check_header(p: Path, hdr: object, ndim: int) -> None:
         )
 
 
-def _image(volume: Volume, path: Path, simulated: str | None) -> object:
+def _image(volume: Volume, path: Path, simulated: str | None, cautions: tuple[str, ...] = ()) -> object:
     import nibabel as nib
 
     arr = np.asarray(volume.array, dtype=np.float32)
@@ -198,6 +198,9 @@ def _image(volume: Volume, path: Path, simulated: str | None) -> object:
     if simulated is not None:
         descrip += f" SIMULATED {simulated}"
         extra["simulated"] = f"reconstruction of a measurement simulated from images ({simulated})"
+    if cautions:
+        descrip += " CAUTION: see header extension"
+        extra["cautions"] = list(cautions)
     img.header["descrip"] = descrip.encode("ascii", "replace")[:79]
     spread = uneven_spacing(volume)
     if spread is not None:
@@ -225,6 +228,7 @@ def save_nifti(
     std: Volume | np.ndarray | None = None,
     overwrite: bool = False,
     simulated: str | None = None,
+    cautions: tuple[str, ...] | list[str] = (),
 ) -> list[Path]:
     """Write ``volume`` (and optionally its uncertainty map) as float32 NIfTI-1.
 
@@ -241,6 +245,10 @@ def save_nifti(
     simulated : str, optional
         The image is a reconstruction of a measurement simulated from images; this text names
         the settings and goes into ``descrip`` (after ``SIMULATED``) and the header extension.
+    cautions : sequence of str
+        Lines a reader of the file must see (the input is outside the prior's domain; the map is
+        sampling spread, not error): ``descrip`` says ``CAUTION`` and the header extension holds
+        them.
 
     Returns
     -------
@@ -259,7 +267,7 @@ def save_nifti(
     targets = [p] if std is None else [p, std_path(p)]
     if std is None:
         std_path(p)  # validates the extension
-    images = [_image(volume, p, simulated)]
+    images = [_image(volume, p, simulated, tuple(cautions))]
     if std is not None:
         s = std.array if isinstance(std, Volume) else np.asarray(std)
         if s.shape != volume.shape:
@@ -267,7 +275,7 @@ def save_nifti(
                 f"save_nifti(): std must have the volume's shape {volume.shape}; got {s.shape}"
             )
         images.append(
-            _image(Volume(s, volume.affine, volume.modality, volume.meta), std_path(p), simulated)
+            _image(Volume(s, volume.affine, volume.modality, volume.meta), std_path(p), simulated, tuple(cautions))
         )
     with atomic_files(targets, overwrite=overwrite) as temps:
         for img, tmp in zip(images, temps, strict=True):

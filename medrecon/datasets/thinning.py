@@ -1,13 +1,14 @@
-"""Retrospective subsampling of measured data: fewer views of a sinogram, a mask on k-space.
+"""Retrospective thinning of measured data (the full data becomes the reference).
 
 Physicists evaluate sparse-view CT and accelerated MRI on real scans by thinning fully
 measured data and reconstructing the full data as the reference.  These functions do the
-thinning and nothing else, so readers of other formats (Siemens twix, MRD) can use them:
+thinning and nothing else, so that every measured-data path shares them:
 
 * :func:`thin_view_indices`: which views of a measured sinogram to keep (``views`` equally
   spaced, every ``view_step``-th, those within ``limited_angle_deg`` of the first);
 * :func:`thin_sinogram`: those views, each with its own angle (the rest of the geometry kept);
-* :func:`undersample_kspace`: zero the samples a mask leaves out of fully sampled k-space.
+* :func:`thin_measured_kspace`: the phase-encode lines of an ``mri_mask`` drawn over fully
+  sampled k-space (raw scanner files, fastMRI, BART, MATLAB).
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from medrecon.datasets.sinogram import select_views
 from medrecon.datasets.types import KSpace, Sinogram
 from medrecon.errors import SettingsError
 
-__all__ = ["thin_view_indices", "thin_sinogram", "undersample_kspace", "is_fully_sampled"]
+__all__ = ["thin_view_indices", "thin_sinogram", "thin_measured_kspace"]
 
 
 def thin_view_indices(
@@ -104,50 +105,72 @@ def thin_sinogram(sinogram: Sinogram, **selection: Any) -> tuple[Sinogram, np.nd
     return select_views(sinogram, idx), idx
 
 
-def is_fully_sampled(kspace: KSpace, min_fraction: float = 0.95) -> bool:
-    """Whether at least ``min_fraction`` of the k-space grid was measured (its mask)."""
-    return float(np.asarray(kspace.mask).mean()) >= min_fraction
-
-
-def undersample_kspace(kspace: KSpace, mask: Any) -> KSpace:
-    """Keep only the samples ``mask`` selects of fully sampled k-space (retrospective undersampling).
+def thin_measured_kspace(
+    kspace: KSpace,
+    acceleration: float,
+    mask: str = "equispaced",
+    center_fraction: float = 0.08,
+    seed: int = 0,
+) -> KSpace:
+    """Keep only the phase-encode lines of an ``mri_mask`` drawn over a fully sampled k-space.
 
     Parameters
     ----------
     kspace : KSpace
-        Measured k-space, ``data`` (coils, Z, ky, kx), fully sampled (:func:`is_fully_sampled`).
-    mask : array-like of bool, shape (ky, kx) or (Z, ky, kx)
-        The sampling pattern (e.g. :func:`medrecon.operators.mri_mask`; a torch tensor is fine).
+        Measured k-space whose every phase-encode line was measured (a partial-Fourier side that
+        was not measured stays unmeasured).  The phase-encode axis is the one that is not the
+        readout (:func:`medrecon.datasets.raw_steps.readout_axis`).
+    acceleration, mask, center_fraction, seed
+        As :func:`medrecon.operators.mri_mask` (``mask`` names the pattern).
 
     Returns
     -------
     KSpace
-        The same k-space with zeros where ``mask`` is False, ``mask`` as its mask, and
-        ``header["retrospective_mask"]`` saying what was done.
+        The same data with the dropped lines zeroed, ``mask`` the kept samples (one pattern for
+        every slice), no calibration lines (the kept centre is the calibration), and
+        ``header["thinning"]`` = ``{"acceleration", "mask", "center_fraction", "seed", "lines_kept",
+        "lines", "how": "retrospective on measured data"}``.
 
     Raises
     ------
     SettingsError
-        The data are not fully sampled, or the mask's shape does not fit.
-
-    Examples
-    --------
-    >>> k = KSpace(np.ones((2, 1, 4, 4), np.complex64))
-    >>> m = np.zeros((4, 4), bool); m[:, ::2] = True
-    >>> undersample_kspace(k, m).data[0, 0].real.tolist()[0]
-    [1.0, 0.0, 1.0, 0.0]
+        The k-space is already undersampled along the phase-encode axis.
     """
-    m = np.asarray(mask.cpu() if hasattr(mask, "cpu") else mask).astype(bool)
-    grid = kspace.data.shape[2:]
-    if m.ndim == 2:
-        m = m[None]
-    if m.ndim != 3 or m.shape[1:] != grid or m.shape[0] not in (1, kspace.data.shape[1]):
-        raise SettingsError(f"undersample_kspace(): the mask must be (ky, kx) = {grid} or (Z, ky, kx); got "
-                            f"shape {np.asarray(mask).shape}")
-    if not is_fully_sampled(kspace):
-        raise SettingsError(f"undersample_kspace(): the k-space is not fully sampled ({float(kspace.mask.mean()):.0%} "
-                            "of the grid measured); retrospective undersampling needs fully sampled data")
-    data = kspace.data * m[None]
-    header = {**kspace.header, "retrospective_mask": {"sampled_fraction": round(float(m.mean()), 4),
-                                                       "of_measured_fraction": round(float(kspace.mask.mean()), 4)}}
-    return replace(kspace, data=data, mask=m & np.asarray(kspace.mask), header=header)
+    from medrecon.datasets.raw_steps import readout_axis
+    from medrecon.operators import mri_mask
+
+    read = readout_axis(kspace)
+    phase = -1 if read == -2 else -2
+    m = np.broadcast_to(kspace.mask, kspace.data.shape[1:])
+    lines = m.any(axis=read)  # (Z, phase lines)
+    if not lines.all():
+        raise SettingsError(
+            f"--acceleration: retrospective thinning needs a fully sampled scan; this one has "
+            f"{int(lines[0].sum())} of {lines.shape[1]} phase-encode lines measured"
+        )
+    n_read, n_phase = kspace.data.shape[read], kspace.data.shape[phase]
+    keep = (
+        mri_mask(mask, (n_read, n_phase), acceleration, center_fraction, seed=seed)
+        .numpy()
+        .astype(bool)
+    )
+    keep = keep.any(axis=0)  # fastMRI-style masks select columns: one flag per phase-encode line
+    shape = [1, 1, 1]
+    shape[phase] = n_phase
+    new_mask = m[:1] & keep.reshape(shape)
+    data = np.where(new_mask[None], kspace.data, 0).astype(kspace.data.dtype)
+    header = {
+        **kspace.header,
+        "thinning": {
+            "acceleration": float(acceleration),
+            "mask": mask,
+            "center_fraction": float(center_fraction),
+            "seed": int(seed),
+            "lines_kept": int(keep.sum()),
+            "lines": int(n_phase),
+            "how": "retrospective on measured data",
+        },
+    }
+    return replace(
+        kspace, data=data, mask=new_mask, calibration=None, coil_maps=None, header=header
+    )

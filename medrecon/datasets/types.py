@@ -12,6 +12,10 @@ Conventions
 * CT volumes are in Hounsfield units; MR volumes in the scanner's (arbitrary) magnitude scale.
 * ``KSpace.data`` is ``(coils, Z, ky, kx)`` complex; ``KSpace.mask`` is boolean ``(1 or Z, ky,
   kx)`` (True = sampled); ``KSpace.coil_maps`` is ``(coils, Z, ky, kx)`` complex or None.
+  Raw scanner data (twix, MRD) also carry ``KSpace.noise`` (``(coils, samples)``, the noise
+  scan) and ``KSpace.calibration`` (``(coils, Z, ky, kx)``, the parallel-imaging reference lines,
+  zeros elsewhere); their rows are phase encoding and their columns readout
+  (``header["readout_axis"] = -1``), whereas fastMRI files keep readout along the rows.
 * ``Sinogram.data`` is ``(Z, views, bins)``; ``Sinogram.geometry`` is the dict described in
   :mod:`medrecon.datasets.sinogram`.
 
@@ -117,13 +121,21 @@ class KSpace:
     coil_maps : ndarray, shape (coils, Z, ky, kx), complex, optional
         Coil sensitivities in image space.
     header : dict
-        Acquisition parameters (e.g. ``ismrmrd_header`` text, fastMRI attributes).
+        Acquisition parameters (e.g. ``ismrmrd_header`` text, fastMRI attributes; raw scanner
+        files: ``header["raw"]``, see :mod:`medrecon.datasets.readouts`).
+    noise : ndarray, shape (coils, samples), complex, optional
+        Samples of a noise scan (no RF), for coil noise prewhitening.
+    calibration : ndarray, shape (coils, Z, ky, kx), complex, optional
+        Parallel-imaging calibration (reference) lines on the same grid as ``data``, zeros
+        elsewhere; lines measured both for calibration and imaging are in ``data`` too.
     """
 
     data: np.ndarray
     mask: np.ndarray | None = None
     coil_maps: np.ndarray | None = None
     header: dict[str, Any] = field(default_factory=dict, repr=False)
+    noise: np.ndarray | None = field(default=None, repr=False)
+    calibration: np.ndarray | None = field(default=None, repr=False)
 
     def __post_init__(self) -> None:
         d = np.asarray(self.data)
@@ -150,6 +162,20 @@ class KSpace:
                     f"KSpace: coil_maps must have the data shape {d.shape}; got {c.shape}"
                 )
             self.coil_maps = c
+        if self.noise is not None:
+            n = np.asarray(self.noise)
+            if n.ndim != 2 or n.shape[0] != d.shape[0] or n.shape[1] == 0:
+                raise ShapeError(
+                    f"KSpace: noise must be (coils={d.shape[0]}, samples); got shape {n.shape}"
+                )
+            self.noise = n if np.iscomplexobj(n) else n.astype(np.complex64)
+        if self.calibration is not None:
+            c = np.asarray(self.calibration)
+            if c.shape != d.shape:
+                raise ShapeError(
+                    f"KSpace: calibration must have the data shape {d.shape}; got {c.shape}"
+                )
+            self.calibration = c
 
     @property
     def n_coils(self) -> int:

@@ -19,22 +19,20 @@ import tempfile
 import time
 import warnings
 from collections.abc import Callable, Iterator
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from medrecon.datasets._atomic import open_temp
 from medrecon.errors import InputError, SettingsError
 
-__all__ = ["ReconstructConfig", "run_case", "case_id_for", "case_seed", "output_stem", "settings_tag",
+__all__ = ["ReconstructConfig", "DEFAULT_ACCELERATION", "DEFAULT_VIEWS", "acceleration_of", "views_of", "thins_raw_scan",
+           "thins_measured_data", "run_case", "case_id_for", "case_seed", "output_stem", "settings_tag",
            "settings_stem", "free_stem", "OUTPUT_SUFFIXES", "unused_settings", "check_settings", "prepare_output_folder",
            "warning_text", "collect_warnings", "estimate_diffusion_time"]
-
-
-#: views of a simulated CT case and R of a simulated MRI case when none is given
-DEFAULT_VIEWS, DEFAULT_ACCELERATION = 23, 4.0
 
 
 @dataclass(frozen=True)
@@ -66,11 +64,25 @@ class ReconstructConfig:
         keeps its views within this many degrees of its first.
     source_to_isocenter_mm, source_to_detector_mm : float
         Fan-beam distances.
-    acceleration, center_fraction, mask : MRI undersampling of a retrospective case
-        (``acceleration`` None: 4).  Fully sampled measured k-space is undersampled with this mask
-        when ``acceleration`` is given (retrospectively).
+    acceleration, center_fraction, mask : MRI undersampling of a retrospective case.
+        ``acceleration`` None: :data:`DEFAULT_ACCELERATION` for a simulated image, no thinning
+        for measured k-space; given with fully sampled measured k-space (a raw scanner file, or
+        fastMRI / BART / MATLAB k-space), its lines are thinned retrospectively and the full scan
+        is the reference.
+    partial_fourier : {"zero-fill", "homodyne", "pocs"}
+        Raw scanner files: how an asymmetric echo (or phase partial Fourier) is handled
+        (:func:`medrecon.datasets.partial_fourier.fill_partial_fourier`).
+    prewhiten : {"auto", "noise", "edge", "off"}
+        Raw scanner files: coil noise prewhitening from the noise scan or the k-space edge
+        (:func:`medrecon.datasets.raw_steps.prewhiten`).
+    compress_coils : int or None
+        Raw scanner files: SVD coil compression to this many virtual coils.
     method : str
-        A method of :func:`medrecon.reconstruct` (classical or diffusion).
+        A method of :func:`medrecon.reconstruct` (classical or diffusion), or ``"auto"`` (the
+        default of ``medrecon reconstruct``): the default for the operator key from the prior
+        card's measured benchmark (:func:`medrecon.api.default_choice`), a diffusion method when
+        ``samples`` or ``steps`` ask for one; a default diffusion run that flags itself as
+        failing returns the classical estimate.
     prior : str or None
         Score prior name for diffusion methods (passed to ``reconstruct`` as ``prior``).
     samples : int or None
@@ -150,28 +162,44 @@ class ReconstructConfig:
     overwrite: bool = False
     progress: bool = False
     into_source_study: bool = False
+    partial_fourier: str = "zero-fill"
+    prewhiten: str = "auto"
+    compress_coils: int | None = None
 
-    @property
-    def simulated_views(self) -> int:
-        """The views of a simulated CT case (``views``, default 23)."""
-        return DEFAULT_VIEWS if self.views is None else self.views
 
-    @property
-    def simulated_acceleration(self) -> float:
-        """R of a simulated MRI case (``acceleration``, default 4)."""
-        return DEFAULT_ACCELERATION if self.acceleration is None else self.acceleration
+#: MRI acceleration of a simulated (retrospective) image case when none is given
+DEFAULT_ACCELERATION = 4.0
+#: CT views of a simulated (retrospective) image case when none are given
+DEFAULT_VIEWS = 23
 
-    @property
-    def thins_measured_data(self) -> bool:
-        """Whether settings ask to thin measured data (``views``, ``view_step``,
-        ``limited_angle_deg`` for a sinogram; ``acceleration`` for k-space)."""
-        from medrecon.pipeline.problems import input_kind
 
-        kind = input_kind(self.input, self.modality)
-        if kind == "sinogram":
-            return any(v is not None for v in (self.views, self.view_step, self.limited_angle_deg))
-        return kind == "kspace" and self.acceleration is not None
+def acceleration_of(cfg: ReconstructConfig) -> float:
+    """The case's acceleration: ``cfg.acceleration``, else :data:`DEFAULT_ACCELERATION`."""
+    return float(cfg.acceleration) if cfg.acceleration is not None else DEFAULT_ACCELERATION
 
+
+def views_of(cfg: ReconstructConfig) -> int:
+    """The views of a simulated CT case: ``cfg.views``, else :data:`DEFAULT_VIEWS`."""
+    return int(cfg.views) if cfg.views is not None else DEFAULT_VIEWS
+
+
+def thins_raw_scan(cfg: ReconstructConfig) -> bool:
+    """True when the case thins a measured raw scan retrospectively (``--acceleration`` on twix / MRD)."""
+    from medrecon.datasets import raw_format
+
+    return cfg.acceleration is not None and cfg.input is not None and raw_format(cfg.input) is not None
+
+
+def thins_measured_data(cfg: ReconstructConfig) -> bool:
+    """True when the case thins measured data retrospectively: ``--views``, ``--view-step`` or
+    ``--limited-angle`` on a measured sinogram, ``--acceleration`` on measured k-space (raw
+    scanner files included)."""
+    from medrecon.pipeline.problems import input_kind
+
+    kind = input_kind(cfg.input, cfg.modality)
+    if kind == "sinogram":
+        return any(v is not None for v in (cfg.views, cfg.view_step, cfg.limited_angle_deg))
+    return kind == "kspace" and cfg.acceleration is not None
 
 def case_id_for(path: str | None, series_uid: str | None = None) -> str:
     """A case ID that does not reveal the input's name: ``case-`` + 10 hex digits of its path hash."""
@@ -210,10 +238,10 @@ def settings_tag(cfg: ReconstructConfig) -> str:
 
     kind = input_kind(cfg.input, cfg.modality)
     if kind != "image":
-        if not cfg.thins_measured_data:
+        if not thins_measured_data(cfg):
             return ""
         if kind == "kspace":
-            tag = f"R{cfg.acceleration:g}-{cfg.mask}"
+            tag = f"R{acceleration_of(cfg):g}-{cfg.mask}"
         else:
             parts = [f"la{cfg.limited_angle_deg:g}"] if cfg.limited_angle_deg is not None else []
             parts += [f"{cfg.views}v"] if cfg.views is not None else []
@@ -226,10 +254,10 @@ def settings_tag(cfg: ReconstructConfig) -> str:
         elif cfg.limited_angle_deg is not None:
             tag = f"la{cfg.limited_angle_deg:g}"
         else:
-            tag = f"{cfg.simulated_views}v"
+            tag = f"{views_of(cfg)}v"
         tag = ("fan" if cfg.geometry == "fan" else "") + tag
     else:
-        tag = f"R{cfg.simulated_acceleration:g}-{cfg.mask}"
+        tag = f"R{acceleration_of(cfg):g}-{cfg.mask}"
     if cfg.noise > 0:
         tag += f"-noise{cfg.noise:g}"
     return re.sub(r"[^A-Za-z0-9.+-]", "-", tag)
@@ -267,7 +295,8 @@ _OPTIONS = {"views": "--views", "view_step": "--view-step", "angles_deg": "--ang
             "acceleration": "--acceleration", "center_fraction": "--center-fraction", "mask": "--mask",
             "prior": "--prior", "samples": "--samples", "steps": "--steps", "iters": "--iters",
             "noise": "--noise", "downsample": "--downsample", "reference": "--reference",
-            "into_source_study": "--into-source-study", "input_domain": "--input-domain"}
+            "into_source_study": "--into-source-study", "input_domain": "--input-domain",
+            "partial_fourier": "--partial-fourier", "prewhiten": "--prewhiten", "compress_coils": "--compress-coils"}
 
 
 def _inapplicable(cfg: ReconstructConfig) -> dict[str, str]:
@@ -305,10 +334,13 @@ def _inapplicable(cfg: ReconstructConfig) -> dict[str, str]:
             why["source_to_isocenter_mm"] = why["source_to_detector_mm"] = "parallel beam (fan-beam distances)"
     if cfg.views is not None and cfg.view_step is not None and "views" not in why:
         why["view_step"] = "--views chooses the views"
+    from medrecon.datasets import raw_format
+
+    raw = cfg.input is not None and kind == "kspace" and raw_format(cfg.input) is not None
     if kind == "kspace":
         if cfg.acceleration is None:
             for name in ("center_fraction", "mask"):
-                why[name] = measured + " (--acceleration undersamples fully sampled k-space retrospectively)"
+                why[name] = "a measured scan is thinned only with --acceleration"
     elif kind == "sinogram" or cfg.modality != "mri":
         for name in ("acceleration", "center_fraction", "mask"):
             why[name] = measured or "a CT case"
@@ -321,6 +353,9 @@ def _inapplicable(cfg: ReconstructConfig) -> dict[str, str]:
         why["image_size"] = "only for measured sinograms"
     if kind != "kspace":
         why["input_domain"] = "only for MRI k-space files (.h5, .cfl, .mat), which may hold coil images"
+    if not raw:
+        for name in ("partial_fourier", "prewhiten", "compress_coils"):
+            why[name] = "only for raw scanner files (Siemens twix .dat, MRD .mrd/.h5)"
     if not (retro and cfg.output_format == "dicom"):
         why["into_source_study"] = "only for DICOM output of simulated data"
     return why
@@ -539,15 +574,19 @@ def _duration(seconds: float) -> str:
 
 def _validate(cfg: ReconstructConfig) -> None:
     from medrecon.datasets import INPUT_DOMAINS
+    from medrecon.datasets.partial_fourier import PARTIAL_FOURIER_METHODS
 
     choices = {"modality": ("ct", "mri"), "output_format": ("nifti", "dicom"),
                "mode": ("auto", "retrospective", "prospective"), "geometry": ("parallel", "fan"),
-               "input_domain": INPUT_DOMAINS}
+               "input_domain": INPUT_DOMAINS, "partial_fourier": PARTIAL_FOURIER_METHODS,
+               "prewhiten": ("auto", "noise", "edge", "off")}
     for name, allowed in choices.items():
         if getattr(cfg, name) not in allowed:
             raise SettingsError(f"{name} must be one of {', '.join(str(v) for v in allowed)}; "
                                 f"got {getattr(cfg, name)!r}")
-    for name in ("samples", "steps", "iters"):
+    if cfg.acceleration is not None and not cfg.acceleration >= 1:
+        raise SettingsError(f"acceleration must be ≥ 1; got {cfg.acceleration:g}")
+    for name in ("samples", "steps", "iters", "compress_coils"):
         v = getattr(cfg, name)
         if v is not None and v < 1:
             raise SettingsError(f"{name} must be ≥ 1; got {v}")
@@ -610,7 +649,45 @@ def _uncertainty_summary(std: torch.Tensor, info: dict[str, Any], unit: str) -> 
     }
 
 
-def run_case(cfg: ReconstructConfig, *, stem: str | None = None,
+def uncertainty_meaning(info: dict[str, Any], domain: Any = None) -> str:
+    """What the uncertainty map of a run means, in one line: calibrated (the card's factor for
+    this setting was applied, and the input is inside the prior's domain), or the spread of the
+    posterior samples, which is not an error estimate, and why."""
+    how = str(info.get("std_calibration") or "")
+    scale = info.get("std_scale")
+    calibrated = bool(how) and not how.startswith(("none", "not applied", "off", "one sample"))
+    if calibrated and (domain is None or domain.in_domain):
+        return (f"calibrated: scaled ×{scale:g} so that ±2σ held the error's share measured on held-out images "
+                f"for this setting ({how})")
+    why = "the input is outside the prior's training domain" if calibrated else f"no calibration applies ({how})"
+    return f"the map shows the spread of the posterior samples, not the error: {why}"
+
+
+def _domain_report(cfg: ReconstructConfig, prob: Any, mean: torch.Tensor, method: str, prior: Any) -> Any:
+    """:func:`medrecon.priors.domain.check_domain` of a diffusion run's result against its
+    prior's card (None for classical results: no prior shaped them)."""
+    from medrecon.api import prior_card
+    from medrecon.pipeline.problems import input_kind
+    from medrecon.priors.domain import check_domain
+    from medrecon.solvers.presets import DIFFUSION_METHODS
+
+    if method not in DIFFUSION_METHODS:
+        return None
+    card = getattr(prior, "card", None)
+    if not isinstance(card, dict):  # not loaded here: read the card of the prior the run used
+        card = prior_card(cfg.prior, prob.A)[0]
+    if not isinstance(card, dict):
+        return None
+    tpl = prob.template
+    spacing = None
+    if input_kind(cfg.input, cfg.modality) == "image":  # images carry their pixel size; raw data may not
+        cols = np.linalg.norm(np.asarray(tpl.affine, dtype=np.float64)[:3, :2], axis=0)
+        spacing = (float(cols[0]), float(cols[1]))
+    return check_domain(card, _real(mean)[:, 0].numpy(), modality=getattr(tpl, "modality", None) or cfg.modality,
+                        dicom=(tpl.meta or {}).get("dicom"), spacing_mm=spacing)
+
+
+def run_case(cfg: ReconstructConfig, *, stem: str | Callable[[ReconstructConfig], str] | None = None,
              notify: Callable[[str], None] | None = None) -> dict[str, Any]:
     """Run one case and return its JSON record (also written to ``<out>/<stem>.json``).
 
@@ -625,9 +702,10 @@ def run_case(cfg: ReconstructConfig, *, stem: str | None = None,
     Parameters
     ----------
     cfg : ReconstructConfig
-    stem : str, optional
-        File stem of the outputs; default :func:`output_stem` (``<case>_<method>``).
-        ``medrecon reconstruct`` passes :func:`free_stem`.
+    stem : str or callable, optional
+        File stem of the outputs, or a function of the config (with ``"auto"`` resolved) that
+        gives it; default :func:`output_stem` (``<case>_<method>``).  ``medrecon reconstruct``
+        passes :func:`free_stem`.
     notify : callable, optional
         Called with one-line progress notes (the time estimate of a diffusion run, measured
         before it starts, :func:`estimate_diffusion_time`); None: no estimate is made.
@@ -641,7 +719,7 @@ def run_case(cfg: ReconstructConfig, *, stem: str | None = None,
     created = _missing_folders(Path(cfg.out))
     try:
         with collect_warnings(found):
-            return _run_case(cfg, stem or output_stem(cfg), notify, found)
+            return _run_case(cfg, stem or output_stem, notify, found)
     except BaseException:
         _remove_empty(created)  # a failed case leaves no empty output folder behind
         raise
@@ -665,8 +743,31 @@ def _remove_empty(folders: list[Path]) -> None:
             return
 
 
-def _run_case(cfg: ReconstructConfig, stem: str, notify: Callable[[str], None] | None,
-              found: list[str]) -> dict[str, Any]:
+def resolve_method(cfg: ReconstructConfig, A: Any) -> tuple[ReconstructConfig, dict[str, Any] | None]:  # noqa: N803
+    """``cfg`` with ``method="auto"`` replaced by the default for the operator ``A``, and the
+    choice (method, reason, whether measured, the classical settings), or None for a named method.
+
+    The default is :func:`medrecon.api.default_choice`'s (the prior card's benchmark for the
+    operator key); ``samples`` or ``steps`` given ask for posterior sampling, so they make it
+    :data:`medrecon.api.BEST_DIFFUSION` where the key's default is classical.
+    """
+    from medrecon.api import BEST_DIFFUSION, default_choice
+    from medrecon.solvers.presets import DIFFUSION_METHODS
+
+    if cfg.method != "auto":
+        return cfg, None
+    choice = default_choice(A, cfg.prior)
+    method, reason = choice.method, choice.reason
+    asked = [_OPTIONS[k] for k in ("samples", "steps") if getattr(cfg, k) is not None]
+    if asked and method not in DIFFUSION_METHODS:
+        method = BEST_DIFFUSION
+        reason += f"; {' and '.join(asked)} ask for posterior sampling, so {method} runs"
+    return replace(cfg, method=method), {"method": method, "reason": reason, "measured": choice.measured,
+                                         "settings": choice.settings if method == choice.method else {}}
+
+
+def _run_case(cfg: ReconstructConfig, stem_for: str | Callable[[ReconstructConfig], str],
+              notify: Callable[[str], None] | None, found: list[str]) -> dict[str, Any]:
     from medrecon.api import reconstruct
     from medrecon.operators.ct import CTProjector
     from medrecon.pipeline.outputs import write_image_outputs
@@ -679,15 +780,35 @@ def _run_case(cfg: ReconstructConfig, stem: str, notify: Callable[[str], None] |
     case = cfg.case_id or case_id_for(cfg.input, cfg.series_uid)
     seed = case_seed(cfg.seed, case)
     out = prepare_output_folder(cfg.out)
+    auto = cfg.method == "auto"
+    if not auto:
+        stem = stem_for if isinstance(stem_for, str) else stem_for(cfg)
+        if (out / f"{stem}.json").exists() and not cfg.overwrite:  # fail before the work, not after it
+            raise InputError(out / f"{stem}.json", "exists; pass --overwrite to replace it")
+    prob = build_problem(cfg, seed)
+    cfg, choice = resolve_method(cfg, prob.A)
+    if auto:
+        stem = stem_for if isinstance(stem_for, str) else stem_for(cfg)
+        if (out / f"{stem}.json").exists() and not cfg.overwrite:
+            raise InputError(out / f"{stem}.json", "exists; pass --overwrite to replace it")
+        if notify is not None:
+            notify(f"method: {choice['reason']}")
     record_path = out / f"{stem}.json"
-    if record_path.exists() and not cfg.overwrite:  # fail before the work, not after it
-        raise InputError(record_path, "exists; pass --overwrite to replace it")
     ignored = unused_settings(cfg)
     for text in _unused_lines(cfg, ignored):
         warnings.warn(f"ignored {text}", UserWarning, stacklevel=2)
-    prob = build_problem(cfg, seed)
+    if notify is not None and prob.notes.get("raw"):  # what a raw scanner file held, and what was done to it
+        notify(f"found {prob.notes['raw']}")
+        for step in prob.notes.get("raw_steps", []):
+            notify(f"  {step}")
+        if prob.notes.get("header_mismatch"):
+            notify(f"  header: {prob.notes['header_mismatch']}")
     y = prob.y.to(device)
     settings = _method_settings(cfg)
+    if choice is not None:  # the measured weight of a classical default, and the fallback of a diffusion one
+        settings = {**choice["settings"], **settings}
+        if cfg.method in DIFFUSION_METHODS:
+            settings["fallback"] = True
     estimate = None
     if notify is not None and cfg.method in DIFFUSION_METHODS:
         from medrecon.priors import ScorePrior
@@ -705,12 +826,22 @@ def _run_case(cfg: ReconstructConfig, stem: str, notify: Callable[[str], None] |
                    f"on {estimate['batch']} image(s), {estimate['seconds_per_evaluation']:.2f} s each on {device}"
                    + (f", after its {init} initial estimate" if init else ""))
     rec = reconstruct(y, prob.A, method=cfg.method, seed=seed, progress=cfg.progress, **settings)
+    if choice is not None:
+        rec.info["default"] = {k: v for k, v in choice.items() if k != "settings"}
+    method_run = rec.info.get("method", cfg.method)  # the classical estimate when a default run fell back
     mean = _real(rec.mean).detach().cpu()
     std = None if rec.std is None else rec.std.detach().cpu()
     initial = _real(reconstruct(y, prob.A, method=prob.initial_method).mean).detach().cpu()
 
+    domain = _domain_report(cfg, prob, mean, method_run, settings.get("prior"))
+    cautions = [f"outside the prior's training domain: {w}" for w in domain.warnings] if domain else []
+    for text in cautions:
+        warnings.warn(text, UserWarning, stacklevel=2)
+    meaning = None if std is None else uncertainty_meaning(rec.info, domain)
+    std_cautions = [meaning] if meaning and not meaning.startswith("calibrated") else []
     files, output_notes = write_image_outputs(  # labels, study and modality: pipeline/outputs.py
-        cfg, prob, mean[:, 0].numpy(), None if std is None else std[:, 0].numpy(), out, stem)
+        replace(cfg, method=method_run), prob, mean[:, 0].numpy(), None if std is None else std[:, 0].numpy(),
+        out, stem, cautions=cautions, std_cautions=std_cautions)
     metrics = _metrics(prob, mean, initial, std, cfg.modality)
 
     z = mean.shape[0]
@@ -720,9 +851,10 @@ def _run_case(cfg: ReconstructConfig, stem: str, notify: Callable[[str], None] |
     if ref is not None:
         panels.append(("reference", ref[mid, 0].numpy(), prob.unit))
     panels += [(f"initial estimate ({prob.initial_method})", initial[mid, 0].numpy(), prob.unit),
-               (f"reconstruction ({cfg.method})", mean[mid, 0].numpy(), prob.unit)]
+               (f"reconstruction ({method_run})", mean[mid, 0].numpy(), prob.unit)]
     if std is not None:
-        panels.append(("uncertainty (posterior std)", std[mid, 0].numpy(), prob.unit))
+        panels.append(("uncertainty (posterior std)" if not std_cautions else
+                       "uncertainty: sampling spread, not error", std[mid, 0].numpy(), prob.unit))
     if ref is not None:
         h, w = ref.shape[-2:]  # a fastMRI reference is the centre crop
         top, left = (mean.shape[-2] - h) // 2, (mean.shape[-1] - w) // 2
@@ -739,7 +871,8 @@ def _run_case(cfg: ReconstructConfig, stem: str, notify: Callable[[str], None] |
     if z > 1 or prob.first_slice:
         title += f"; slice {mid + 1} of {z}" + (f" (input slice index {prob.first_slice + mid})"
                                               if prob.first_slice else "")
-    fig = case_figure(out / f"{stem}.png", panels, display=display, title=title, affine=prob.display_affine)
+    fig = case_figure(out / f"{stem}.png", panels, display=display, title=title, affine=prob.display_affine,
+                      caption="\n".join([*cautions, *std_cautions]))
     files.append(fig)
     if cfg.thumbnails:
         files.append(thumbnail(out / f"{stem}_thumb.png",
@@ -759,6 +892,7 @@ def _run_case(cfg: ReconstructConfig, stem: str, notify: Callable[[str], None] |
         "seed": seed,
         "config": {k: v for k, v in asdict(cfg).items() if k not in ("input", "reference", "out") and k not in skip},
         "ignored_settings": {_OPTIONS.get(k, k): getattr(cfg, k) for k in ignored},
+        "stem": stem,
         "input_kind": "bundled" if cfg.input is None else "file",
         "problem": prob.title,
         "notes": prob.notes,
@@ -774,7 +908,9 @@ def _run_case(cfg: ReconstructConfig, stem: str, notify: Callable[[str], None] |
         "outputs": [str(p) for p in files],
     }
     if std is not None:
-        record["uncertainty"] = _uncertainty_summary(std, rec.info, prob.unit)
+        record["uncertainty"] = {**_uncertainty_summary(std, rec.info, prob.unit), "meaning": meaning}
+    if domain is not None:
+        record["domain"] = domain.as_record()
     if estimate is not None:
         record["time_estimate"] = estimate
     _write_json(record_path, record, cfg.overwrite)

@@ -115,6 +115,11 @@ def _kind(path: Path) -> str:
     name = path.name.lower()
     if name.endswith(".mat") and is_sinogram_geometry(path.with_suffix(".json")):
         return f"MATLAB sinogram (+ {path.with_suffix('.json').name} geometry)"
+    from medrecon.datasets import raw_format
+
+    raw = {"twix": "Siemens twix raw data", "mrd": "MRD raw data"}.get(raw_format(path) or "")
+    if raw:
+        return raw
     kinds = {(".nii", ".nii.gz"): "NIfTI image", (".h5", ".hdf5"): "fastMRI k-space",
              (".cfl", ".hdr"): "BART k-space", (".mat",): "MATLAB k-space", (".npy", ".npz"): "raw sinogram"}
     for ends, what in kinds.items():
@@ -185,7 +190,7 @@ def _folder_cases(folder: Path, out_dir: Path | None = None) -> list[_Raw]:
                 order.append(("raw", (None, {"input": str(f)}, rel(f), _kind(f))))
             elif name.endswith(".mat") and is_sinogram_geometry(f.with_suffix(".json")):  # a MATLAB sinogram
                 order.append(("raw", (None, {"input": str(f), "modality": "ct"}, rel(f), _kind(f))))
-            elif name.endswith((".h5", ".hdf5", ".cfl", ".mat")):
+            elif name.endswith((".h5", ".hdf5", ".cfl", ".mat", ".dat", ".mrd")):
                 order.append(("raw", (None, {"input": str(f), "modality": "mri"}, rel(f), _kind(f))))
             elif name.endswith(".json") and input_kind(str(f)) == "sinogram" and not f.with_suffix(".mat").is_file():
                 order.append(("raw", (None, {"input": str(f), "modality": "ct"}, rel(f), _kind(f))))

@@ -64,14 +64,27 @@ def describe_simulation(
 
 
 def simulation_label(cfg: ReconstructConfig) -> str | None:
-    """:func:`describe_simulation` of a case; None when it reconstructs measured data."""
+    """:func:`describe_simulation` of a case; for measured data thinned retrospectively, what
+    was kept (``"retrospective on measured data: …"``); None when it reconstructs measured data
+    as it is."""
+    from medrecon.pipeline.case import acceleration_of, thins_measured_data, views_of
     from medrecon.pipeline.problems import input_kind
 
-    if input_kind(cfg.input, cfg.modality) != "image":
+    kind = input_kind(cfg.input, cfg.modality)
+    if thins_measured_data(cfg):
+        if kind == "kspace":
+            what = f"R={acceleration_of(cfg):g} {cfg.mask}, centre {cfg.center_fraction:g}"
+        else:
+            parts = [f"{cfg.limited_angle_deg:g} deg limited angle"] if cfg.limited_angle_deg is not None else []
+            parts += [f"{cfg.views} views"] if cfg.views is not None else []
+            parts += [f"every {cfg.view_step}th view"] if cfg.view_step is not None else []
+            what = ", ".join(parts)
+        return f"retrospective on measured data: {what}"
+    if kind != "image":
         return None
     return describe_simulation(
-        cfg.modality, views=cfg.simulated_views, geometry=cfg.geometry, angles_deg=cfg.angles_deg,
-        limited_angle_deg=cfg.limited_angle_deg, acceleration=cfg.simulated_acceleration, mask=cfg.mask,
+        cfg.modality, views=views_of(cfg), geometry=cfg.geometry, angles_deg=cfg.angles_deg,
+        limited_angle_deg=cfg.limited_angle_deg, acceleration=acceleration_of(cfg), mask=cfg.mask,
         center_fraction=cfg.center_fraction, noise=cfg.noise,
     )
 
@@ -110,7 +123,7 @@ def _modality(template_modality: str, cfg_modality: str) -> str:
 
 def write_image_outputs(
     cfg: ReconstructConfig, prob: Problem, mean: np.ndarray, std: np.ndarray | None, out: Path,
-    stem: str,
+    stem: str, *, cautions: tuple[str, ...] | list[str] = (), std_cautions: tuple[str, ...] | list[str] = (),
 ) -> tuple[list[Path], dict[str, Any]]:
     """Write the reconstruction (and the uncertainty map) of one case.
 
@@ -127,6 +140,9 @@ def write_image_outputs(
     stem : str
         File stem: ``<stem>.nii.gz`` / ``<stem>_std.nii.gz`` or ``<stem>_dicom`` /
         ``<stem>_std_dicom``.
+    cautions, std_cautions : sequence of str
+        Lines every output (and, added to them, the uncertainty output) carries in its header:
+        NIfTI ``descrip`` + extension, DICOM ImageComments.
 
     Returns
     -------
@@ -150,10 +166,11 @@ def write_image_outputs(
     files: list[Path] = []
     record: dict[str, Any] = {"simulated": simulated}
     if cfg.output_format == "nifti":
-        files += save_nifti(result, out / f"{stem}.nii.gz", overwrite=cfg.overwrite, simulated=simulated)
+        files += save_nifti(result, out / f"{stem}.nii.gz", overwrite=cfg.overwrite, simulated=simulated,
+                            cautions=cautions)
         if std_vol is not None:
             files += save_nifti(std_vol, out / f"{stem}_std.nii.gz", overwrite=cfg.overwrite,
-                                simulated=simulated)
+                                simulated=simulated, cautions=[*cautions, *std_cautions])
         return files, record
     into_source = bool(getattr(cfg, "into_source_study", False))
     kw: dict[str, Any] = {"method": cfg.method, "overwrite": cfg.overwrite, "simulated": simulated,
@@ -162,10 +179,11 @@ def write_image_outputs(
         kw["value_scale"] = mr_value_scale(result.array)
     source_number = meta.get("dicom", {}).get("SeriesNumber")
     files += save_dicom_series(result, out / f"{stem}_dicom",
-                               series_number=series_number(source_number, cfg.method), **kw)
+                               series_number=series_number(source_number, cfg.method), cautions=cautions, **kw)
     if std_vol is not None:
         files += save_dicom_series(std_vol, out / f"{stem}_std_dicom", kind="uncertainty",
-                                   series_number=series_number(source_number, cfg.method, "uncertainty"), **kw)
+                                   series_number=series_number(source_number, cfg.method, "uncertainty"),
+                                   cautions=[*cautions, *std_cautions], **kw)
     has_study = bool(str(meta.get("dicom", {}).get("StudyInstanceUID") or "").strip())
     if simulated is not None and not into_source:
         record["study"] = ("a study of its own, not the patient's (simulated data); "

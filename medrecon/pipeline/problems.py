@@ -15,7 +15,7 @@
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -38,9 +38,10 @@ __all__ = ["Problem", "input_kind", "build_problem", "parse_slices", "retrospect
 SINOGRAM_SUFFIXES = (".npy", ".npz")
 NIFTI_SUFFIXES = (".nii", ".nii.gz")
 #: format names of the k-space endings (an ending missing here is listed by itself)
-_KSPACE_FORMATS = {".h5": "fastMRI", ".hdf5": "fastMRI", ".cfl": "BART", ".hdr": "BART", ".mat": "MATLAB"}
+_KSPACE_FORMATS = {".h5": "fastMRI or MRD", ".hdf5": "fastMRI or MRD", ".cfl": "BART", ".hdr": "BART",
+                   ".mat": "MATLAB", ".dat": "Siemens twix", ".mrd": "MRD"}
 #: what some common endings are, for error messages
-_FILE_KINDS = {".mat": "a MATLAB .mat file", ".h5": "an HDF5 file", ".hdf5": "an HDF5 file",
+_FILE_KINDS = {".dat": "a Siemens twix .dat file", ".mrd": "an MRD file", ".mat": "a MATLAB .mat file", ".h5": "an HDF5 file", ".hdf5": "an HDF5 file",
                ".cfl": "a BART .cfl array", ".hdr": "a BART .hdr header", ".npy": "a NumPy array (.npy)",
                ".npz": "a NumPy archive (.npz)", ".json": "a JSON file", ".txt": "a text file",
                ".csv": "a CSV file", ".zip": "a zip archive", ".gz": "a gzip file", ".pdf": "a PDF file",
@@ -276,7 +277,9 @@ def _ct_what(cfg: ReconstructConfig) -> str:
         return f"--angles ({len(cfg.angles_deg)} views)"
     if cfg.limited_angle_deg is not None:
         return f"--limited-angle {cfg.limited_angle_deg:g}"
-    return f"--views {cfg.simulated_views}"
+    from medrecon.pipeline.case import views_of
+
+    return f"--views {views_of(cfg)}"
 
 
 def _check_modality(vol: Volume, cfg: ReconstructConfig) -> None:
@@ -304,21 +307,23 @@ def _retrospective(cfg: ReconstructConfig, seed: int) -> Problem:
     vol = _subset(full, cfg)
     del full
     x = torch.from_numpy(np.ascontiguousarray(vol.array, dtype=np.float32))[:, None]  # (Z, 1, H, W)
+    from medrecon.pipeline.case import acceleration_of, views_of
+
     A = retrospective_operator(  # noqa: N806
-        x.shape[-2:], cfg.modality, seed=seed, views=cfg.simulated_views, geometry=cfg.geometry,
+        x.shape[-2:], cfg.modality, seed=seed, views=views_of(cfg), geometry=cfg.geometry,
         angles_deg=cfg.angles_deg, limited_angle_deg=cfg.limited_angle_deg, pixel_mm=vol.spacing_mm[2],
         source_to_isocenter_mm=cfg.source_to_isocenter_mm, source_to_detector_mm=cfg.source_to_detector_mm,
-        mask=cfg.mask, acceleration=cfg.simulated_acceleration, center_fraction=cfg.center_fraction,
+        mask=cfg.mask, acceleration=acceleration_of(cfg), center_fraction=cfg.center_fraction,
     )
     check_projector_memory(A, _ct_what(cfg))  # before the matrices are built
     if cfg.modality == "ct":
-        n = int(np.count_nonzero(A.mask.cpu().numpy())) if hasattr(A, "mask") else cfg.simulated_views
+        n = int(np.count_nonzero(A.mask.cpu().numpy())) if hasattr(A, "mask") else views_of(cfg)
         what = f"{n} views" if cfg.limited_angle_deg is None else f"{cfg.limited_angle_deg:g}° limited angle"
         title = f"CT {cfg.geometry} beam, {what}"
         unit, initial, scale = "HU", "fbp", 1.0
     else:
         scale = float(np.percentile(np.abs(vol.array), 99.5)) or 1.0
-        title = f"MRI {cfg.simulated_acceleration:g}x {cfg.mask} mask"
+        title = f"MRI {acceleration_of(cfg):g}x {cfg.mask} mask"
         unit, initial = "a.u.", "zero-filled"
     y = simulate_measurement(x, A, cfg.noise, seed)
     return Problem(y, A, x, vol, unit, initial, title, scale, first_slice=first,
@@ -377,6 +382,7 @@ def _sinogram_problem(cfg: ReconstructConfig) -> Problem:
     from medrecon.datasets.simulate import MU_WATER_PER_MM, ct_operator
     from medrecon.datasets.thinning import thin_view_indices
     from medrecon.pipeline.geometry import sinogram_grid
+    from medrecon.pipeline.case import thins_measured_data
     from medrecon.pipeline.geometry_check import check_geometry, geometry_warning
 
     sino = load_sinogram(cfg.input)
@@ -400,7 +406,7 @@ def _sinogram_problem(cfg: ReconstructConfig) -> Problem:
         warnings.warn(text, UserWarning, stacklevel=2)
     A = full  # noqa: N806
     idx = None
-    if cfg.thins_measured_data:
+    if thins_measured_data(cfg):
         idx = thin_view_indices(g["angles_rad"], views=cfg.views, view_step=cfg.view_step,
                                 limited_angle_deg=cfg.limited_angle_deg)
         keep = np.zeros(n_views, dtype=bool)
@@ -423,44 +429,47 @@ def _sinogram_problem(cfg: ReconstructConfig) -> Problem:
         how = ", ".join(f"{opt} {v:g}" for opt, v in (("--limited-angle", cfg.limited_angle_deg),
                                                       ("--views", cfg.views), ("--view-step", cfg.view_step))
                         if v is not None)
-        notes["subsampling"] = {"retrospective": True, "of": "measured sinogram", "how": how,
-                                "views_kept": int(idx.size), "views_measured": n_views, "view_indices": idx.tolist()}
+        notes["thinning"] = {"selection": how, "views_kept": int(idx.size), "views": n_views,
+                             "view_indices": idx.tolist(), "how": "retrospective on measured data"}
         notes["reference"] = f"FBP of all {n_views} measured views"
         title = (f"CT measured sinogram, {g['type']} beam, {idx.size} of {n_views} views "
-                 f"(retrospectively thinned: {how})")
+                 f"({how}, retrospective on measured data)")
     return Problem(y, A, reference, template, "HU", "fbp", title, notes=notes,
                    first_slice=range(sino.data.shape[0])[s][0])
 
 
-def _kspace_problem(cfg: ReconstructConfig, seed: int) -> Problem:
-    """Measured k-space, reconstructed as it is or undersampled (retrospectively) with a mask.
+def _kspace_problem(cfg: ReconstructConfig, seed: int = 0) -> Problem:
+    """Measured k-space, reconstructed as it is or thinned (retrospectively) with a mask.
 
-    Undersampled (``acceleration`` given; the data must be fully sampled): the mask
-    ``mri_mask(cfg.mask, (ky, kx), R, cfg.center_fraction, seed)`` is applied
-    (:func:`medrecon.datasets.thinning.undersample_kspace`), coil maps (when the file has none)
-    are estimated from the full data, and its zero-filled (exact) reconstruction is the reference.
+    Raw scanner files go to :func:`medrecon.pipeline.rawscan.raw_problem`.  Thinned
+    (``acceleration`` given; every phase-encode line measured): the lines of
+    ``mri_mask(cfg.mask, …, R, cfg.center_fraction, seed)`` are kept
+    (:func:`medrecon.datasets.thin_measured_kspace`, shared with raw scans), coil maps (when the
+    file has none) are estimated from the full data, and its zero-filled (exact) reconstruction
+    is the reference.
     """
-    from medrecon.datasets import Volume, load_fastmri_reference, load_kspace
-    from medrecon.datasets.thinning import is_fully_sampled, undersample_kspace
-    from medrecon.operators import MaskedFourier, MultiCoilMRI, estimate_coil_maps, mri_mask
+    from medrecon.datasets import Volume, load_fastmri_reference, load_kspace, thin_measured_kspace
+    from medrecon.operators import MaskedFourier, MultiCoilMRI, estimate_coil_maps
+    from medrecon.pipeline.case import acceleration_of, thins_measured_data
 
     path = Path(cfg.input)
     is_h5 = path.suffix.lower() in (".h5", ".hdf5")
     ksp = load_kspace(str(path), input_domain=cfg.input_domain)  # by ending; coil images refused or converted
+    if "raw" in ksp.header:  # a raw scanner file (twix, MRD)
+        from medrecon.pipeline.rawscan import raw_problem
+
+        return raw_problem(cfg, ksp, seed)
     s = parse_slices(cfg.slices, ksp.data.shape[1], str(path))
     notes: dict[str, Any] = {"coils": int(ksp.data.shape[0])}
-    full_data = None
-    if cfg.thins_measured_data:
-        if not is_fully_sampled(ksp):
-            raise SettingsError(f"--acceleration {cfg.acceleration:g}: {path.name} is not fully sampled "
-                                f"({float(ksp.mask.mean()):.0%} of k-space measured); retrospective undersampling "
-                                "needs fully sampled data (leave --acceleration out to reconstruct it as it is)")
-        full_data = ksp.data[:, s]
-        mask2d = mri_mask(cfg.mask, ksp.data.shape[2:], cfg.acceleration, cfg.center_fraction, seed=seed)
-        ksp = undersample_kspace(ksp, mask2d)
-        notes["subsampling"] = {"retrospective": True, "of": "measured k-space", "acceleration": cfg.acceleration,
-                                "mask": cfg.mask, "center_fraction": cfg.center_fraction,
-                                "sampled_fraction": ksp.header["retrospective_mask"]["sampled_fraction"]}
+    full_data = file_maps = None
+    if thins_measured_data(cfg):
+        full_data, file_maps = ksp.data[:, s], ksp.coil_maps
+        try:
+            ksp = thin_measured_kspace(ksp, acceleration_of(cfg), cfg.mask, cfg.center_fraction, seed)
+        except SettingsError as err:
+            raise SettingsError(f"{path.name}: {err}") from err
+        notes["thinning"] = ksp.header["thinning"]
+        ksp = replace(ksp, coil_maps=file_maps)
     data = ksp.data[:, s]  # (coils, Z, H, W)
     mask = ksp.mask if ksp.mask.shape[0] == 1 else ksp.mask[s]
     y = torch.from_numpy(np.ascontiguousarray(data.transpose(1, 0, 2, 3)))  # (Z, coils, H, W)
@@ -490,7 +499,7 @@ def _kspace_problem(cfg: ReconstructConfig, seed: int) -> Problem:
         A_full = MaskedFourier(ones) if maps is None else MultiCoilMRI(maps, ones)  # noqa: N806
         with torch.no_grad():
             reference = A_full.adjoint(y_full).abs()
-        notes["reference"] = "the fully sampled data's reconstruction (zero-filled, exact)"
+        notes["reference"] = "the full scan's zero-filled (exact) reconstruction, with the same maps"
         zf = reference
     scale = float(torch.quantile(zf.flatten()[:: max(1, zf.numel() // 100000)], 0.995)) or 1.0
     if is_h5 and reference is None:
@@ -505,7 +514,7 @@ def _kspace_problem(cfg: ReconstructConfig, seed: int) -> Problem:
         what = "coil images turned into k-space" if data.shape[0] > 1 else "image turned into k-space"
     title = f"MRI measured {what}, {float(mask.mean()):.0%} sampled"
     if full_data is not None:
-        title += f" (retrospectively undersampled: R={cfg.acceleration:g} {cfg.mask})"
+        title += f" (R={acceleration_of(cfg):g} {cfg.mask}, retrospective on measured data)"
     return Problem(y, A, reference, template, "a.u.", "zero-filled", title, scale, notes,
                    first_slice=range(ksp.data.shape[1])[s][0])
 
@@ -523,11 +532,19 @@ def build_problem(cfg: ReconstructConfig, seed: int) -> Problem:
     if cfg.input is not None and not Path(cfg.input).exists():
         raise InputError(cfg.input, "no such file or folder")
     kind = input_kind(cfg.input, cfg.modality)
+    from medrecon.pipeline.case import thins_measured_data
+
+    thin = thins_measured_data(cfg)  # measured data thinned: retrospective on measured data
     mode = cfg.mode
     if mode == "auto":
-        mode = "retrospective" if kind == "image" else "prospective"
-    if mode == "retrospective" and kind != "image":
-        raise SettingsError(f"retrospective mode needs an image input; {Path(str(cfg.input)).name} is a {kind}")
+        mode = "retrospective" if kind == "image" or thin else "prospective"
+    if mode == "retrospective" and kind != "image" and not thin:
+        raise SettingsError(f"retrospective mode needs an image input, or fully sampled measured data thinned with "
+                            f"--acceleration (k-space) or --views/--view-step/--limited-angle (a sinogram); "
+                            f"{Path(str(cfg.input)).name} is a {kind}")
+    if mode == "prospective" and thin:
+        raise SettingsError("thinning options make a case retrospective on measured data, --mode prospective "
+                            "reconstructs the data as measured: give one of them")
     if mode == "prospective" and kind == "image":
         raise SettingsError(f"prospective mode needs measured data: {supported_formats('input').split('; ', 1)[1]}")
     want = {"sinogram": "ct", "kspace": "mri"}.get(kind)

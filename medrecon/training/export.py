@@ -21,6 +21,7 @@ import torch
 from medrecon.datasets.training import npz_source_info
 from medrecon.priors.prior import ScorePrior, fit_high_noise
 from medrecon.priors.registry import read_card, write_card
+from medrecon.training.domain import measure_domain
 from medrecon.training.campaign import campaign_history, campaign_point
 from medrecon.training.data import _resolve, load_slices
 from medrecon.training.loop import load_ema_net
@@ -100,11 +101,11 @@ def export_prior(
         # kept with the sha256 of the weights they were measured on, so that they are not applied
         # to the new weights (solvers.cards.tuned_on_other_weights) until re-measured
         before_card = read_card(replaced)
-        kept = {k: before_card[k] for k in ("tuned", "calibration") if k in before_card and k not in extra}
+        kept = {k: before_card[k] for k in ("tuned", "calibration", "benchmark") if k in before_card and k not in extra}
         if before_card.get("sha256"):
-            for section in kept.values():  # entries older than the hash field
+            for what, section in kept.items():  # entries older than the hash field
                 for methods in section.values():
-                    for entry in methods.values():
+                    for entry in ([methods] if what == "benchmark" else methods.values()):
                         entry.setdefault("weights_sha256", before_card["sha256"])
         extra.update(kept)
     path = prior.save(directory, name, dtype=dtype, card=extra, overwrite=overwrite)
@@ -122,6 +123,8 @@ def export_prior(
             "sigma_c = the noise level above which the Gaussian Tweedie estimate beats the network's "
             "on the validation images (medrecon.priors.prior.fit_high_noise)",
         }
+        # what the prior was trained on, for the out-of-domain check at inference (priors/domain.py)
+        card_now["domain"] = measure_domain(cfg.data, cfg.modality, card_now.get("domain"), val.float().numpy())
         card_now["validation"] = {
             **card_now.get("validation", {}),
             "data": "/".join(Path(validate_on).parts[-2:]),

@@ -30,10 +30,13 @@ from medrecon.datasets import (
     load_fastmri,
     load_image,
     load_nifti,
+    load_mrd,
     load_sinogram,
+    load_twix,
     save_bart_kspace,
     save_dicom_series,
     save_fastmri,
+    save_mrd,
     save_nifti,
     save_sinogram,
 )
@@ -417,6 +420,152 @@ for _missing in (".hdr", ".cfl"):
         return (lambda: load_bart_kspace(base)), "ksp" + missing
 
     case(f"bart-missing{_missing}")(_b)
+
+
+# ------------------------------------------------------------------ MRD (ISMRMRD HDF5)
+def _mrd_file(tmp: Path) -> Path:
+    k = _K.transpose(1, 0, 2, 3).copy()  # (coils 3, Z 2, 8, 6)
+    noise = np.ones((3, 40), np.complex64)
+    save_mrd(KSpace(k, header={"readout_axis": -1}, noise=noise), tmp / "k.mrd")
+    return tmp / "k.mrd"
+
+
+for _frac in FRACTIONS[:-1]:
+
+    def _b(tmp: Path, frac=_frac):
+        p = _mrd_file(tmp)
+        _truncate(p, frac)
+        return (lambda: load_mrd(p)), "k.mrd"
+
+    case(f"mrd-truncated-{_frac}")(_b)
+
+
+def _mrd_edit(fn):
+    def build(tmp: Path):
+        import h5py
+
+        p = _mrd_file(tmp)
+        with h5py.File(p, "r+") as hf:
+            fn(hf)
+        return (lambda: load_mrd(p)), "k.mrd"
+
+    return build
+
+
+def _set_xml(text: bytes):
+    def fn(hf):
+        hf["dataset"]["xml"][0] = text
+
+    return fn
+
+
+def _head_field(field: str, value):
+    def fn(hf):
+        data = hf["dataset"]["data"][:]
+        data["head"][field][-1] = value
+        hf["dataset"]["data"][:] = data
+
+    return fn
+
+
+MRD_EDITS = {
+    "xml-not-xml": _set_xml(b"not xml at all"),
+    "xml-empty": _set_xml(b""),
+    "xml-wrong-root": _set_xml(b"<html><body/></html>"),
+    "xml-no-encoding": _set_xml(b'<ismrmrdHeader xmlns="http://www.ismrm.org/ISMRMRD"><experimentalConditions>'
+                                b"<H1resonanceFrequency_Hz>1</H1resonanceFrequency_Hz></experimentalConditions>"
+                                b"</ismrmrdHeader>"),
+    "no-data": lambda hf: hf["dataset"].__delitem__("data"),
+    "no-xml": lambda hf: hf["dataset"].__delitem__("xml"),
+    "no-dataset": lambda hf: (hf.create_group("other"), hf.move("dataset", "other/inner")),
+    "centre-outside": _head_field("center_sample", 999),
+    "samples-too-many": _head_field("number_of_samples", 50),
+    "channels-too-many": _head_field("active_channels", 9),
+    "discard-all": _head_field("discard_pre", 6),
+}
+for _k, _fn in MRD_EDITS.items():
+    case(f"mrd-{_k}")(_mrd_edit(_fn))
+
+for _bad in ("nan", "inf"):
+
+    def _b(tmp: Path, bad=_bad):
+        import h5py
+
+        p = _mrd_file(tmp)
+        with h5py.File(p, "r+") as hf:
+            data = hf["dataset"]["data"][:]
+            row = data["data"][-1].copy()
+            row[3] = float(bad)
+            data["data"][-1] = row
+            hf["dataset"]["data"][:] = data
+        return (lambda: load_mrd(p)), "NaN or Inf"
+
+    case(f"mrd-{_bad}-sample")(_b)
+
+def _mrd_text(tmp: Path):
+    p = _write(tmp / "x.mrd", b"hello")  # written before the snapshot: the reader must leave it alone
+    return (lambda: load_mrd(p)), "x.mrd"
+
+
+case("mrd-text-file")(_mrd_text)
+def _mrd_fastmri(tmp: Path):
+    p = _h5(tmp, kspace=_K)
+    return (lambda: load_mrd(p)), "no MRD dataset"
+
+
+case("mrd-fastmri-file")(_mrd_fastmri)
+
+
+# ------------------------------------------------------------------ Siemens twix (needs the shared file)
+def _twix(tmp: Path) -> Path:
+    import os
+
+    root = Path(os.environ.get("MEDRECON_DATA", Path(__file__).resolve().parents[3] / "shared" / "data"))
+    src = root / "mri" / "raw" / "twixtools_example_gre.dat"
+    if not src.is_file():
+        pytest.skip(f"twix file not found at {src} (set MEDRECON_DATA)")
+    p = tmp / "meas.dat"
+    p.write_bytes(src.read_bytes())
+    return p
+
+
+for _frac in (0.0, 0.001, 0.005, 0.02, 0.2, 0.5, 0.9, 0.999):
+
+    def _b(tmp: Path, frac=_frac):
+        p = _twix(tmp)
+        _truncate(p, frac)
+        return (lambda: load_twix(p)), "meas.dat"
+
+    case(f"twix-truncated-{_frac}")(_b)
+
+
+def _twix_bytes(offset: int, payload: bytes):
+    def build(tmp: Path):
+        p = _twix(tmp)
+        b = bytearray(p.read_bytes())
+        b[offset : offset + len(payload)] = payload
+        p.write_bytes(bytes(b))
+        return (lambda: load_twix(p)), "meas.dat"
+
+    return build
+
+
+case("twix-garbage-table")(_twix_bytes(8, bytes(range(256)) * 2))
+case("twix-no-measurements")(_twix_bytes(4, b"\0\0\0\0"))
+case("twix-header-length")(_twix_bytes(0, (50_000_000).to_bytes(4, "little")))
+def _twix_text(tmp: Path):
+    p = _write(tmp / "t.dat", b"hello world " * 200)
+    return (lambda: load_twix(p)), "t.dat"
+
+
+case("twix-text-file")(_twix_text)
+def _twix_zeros(tmp: Path):
+    p = _write(tmp / "z.dat", bytes(5000))
+    return (lambda: load_twix(p)), "z.dat"
+
+
+case("twix-zeros")(_twix_zeros)
+case("twix-missing")(lambda tmp: ((lambda: load_twix(tmp / "none.dat")), "none.dat"))
 
 
 # ------------------------------------------------------------------ raw sinograms
