@@ -65,7 +65,8 @@ def test_acceleration_on_undersampled_measured_kspace_is_refused(tmp_path, capsy
     assert "--noise 0.1: measured k-space" in err and "--acceleration" not in err.split("do nothing here:")[1]
     assert main([*argv, "--acceleration", "8"]) == 2
     err = _one_line(capsys)
-    assert "--acceleration 8: sim.h5 is not fully sampled" in err and "needs fully sampled data" in err
+    assert "sim.h5: --acceleration: retrospective thinning needs a fully sampled scan" in err
+    assert "16 of 32 phase-encode lines measured" in err
 
 
 def test_every_diffusion_method_takes_steps_samples_and_prior():
