@@ -267,7 +267,7 @@ def backproject_rays(y: Tensor, plan: _Plan, step: float = 1.0) -> Tensor:
 
 def backproject_pixels(
     q: Tensor,
-    coords: Callable[[slice], tuple[Tensor, Tensor | None]],
+    grids: Callable[[slice], tuple[Tensor, Tensor | None]],
     image_shape: tuple[int, int],
 ) -> Tensor:
     """Pixel-driven back-projection, matrix-free: ``Σ_v wt_v(p) · q_v(pos_v(p))``.
@@ -276,10 +276,11 @@ def backproject_pixels(
     ----------
     q : Tensor, shape (B, C, V, n_bins)
         Filtered, weighted views.
-    coords : callable
-        ``coords(views)`` for a slice of the views gives the fractional bin index of every
-        pixel in those views, shape (V_c, H, W), and its weight of the same shape (or None for
-        1); in ``q``'s dtype and device.  Linear interpolation between bins, zero outside.
+    grids : callable
+        ``grids(views)`` for a slice of the views gives the ``grid_sample`` grid of every pixel
+        in those views, shape (V_c, H, W, 2): its detector position as ``2·bin/(n_bins − 1) − 1``
+        in the first channel, 0 in the second; and its weight, shape (V_c, H, W) (or None for 1);
+        in ``q``'s dtype and device.  Linear interpolation between bins, zero outside.
     image_shape : (H, W)
 
     Returns
@@ -295,11 +296,9 @@ def backproject_pixels(
     size = max(1, CHUNK_BYTES // (h * w * (16 + 4 * b * c)))
     for v0 in range(0, n_views, size):
         views = slice(v0, min(n_views, v0 + size))
-        pos, wt = coords(views)
-        grid = torch.zeros(*pos.shape, 2, dtype=q.dtype, device=q.device)
-        grid[..., 0] = pos * (2.0 / (n_bins - 1)) - 1.0
+        grid, wt = grids(views)
         vals = F.grid_sample(rows[views], grid, mode="bilinear", padding_mode="zeros", align_corners=True)
         if wt is not None:
             vals = vals * wt[:, None]
-        x += vals.sum(0)
+        x += vals[0] if vals.shape[0] == 1 else vals.sum(0)
     return x.reshape(b, c, h, w)
