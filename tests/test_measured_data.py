@@ -134,6 +134,8 @@ def test_thinning_a_measured_sinogram_equals_thinning_in_numpy(tmp_path, selecti
     np.testing.assert_allclose(prob.A.angles, full.full_angles[idx])
     np.testing.assert_allclose(prob.A.full_angles, full.full_angles)  # T is every measured view
     torch.testing.assert_close(prob.reference, full.fbp(torch.from_numpy(data)[:, None]))
+    assert prob.notes["scan"] == ("limited angle: FBP normalised to the range covered"
+                                  if "limited_angle_deg" in selection else "full scan")
     thin = prob.notes["thinning"]
     assert thin["how"] == "retrospective on measured data" and thin["view_indices"] == idx.tolist()
     rec = run_case(cfg)

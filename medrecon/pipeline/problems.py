@@ -413,6 +413,10 @@ def _sinogram_problem(cfg: ReconstructConfig) -> Problem:
         keep[idx] = True
         A = full.with_view_mask(keep)  # noqa: N806
     check_projector_memory(A, f"{Path(cfg.input).name} ({len(A.angles)} views, {size}×{size} grid)", data.shape[0])
+    weights = A.fbp_weights()
+    notes["scan"] = {"full": "full scan", "limited": "limited angle: FBP normalised to the range covered",
+                     "short": "fan-beam short scan: FBP with Parker weights"}[weights.scan]
+    notes["scan_covered_deg"] = round(math.degrees(weights.covered_rad), 2)
     y = torch.from_numpy(data)[:, None]
     if g.get("units", "image_pixel") == "attenuation":
         mu = float(g.get("mu_water_per_mm") or MU_WATER_PER_MM)
