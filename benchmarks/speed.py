@@ -13,7 +13,13 @@ codegen with gcc) in float32 and bfloat16; ONNX Runtime when ``onnxruntime`` is 
 slice (``ct/val.npz`` row 7, a tuning row) at 23 views with ``medrecon.reconstruct(method="dds")``,
 its wall time and PSNR, per precision.
 
+``--batches 1,2,4,8,16`` measures instead the time per image of the prior's own gradient-free
+evaluation (``ScorePrior.score``: its precision, channels-last) at each batch size: the volume
+methods pass a volume's slices through the network in chunks of the fastest one
+(``medrecon.solvers.presets.NET_FASTEST_PIXELS``).
+
     python benchmarks/speed.py --batch 4 --repeats 5 --recon
+    python benchmarks/speed.py --batches 1,2,4,8,16 --repeats 3
 """
 
 from __future__ import annotations
@@ -46,7 +52,23 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:  # noqa: D103
     p.add_argument("--t", type=float, default=0.2, help="diffusion time of the test input")
     p.add_argument("--skip", default="", help="semicolon-separated variant names to skip")
     p.add_argument("--recon", action="store_true", help="add the end-to-end DDS rows")
+    p.add_argument("--batches", default=None, help="comma-separated batch sizes: time per image of each (only)")
+    p.add_argument("--precision", default="auto", choices=["auto", "float32", "bfloat16"],
+                   help="--batches: the prior's precision (auto: bfloat16 where the CPU computes it natively)")
     return p.parse_args(argv)
+
+
+def batch_sweep(prior: ScorePrior, x: torch.Tensor, t: float, batches: list[int], repeats: int) -> list[dict[str, Any]]:
+    """Seconds per image of ``prior.score`` (no gradients) at each batch size, on copies of ``x``."""
+    rows = []
+    for b in batches:
+        xb = x.repeat(math.ceil(b / x.shape[0]), 1, 1, 1)[:b].contiguous()
+        tb = torch.full((b,), t)
+        with torch.no_grad():
+            sec = _median_time(lambda xb=xb, tb=tb: prior.score(xb, tb), repeats)
+        rows.append({"batch": b, "s_per_eval": round(sec, 4), "s_per_image": round(sec / b, 4)})
+        print(f"batch {b:4d}: {sec:8.3f} s per evaluation, {sec / b:7.4f} s per image", flush=True)
+    return rows
 
 
 def _median_time(f: Callable[[], Any], repeats: int) -> float:
@@ -141,6 +163,21 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     t = torch.full((args.batch,), args.t)
     sigma = float(sde.std(t[:1].double())[0])
     xt = x0 + sigma * torch.randn(x0.shape, generator=gen)
+    if args.batches:
+        from medrecon.training.runtime import cpu_model
+
+        torch.set_num_threads(2)
+        prior.precision = args.precision
+        print(f"# batch sweep: {cpu_model()}, 2 threads, precision {args.precision} "
+              f"({'bfloat16' if prior._autocast_dtype(xt, False) else 'float32'} here)")
+        sweep = batch_sweep(prior, xt, args.t, [int(b) for b in args.batches.split(",")], args.repeats)
+        best = min(sweep, key=lambda r: r["s_per_image"])
+        print(f"fastest per image: batch {best['batch']} ({best['s_per_image']:.4f} s per {args.size}² image)")
+        out = {"bench": "speed", "mode": "batches", "prior": args.prior, "size": args.size, "threads": 2,
+               "cpu": cpu_model(), "precision": args.precision, "torch": torch.__version__, "rows": sweep,
+               "fastest_batch": best["batch"], "fastest_pixels": best["batch"] * args.size**2}
+        print(json.dumps(out), flush=True)
+        return out
     rows = []
     ref = None
     skip = {s.strip() for s in args.skip.split(";") if s.strip()}

@@ -22,7 +22,7 @@ import numpy as np
 
 from medrecon.operators.base import LinearOperator
 
-__all__ = ["operator_key", "SPREAD_SETTINGS", "same_setting", "std_scale"]
+__all__ = ["operator_key", "SPREAD_SETTINGS", "VOLUME_METHODS", "VOLUME_SPREAD_SETTINGS", "spread_settings", "same_setting", "std_scale"]
 
 
 def operator_key(A: LinearOperator) -> str:  # noqa: N803
@@ -52,12 +52,24 @@ def operator_key(A: LinearOperator) -> str:  # noqa: N803
 SPREAD_SETTINGS = (
     "steps", "predictor", "snr", "corrector_steps", "lam", "zeta", "t0", "init", "eta", "start", "dc_iters", "dc_gamma",
 )
+#: the methods that reconstruct a volume as a whole (slices on the batch axis, TV across them)
+VOLUME_METHODS = ("mbir3d", "dds3d")
+#: and the settings of their TV consistency step
+VOLUME_SPREAD_SETTINGS = ("lam_tv", "lam_tv_xy", "rho_tv", "tv_axes", "admm_iters", "admm_cg_iters")
+
+
+def spread_settings(method: str) -> tuple[str, ...]:
+    """The settings a calibration of ``method`` is measured with (and applied to runs that share them)."""
+    return SPREAD_SETTINGS + (VOLUME_SPREAD_SETTINGS if method in VOLUME_METHODS else ())
 
 
 def same_setting(a: Any, b: Any) -> bool:
-    """Equal settings (numbers to a relative 1e-6, everything else by ``==``)."""
+    """Equal settings (numbers to a relative 1e-6, a list equal to the tuple it was stored from (JSON
+    has no tuples), everything else by ``==``)."""
     if isinstance(a, int | float) and isinstance(b, int | float) and not isinstance(a, bool):
         return math.isclose(float(a), float(b), rel_tol=1e-6, abs_tol=1e-12)
+    if isinstance(a, list | tuple) and isinstance(b, list | tuple):
+        return len(a) == len(b) and all(same_setting(u, v) for u, v in zip(a, b, strict=True))
     return a == b
 
 

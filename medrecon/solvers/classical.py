@@ -99,12 +99,15 @@ def shrink(v: Tensor, t: float | Tensor, isotropic: bool = True) -> Tensor:
 
 
 class ADMMTV:
-    """ADMM for ``½‖Ax − y‖²/‖A‖² + lam·‖D x‖₁`` (+ x ≥ 0), one iteration per :meth:`step`.
+    """ADMM for ``½‖Ax − y‖²/‖A‖² + lam·‖W D x‖₁`` (+ x ≥ 0), one iteration per :meth:`step`.
 
-    Splits ``w = D x`` (and ``v = x`` for non-negativity); the x-update solves
-    ``(AᴴA/‖A‖² + ρ DᴴD [+ ρ I]) x = Aᴴy/‖A‖² + ρ Dᴴ(w − u) [+ ρ (v − u₂)]`` with a few warm-started
-    CG steps; ``w`` is a soft threshold; the scaled duals ``u`` persist between steps, which is
-    what DiffusionMBIR needs (one ADMM iteration per diffusion step, duals kept).
+    ``W`` weighs the difference axes (all 1 by default; :meth:`set_weights`).  Splits
+    ``w = W D x`` (and ``v = x`` for non-negativity); the x-update solves
+    ``(AᴴA/‖A‖² + ρ DᴴW²D [+ ρ I]) x = Aᴴy/‖A‖² + ρ DᴴW(w − u) [+ ρ (v − u₂)]`` with a few
+    warm-started CG steps; ``w`` is a soft threshold; the scaled duals ``u`` persist between
+    steps, which is what DiffusionMBIR needs (one ADMM iteration per diffusion step, duals kept).
+    With ``"z"`` among the axes the slices of the batch are one volume, and CG solves one system
+    over all of them.
 
     Parameters
     ----------
@@ -121,12 +124,15 @@ class ADMMTV:
     nonneg : bool
     cg_iters : int
         CG steps per x-update.
+    weights : sequence of float, optional
+        Weight of each axis of ``axes`` (default all 1): ``(1, 0.5, 0.5)`` with axes
+        ``("z", "y", "x")`` regularises in-plane half as much as along z.
     """
 
     def __init__(
         self, A: LinearOperator, y: Tensor, lam: float, rho: float, *,  # noqa: N803
         axes: tuple[str, ...] = ("y", "x"), isotropic: bool = True, nonneg: bool = False,
-        cg_iters: int = 5,
+        cg_iters: int = 5, weights: tuple[float, ...] | None = None,
     ):
         self.A, self.lam, self.rho, self.cg_iters = A, lam, rho, cg_iters
         self.isotropic, self.nonneg = isotropic, nonneg
@@ -137,31 +143,52 @@ class ADMMTV:
         self.rhs0 = aty / self.scale2
         self.y = y
         self.D = FiniteDifference(tuple(aty.shape[-2:]), axes)
+        self.joint = "z" in axes
+        self.weights = torch.ones(len(axes), dtype=aty.real.dtype, device=aty.device)
+        if weights is not None:
+            self.set_weights(weights)
         self.w: Tensor | None = None
         self.u: Tensor | None = None
         self.v: Tensor | None = None
         self.u2: Tensor | None = None
 
+    def set_weights(self, weights: tuple[float, ...]) -> None:
+        """New axis weights; the splitting variable and dual of each axis are rescaled with its
+        weight, so that ADMM goes on from where it was (an axis whose weight was 0 restarts)."""
+        new = torch.as_tensor([float(v) for v in weights], dtype=self.weights.dtype, device=self.weights.device)
+        if new.shape != self.weights.shape or bool((new < 0).any()):
+            raise SettingsError(f"tv: one weight ≥ 0 per axis ({self.weights.numel()}); got {tuple(weights)}")
+        if self.w is not None:
+            ratio = torch.where(self.weights > 0, new / self.weights.clamp_min(1e-30), torch.zeros_like(new))
+            self.w, self.u = self.w * ratio, self.u * ratio
+        self.weights = new
+
     def reset(self) -> None:
         """Forget the splitting variables and duals: the next :meth:`step` starts afresh."""
         self.w = self.u = self.v = self.u2 = None
 
+    def _wd(self, x: Tensor) -> Tensor:
+        return self.D(x) * self.weights
+
+    def _wd_adjoint(self, p: Tensor) -> Tensor:
+        return self.D.adjoint(p * self.weights)
+
     def _normal(self, x: Tensor) -> Tensor:
-        out = self.A.normal(x) / self.scale2 + self.rho * self.D.normal(x)
+        out = self.A.normal(x) / self.scale2 + self.rho * self._wd_adjoint(self._wd(x))
         return out + self.rho * x if self.nonneg else out
 
     def step(self, x: Tensor) -> Tensor:
         """One ADMM iteration from the image ``x`` (the CG warm start); returns the new image."""
         if self.w is None:
-            self.w = self.D(x)
+            self.w = self._wd(x)
             self.u = torch.zeros_like(self.w)
             if self.nonneg:
                 self.v, self.u2 = x.clamp_min(0), torch.zeros_like(x)
-        rhs = self.rhs0 + self.rho * self.D.adjoint(self.w - self.u)
+        rhs = self.rhs0 + self.rho * self._wd_adjoint(self.w - self.u)
         if self.nonneg:
             rhs = rhs + self.rho * (self.v - self.u2)
-        x = conjugate_gradient(self._normal, rhs, x0=x, iters=self.cg_iters, tol=1e-8)
-        dx = self.D(x)
+        x = conjugate_gradient(self._normal, rhs, x0=x, iters=self.cg_iters, tol=1e-8, joint=self.joint)
+        dx = self._wd(x)
         self.w = shrink(dx + self.u, self.lam / self.rho, self.isotropic)
         self.u = self.u + dx - self.w
         if self.nonneg:
@@ -171,9 +198,9 @@ class ADMMTV:
         return x
 
     def objective(self, x: Tensor) -> float:
-        """The objective ½‖Ax − y‖²/‖A‖² + lam·TV(x) summed over the batch."""
+        """The objective ½‖Ax − y‖²/‖A‖² + lam·‖W D x‖₁ summed over the batch."""
         r = self.A(x) - self.y
-        dx = self.D(x)
+        dx = self._wd(x)
         tvx = torch.sqrt((dx.abs() ** 2).sum(-1)).sum() if self.isotropic else dx.abs().sum()
         return float(0.5 * (r.abs() ** 2).sum() / self.scale2 + self.lam * tvx)
 
