@@ -142,11 +142,9 @@ class ADMMTV:
         self.scale2 = operator_norm(A, aty) ** 2
         self.rhs0 = aty / self.scale2
         self.y = y
-        self.D = FiniteDifference(tuple(aty.shape[-2:]), axes)
+        self.axes = tuple(axes)
+        self.D = FiniteDifference(tuple(aty.shape[-2:]), axes, weights)  # W D
         self.joint = "z" in axes
-        self.weights = torch.ones(len(axes), dtype=aty.real.dtype, device=aty.device)
-        if weights is not None:
-            self.set_weights(weights)
         self.w: Tensor | None = None
         self.u: Tensor | None = None
         self.v: Tensor | None = None
@@ -155,40 +153,34 @@ class ADMMTV:
     def set_weights(self, weights: tuple[float, ...]) -> None:
         """New axis weights; the splitting variable and dual of each axis are rescaled with its
         weight, so that ADMM goes on from where it was (an axis whose weight was 0 restarts)."""
-        new = torch.as_tensor([float(v) for v in weights], dtype=self.weights.dtype, device=self.weights.device)
-        if new.shape != self.weights.shape or bool((new < 0).any()):
-            raise SettingsError(f"tv: one weight ≥ 0 per axis ({self.weights.numel()}); got {tuple(weights)}")
+        old = self.D.weights or (1.0,) * len(self.axes)
+        self.D = FiniteDifference(self.D.in_shape[1:], self.axes, weights)
         if self.w is not None:
-            ratio = torch.where(self.weights > 0, new / self.weights.clamp_min(1e-30), torch.zeros_like(new))
+            new = self.D.weights or (1.0,) * len(self.axes)
+            ratio = torch.tensor([n / o if o > 0 else 0.0 for n, o in zip(new, old, strict=True)],
+                                 dtype=self.w.real.dtype, device=self.w.device)
             self.w, self.u = self.w * ratio, self.u * ratio
-        self.weights = new
 
     def reset(self) -> None:
         """Forget the splitting variables and duals: the next :meth:`step` starts afresh."""
         self.w = self.u = self.v = self.u2 = None
 
-    def _wd(self, x: Tensor) -> Tensor:
-        return self.D(x) * self.weights
-
-    def _wd_adjoint(self, p: Tensor) -> Tensor:
-        return self.D.adjoint(p * self.weights)
-
     def _normal(self, x: Tensor) -> Tensor:
-        out = self.A.normal(x) / self.scale2 + self.rho * self._wd_adjoint(self._wd(x))
+        out = self.A.normal(x) / self.scale2 + self.rho * self.D.normal(x)
         return out + self.rho * x if self.nonneg else out
 
     def step(self, x: Tensor) -> Tensor:
         """One ADMM iteration from the image ``x`` (the CG warm start); returns the new image."""
         if self.w is None:
-            self.w = self._wd(x)
+            self.w = self.D(x)
             self.u = torch.zeros_like(self.w)
             if self.nonneg:
                 self.v, self.u2 = x.clamp_min(0), torch.zeros_like(x)
-        rhs = self.rhs0 + self.rho * self._wd_adjoint(self.w - self.u)
+        rhs = self.rhs0 + self.rho * self.D.adjoint(self.w - self.u)
         if self.nonneg:
             rhs = rhs + self.rho * (self.v - self.u2)
         x = conjugate_gradient(self._normal, rhs, x0=x, iters=self.cg_iters, tol=1e-8, joint=self.joint)
-        dx = self._wd(x)
+        dx = self.D(x)
         self.w = shrink(dx + self.u, self.lam / self.rho, self.isotropic)
         self.u = self.u + dx - self.w
         if self.nonneg:
@@ -200,7 +192,7 @@ class ADMMTV:
     def objective(self, x: Tensor) -> float:
         """The objective ½‖Ax − y‖²/‖A‖² + lam·‖W D x‖₁ summed over the batch."""
         r = self.A(x) - self.y
-        dx = self._wd(x)
+        dx = self.D(x)
         tvx = torch.sqrt((dx.abs() ** 2).sum(-1)).sum() if self.isotropic else dx.abs().sum()
         return float(0.5 * (r.abs() ** 2).sum() / self.scale2 + self.lam * tvx)
 
