@@ -11,6 +11,11 @@ that :func:`medrecon.reconstruct` multiplies the posterior spread by.
 Operator keys (:func:`operator_key`): ``parallel-23`` (parallel-beam CT, 23 measured views),
 ``fan-64``, ``mri-1d-8`` (single-coil Cartesian line mask, 8×), ``mri-2d-8`` (2-D mask such as
 Poisson disc), ``sense-8`` (multi-coil, 8×).
+
+Entries are per key *and method*: the volume methods (``dds3d``, ``mbir3d``, tuned and calibrated
+on volumes) sit beside the 2-D methods of the same key (``tuned["parallel-23"]["dds3d"]`` next to
+``tuned["parallel-23"]["dds"]``) and never replace them; a volume method's calibration also
+records its TV settings (:func:`spread_settings`).
 """
 
 from __future__ import annotations
