@@ -14,9 +14,9 @@ The volume methods ``mbir3d`` (Chung et al., CVPR 2023) and ``dds3d`` take a vol
 on the batch axis.  They start from the best classical volume, 3-D TV (``init="tv3d"``, the
 ``reconstruct(method="tv", axes=("z", "y", "x"))`` result, computed once and shared by every
 sample), forward-diffused to t₀, and refine it: with t₀ = 0 they return it unchanged.  Their
-consistency step is TV on every axis: ``lam_tv`` along z and ``lam_tv_xy·σ(t)/σ(t₀)`` in-plane,
-so the in-plane weight starts as that of the start and goes to 0 as the prior's estimate
-sharpens.  Network evaluations run on chunks of slices (:func:`chunk_for_budget`: the fastest
+consistency step is TV on every axis: ``lam_tv`` along z and in-plane ``lam_tv_xy`` at t₀,
+falling with the noise level σ(t) to 0 at the end (:func:`_tv_weights`), so the in-plane weight
+starts as that of the start and goes to 0 as the prior's estimate sharpens.  Network evaluations run on chunks of slices (:func:`chunk_for_budget`: the fastest
 batch per slice, within ``max_memory``); posterior samples are drawn one volume at a time (TV
 couples the slices of a volume, not different samples), and mbir3d's ADMM variables and duals
 persist across diffusion steps.
@@ -89,7 +89,8 @@ class DiffusionSettings:
         term ½‖Ax−y‖²/‖A‖².
     lam_tv_xy : float
         mbir3d and dds3d: in-plane TV weight at t₀ (with ``tv_axes`` holding y and x); at time t
-        it is ``lam_tv_xy·σ(t)/σ(t₀)``, going to 0 as the prior's estimate sharpens.
+        it is ``lam_tv_xy·(σ(t) − σ(ε))/(σ(t₀) − σ(ε))``, going to 0 at the end of the run as the
+        prior's estimate sharpens.
     tv_axes : tuple of str
         mbir3d and dds3d: ("z",) (TV along slices only) or ("z", "y", "x") (every axis, the
         volume methods' presets).
@@ -147,13 +148,15 @@ PRESETS: dict[str, dict[str, Any]] = {
     "ccdf": {"steps": 100, "snr": 0.16, "lam": 1.0, "t0": 0.2, "init": "tv"},
     "score-mri": {"steps": 200, "snr": 0.16, "lam": 1.0, "sense_every": 20},
     # the volume methods (issue 34) start from 3-D TV (the classical volume they must never lose
-    # to) at a small t0 and refine it with few network evaluations (t0·N = 10 per slice), so that
-    # a 64-slice volume takes minutes: the consistency step is TV on every axis, the start's
-    # weight 1e-4 along z and, at t0, in-plane (going to 0 with σ(t)), ρ = 10·λ as for tv.
+    # to) at a small t0 and refine it with few network evaluations (6 per slice at t0 0.2 of an
+    # N = 30 grid), so that a 64-slice volume with 4 samples takes minutes on 2 cores (3-D TV
+    # about 1.5 min, the network 4 × 64 × 6 evaluations of about 0.1 s): the consistency step is
+    # TV on every axis, the start's weight 1e-4 along z and, at t0, in-plane (going to 0 with
+    # σ(t)), ρ = 10·λ as for tv.
     # Operator-specific values come from the card's tuned settings (benchmarks/tune.py --volume).
     # DiffusionMBIR (2000 steps from noise in the paper, ≈8 h per volume on a GPU): the
     # reverse-diffusion predictor, one ADMM iteration on the noisy volume per step, duals kept
-    "mbir3d": {"steps": 50, "snr": 0.0, "t0": 0.2, "init": "tv3d", "start": "ccdf", "lam_tv": 1e-4,
+    "mbir3d": {"steps": 30, "snr": 0.0, "t0": 0.2, "init": "tv3d", "start": "ccdf", "lam_tv": 1e-4,
                "lam_tv_xy": 1e-4, "rho_tv": 1e-3, "tv_axes": ("z", "y", "x"), "admm_cg_iters": 2},
     # DDS (Chung, Lee & Ye, ICLR 2024): DDIM (η 0.85 as in the paper) whose Tweedie estimate
     # gets M = 5 CG steps of data consistency before re-noising; started, as CCDF, from a TV
@@ -163,7 +166,7 @@ PRESETS: dict[str, dict[str, Any]] = {
             "start": "ccdf", "dc_iters": 5},
     # DDS for volumes: the 2-D prior slice-wise in chunks; the data consistency on x̂₀ is ADMM on
     # the data term + TV on every axis over the whole volume (CG inner steps)
-    "dds3d": {"steps": 50, "predictor": "ddim", "eta": 0.85, "snr": 0.0, "t0": 0.2, "init": "tv3d",
+    "dds3d": {"steps": 30, "predictor": "ddim", "eta": 0.85, "snr": 0.0, "t0": 0.2, "init": "tv3d",
               "start": "ccdf", "lam_tv": 1e-4, "lam_tv_xy": 1e-4, "rho_tv": 1e-3, "tv_axes": ("z", "y", "x"),
               "admm_iters": 2, "admm_cg_iters": 5},
 }
@@ -457,18 +460,21 @@ def _tweedie(score: ScoreCounter, sde, x: Tensor, t1: Tensor) -> Tensor:
 def _tv_weights(s: DiffusionSettings, sde, t_first: Tensor) -> tuple[float, Callable[[Tensor], tuple[float, ...]]]:
     """The TV weight and the axis weights ``W(t)`` of a volume method's consistency step.
 
-    ``lam·W(t)`` is ``lam_tv`` along z and ``lam_tv_xy·σ(t)/σ(t_first)`` along y and x (``t_first``
-    the first time of the run, where the in-plane weight is that of ``lam_tv_xy``), for the axes
-    in ``tv_axes``; ``lam`` is the larger of the two at the start, so W ≤ 1.
+    ``lam·W(t)`` is ``lam_tv`` along z and ``lam_tv_xy·r(t)`` along y and x, for the axes in
+    ``tv_axes``, with ``r(t) = (σ(t) − σ(ε)) / (σ(t_first) − σ(ε))``: 1 at the first time of the
+    run (``t_first``), falling with the noise level to 0 at the grid's last time ε.  ``lam`` is
+    the larger of the two weights at the start, so W ≤ 1.
     """
     axes = tuple(s.tv_axes)
     lam = max([s.lam_tv] * ("z" in axes) + [s.lam_tv_xy] * any(a in ("y", "x") for a in axes) + [0.0])
-    sig0 = float(sde.std(t_first.reshape(1).double()))
+    sig_end = float(sde.std(torch.tensor([float(sde.eps)], dtype=torch.float64)))
+    span = float(sde.std(t_first.reshape(1).double())) - sig_end
 
     def weights(t: Tensor) -> tuple[float, ...]:
         if lam <= 0:
             return tuple(1.0 for _ in axes)
-        r = min(1.0, float(sde.std(t.reshape(-1)[:1].double())) / sig0) if sig0 > 0 else 0.0
+        r = (float(sde.std(t.reshape(-1)[:1].double())) - sig_end) / span if span > 0 else 0.0
+        r = min(1.0, max(0.0, r))
         return tuple((s.lam_tv if a == "z" else s.lam_tv_xy * r) / lam for a in axes)
 
     return lam, weights
