@@ -179,8 +179,10 @@ DDS_METHODS = ("dds", "dds3d")
 #: memory per slice of a network evaluation, in bytes per pixel (measured for the "S" UNet at
 #: 256², about 0.4 GB per image in inference, ENVIRONMENT.md)
 NET_BYTES_PER_PIXEL = 6000
-#: pixels per network evaluation at which the time per pixel is lowest on the 2-core CPU
-#: (benchmarks/speed.py --batches): larger batches only cost memory
+#: pixels per network evaluation from which the time per pixel stops falling on the 2-core CPU:
+#: ct-256 in bfloat16 took 0.276 / 0.267 / 0.251 / 0.245 / 0.243 / 0.244 CPU-s per 256² image at
+#: batch 1 / 2 / 4 / 8 / 16 / 32 (benchmarks/speed.py --batches --clock cpu, AMD EPYC with
+#: AVX512-BF16, host shared with other jobs): larger batches only cost memory
 NET_FASTEST_PIXELS = 8 * 256 * 256
 
 
