@@ -73,25 +73,27 @@ DEFAULT_SPACES: dict[str, dict[str, Any]] = {
     },
     # the volume methods, from their 3-D TV start: how far to go back (t0, the grid), the TV
     # weights of the consistency step along z and in-plane (at t0, falling to 0 with σ(t)), the
-    # ADMM penalty and iteration counts.  The network evaluations per slice are t0·steps: use
-    # max_nfe (tune.py --max-nfe) to stay within a time budget
+    # ADMM penalty (λ/ρ is the shrinkage threshold: 0.001-0.01 worked, 0.1 did not) and the
+    # iteration counts.  The network evaluations per slice are about t0·steps: max_nfe
+    # (tune.py --max-nfe) keeps the search within a time budget
     "dds3d": {
-        "t0": (0.05, 0.4),
-        "steps": [20, 30, 50, 80],
+        "t0": (0.05, 0.3),
+        "steps": [20, 30, 40, 60, 100],
         "eta": (0.5, 1.0),
-        "lam_tv": [0.0, 1e-5, 3e-5, 1e-4, 3e-4, 1e-3],
-        "lam_tv_xy": [0.0, 1e-5, 3e-5, 1e-4, 3e-4],
-        "rho_tv": (1e-4, 1e-2, "log"),
-        "admm_iters": [1, 2, 3],
-        "admm_cg_iters": [3, 5, 10],
+        "lam_tv": [1e-5, 2e-5, 3e-5, 5e-5, 1e-4],
+        "lam_tv_xy": [0.0, 1e-5, 3e-5, 5e-5, 1e-4],
+        "rho_tv": (3e-3, 1e-1, "log"),
+        "admm_iters": [1, 1, 2],
+        "admm_cg_iters": [5, 10, 20],
+        "admm_keep": [True, True, False],
     },
     "mbir3d": {
-        "t0": (0.05, 0.4),
-        "steps": [20, 30, 50, 80],
-        "lam_tv": [0.0, 1e-5, 3e-5, 1e-4, 3e-4, 1e-3],
-        "lam_tv_xy": [0.0, 1e-5, 3e-5, 1e-4, 3e-4],
-        "rho_tv": (1e-4, 1e-2, "log"),
-        "admm_cg_iters": [1, 2, 3, 5],
+        "t0": (0.05, 0.3),
+        "steps": [20, 30, 40, 60, 100],
+        "lam_tv": [1e-5, 2e-5, 3e-5, 5e-5, 1e-4],
+        "lam_tv_xy": [0.0, 1e-5, 3e-5, 5e-5, 1e-4],
+        "rho_tv": (3e-3, 1e-1, "log"),
+        "admm_cg_iters": [5, 10, 20],
     },
 }
 

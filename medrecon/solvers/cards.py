@@ -60,7 +60,7 @@ SPREAD_SETTINGS = (
 #: the methods that reconstruct a volume as a whole (slices on the batch axis, TV across them)
 VOLUME_METHODS = ("mbir3d", "dds3d")
 #: and the settings of their TV consistency step
-VOLUME_SPREAD_SETTINGS = ("lam_tv", "lam_tv_xy", "rho_tv", "tv_axes", "admm_iters", "admm_cg_iters")
+VOLUME_SPREAD_SETTINGS = ("lam_tv", "lam_tv_xy", "rho_tv", "tv_axes", "admm_iters", "admm_cg_iters", "admm_keep")
 
 
 def spread_settings(method: str) -> tuple[str, ...]:

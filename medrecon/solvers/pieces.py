@@ -284,18 +284,24 @@ def cg_consistency(A: LinearOperator, y: Tensor, iters: int, gamma: float = 0.0,
 def admm_tv_consistency(
     A: LinearOperator, y: Tensor, lam: float, rho: float, iters: int,  # noqa: N803
     axes: tuple[str, ...] = ("z",), cg_iters: int = 5,
-    weights: Callable[[Tensor], tuple[float, ...]] | None = None,
+    weights: Callable[[Tensor], tuple[float, ...]] | None = None, keep_state: bool = False,
 ) -> Step:
     """DDS-3D data consistency on a clean volume estimate x̂₀ (slices on the batch axis):
     ``iters`` ADMM iterations of ``½‖Ax − y‖²/‖A‖² + lam‖W D x‖₁`` (D along ``axes``) started at
     x̂₀, each with ``cg_iters`` warm-started CG steps (:class:`medrecon.solvers.classical.ADMMTV`).
-    The splitting variables restart from x̂₀ at every diffusion step: each step solves its own
-    problem around the new estimate, as in the DDS paper's 3-D CT experiments.  ``weights(t)``
-    gives the axis weights W at time t (default all 1)."""
+    ``weights(t)`` gives the axis weights W at time t (default all 1).
+
+    ``keep_state`` False: the splitting variables restart from x̂₀ at every diffusion step, so
+    each step solves its own problem around the new estimate, as in the DDS paper's 3-D CT
+    experiments; with one or two iterations the TV then acts only as a pull of the gradients
+    towards those of x̂₀.  True: they persist across diffusion steps (as mbir3d's do), so the
+    shrinkage of the TV accumulates over the run while every step starts its CG at x̂₀.
+    """
     solver = ADMMTV(A, y, lam, rho, axes=axes, cg_iters=cg_iters)
 
     def step(x0: Tensor, t: Tensor, rng: torch.Generator) -> Tensor:
-        solver.reset()
+        if not keep_state:
+            solver.reset()
         if weights is not None:
             solver.set_weights(weights(t))
         x = x0
