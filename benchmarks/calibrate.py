@@ -12,8 +12,14 @@ table and one JSON line; ``--store`` writes each factor, with the sha256 of the 
 ``card["calibration"][operator_key][method]`` of the prior it was measured with
 (``--prior-ct`` / ``--prior-mri``: a registry name or a card path).
 
+The volume methods (``--method dds3d`` or ``mbir3d``) are calibrated on volumes: ``--blocks``
+blocks of ``--slices`` contiguous slices of the tuning volume (``--volume``, default
+``benchmarks/mbir3d.TUNING_VOLUME``, as ``benchmarks/tune.py``), noiseless parallel-beam CT at each
+of ``--views`` (operator keys ``parallel-<views>``).
+
     python benchmarks/calibrate.py --settings ct-23v --fixed '{"steps": 100}'
     python benchmarks/calibrate.py --settings ct,mri --fixed '{"steps": 100}' --store
+    python benchmarks/calibrate.py --method dds3d --views 8,23,60 --slices 16 --blocks 3 --store
 """
 
 from __future__ import annotations
@@ -29,6 +35,7 @@ from typing import Any
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+import mbir3d  # noqa: E402  (the sibling 3-D benchmark: the tuning volume)
 import recon  # noqa: E402  (the sibling benchmark script: data, settings and noise)
 
 from medrecon.priors import ScorePrior  # noqa: E402
@@ -49,6 +56,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:  # noqa: D103
     p.add_argument("--crop", type=int, default=None)
     p.add_argument("--device", default="cpu")
     p.add_argument("--store", action="store_true", help="write the factors into the priors' cards")
+    g = p.add_argument_group("volume methods (dds3d, mbir3d)")
+    g.add_argument("--volume", default=mbir3d.TUNING_VOLUME, help="tuning volume (default %(default)s)")
+    g.add_argument("--views", default="8,23,60", help="comma-separated parallel-beam view counts")
+    g.add_argument("--slices", type=int, default=16, help="slices per block (default %(default)s)")
+    g.add_argument("--blocks", type=int, default=3, help="disjoint blocks of the volume (default %(default)s)")
+    g.add_argument("--size", type=int, default=256, help="in-plane size (default %(default)s)")
+    g.add_argument("--allow-training-volume", action="store_true",
+                   help="--store even when the prior was trained on --volume (its card says so)")
     return p.parse_args(argv)
 
 
@@ -66,7 +81,37 @@ def _selected(spec: str) -> list[recon.Config]:
     return configs
 
 
+def _volume_results(args: argparse.Namespace, fixed: dict[str, Any]) -> list[dict[str, Any]]:
+    """Calibrate a volume method on blocks of the tuning volume at each view count."""
+    from medrecon.operators import ParallelBeamCT
+
+    prior = ScorePrior.load(args.prior_ct, device=args.device)
+    trained = mbir3d.trained_on(prior, args.volume)
+    if trained:
+        print(f"# warning: {args.prior_ct} was trained on {args.volume}: hold it out of training, or pass another --volume")
+        if args.store and not args.allow_training_volume:
+            raise SystemExit(f"--store: {args.prior_ct} was trained on {args.volume}; factors fitted on it are not "
+                             "stored (--allow-training-volume stores them anyway)")
+    x = mbir3d.tuning_volumes(args.volume, args.size, args.slices, args.blocks).to(args.device)
+    results = []
+    for views in (int(v) for v in args.views.split(",")):
+        A = ParallelBeamCT.sparse_view(args.size, views)  # noqa: N806
+        res = calibrate(prior, lambda i, A=A: A, x, method=args.method, n_samples=args.samples, settings=fixed,
+                        level=args.level, seed=args.seed, log=lambda m: print(f"# {m}", flush=True))
+        res.update(setting=f"{views} views", pooled_noisy=False, prior=args.prior_ct, volume=args.volume,
+                   trained_on_volume=trained, rows=f"{args.blocks} blocks of {args.slices}")
+        if args.store:
+            store_calibration(_card_path(args.prior_ct), res)
+            res["stored"] = True
+        results.append(res)
+    return results
+
+
 def _run(args: argparse.Namespace) -> dict[str, Any]:
+    if args.method in mbir3d.VOLUME_METHODS:
+        fixed = json.loads(args.fixed) if args.fixed else {}
+        t_all = time.perf_counter()
+        return _report(args, fixed, _volume_results(args, fixed), t_all)
     by_name = {c.name: c for c in recon.CONFIGS}
     data = recon.load_data(recon.data_root(), True, args.crop)
     fixed = json.loads(args.fixed) if args.fixed else {}
@@ -100,6 +145,11 @@ def _run(args: argparse.Namespace) -> dict[str, Any]:
             store_calibration(_card_path(name), res)
             res["stored"] = True
         results.append(res)
+    return _report(args, fixed, results, t_all)
+
+
+def _report(args: argparse.Namespace, fixed: dict[str, Any], results: list[dict[str, Any]], t_all: float) -> dict[str, Any]:
+    """Print the table and the JSON line; return the JSON dict."""
     head = f"{'setting':22s} {'key':12s} {'method':6s} {'c':>7s} {'cov raw':>8s} {'cov cal':>8s} {'Spearman':>8s} {'s':>6s}"
     print(head)
     print("-" * len(head))

@@ -13,7 +13,13 @@ codegen with gcc) in float32 and bfloat16; ONNX Runtime when ``onnxruntime`` is 
 slice (``ct/val.npz`` row 7, a tuning row) at 23 views with ``medrecon.reconstruct(method="dds")``,
 its wall time and PSNR, per precision.
 
+``--batches 1,2,4,8,16`` measures instead the time per image of the prior's own gradient-free
+evaluation (``ScorePrior.score``: its precision, channels-last) at each batch size: the volume
+methods pass a volume's slices through the network in chunks of the fastest one
+(``medrecon.solvers.presets.NET_FASTEST_PIXELS``).
+
     python benchmarks/speed.py --batch 4 --repeats 5 --recon
+    python benchmarks/speed.py --batches 1,2,4,8,16 --repeats 3
 """
 
 from __future__ import annotations
@@ -46,7 +52,42 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:  # noqa: D103
     p.add_argument("--t", type=float, default=0.2, help="diffusion time of the test input")
     p.add_argument("--skip", default="", help="semicolon-separated variant names to skip")
     p.add_argument("--recon", action="store_true", help="add the end-to-end DDS rows")
+    p.add_argument("--batches", default=None, help="comma-separated batch sizes: time per image of each (only)")
+    p.add_argument("--precision", default="auto", choices=["auto", "float32", "bfloat16"],
+                   help="--batches: the prior's precision (auto: bfloat16 where the CPU computes it natively)")
+    p.add_argument("--clock", default="wall", choices=["wall", "cpu"],
+                   help="--batches: pick the fastest by wall time, or by process CPU time (a host shared with "
+                        "other jobs; set OMP_WAIT_POLICY=PASSIVE so that waiting threads do not count)")
     return p.parse_args(argv)
+
+
+def batch_sweep(prior: ScorePrior, x: torch.Tensor, t: float, batches: list[int], repeats: int) -> list[dict[str, Any]]:
+    """Seconds per image of ``prior.score`` (no gradients) at each batch size, on copies of ``x``.
+
+    The batch sizes take turns within each repeat (after one warm-up round), so that a load
+    that comes and goes on a shared host weighs on all of them alike; the median per size is
+    kept.
+    """
+    inputs = {b: (x.repeat(math.ceil(b / x.shape[0]), 1, 1, 1)[:b].contiguous(), torch.full((b,), t))
+              for b in batches}
+    times: dict[int, list[float]] = {b: [] for b in batches}
+    cpu: dict[int, list[float]] = {b: [] for b in batches}
+    with torch.no_grad():
+        for r in range(repeats + 1):
+            for b in batches:
+                t0, c0 = time.perf_counter(), time.process_time()
+                prior.score(*inputs[b])
+                if r:  # the first round warms up
+                    times[b].append(time.perf_counter() - t0)
+                    cpu[b].append(time.process_time() - c0)
+    rows = []
+    for b in batches:
+        sec, csec = statistics.median(times[b]), statistics.median(cpu[b])
+        rows.append({"batch": b, "s_per_eval": round(sec, 4), "s_per_image": round(sec / b, 4),
+                     "cpu_s_per_image": round(csec / b, 4)})
+        print(f"batch {b:4d}: {sec:8.3f} s per evaluation, {sec / b:7.4f} s per image, "
+              f"{csec / b:7.4f} CPU-s per image", flush=True)
+    return rows
 
 
 def _median_time(f: Callable[[], Any], repeats: int) -> float:
@@ -141,6 +182,23 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     t = torch.full((args.batch,), args.t)
     sigma = float(sde.std(t[:1].double())[0])
     xt = x0 + sigma * torch.randn(x0.shape, generator=gen)
+    if args.batches:
+        from medrecon.training.runtime import cpu_model
+
+        torch.set_num_threads(2)
+        prior.precision = args.precision
+        print(f"# batch sweep: {cpu_model()}, 2 threads, precision {args.precision} "
+              f"({'bfloat16' if prior._autocast_dtype(xt, False) else 'float32'} here)")
+        sweep = batch_sweep(prior, xt, args.t, [int(b) for b in args.batches.split(",")], args.repeats)
+        clock = "cpu_s_per_image" if args.clock == "cpu" else "s_per_image"
+        best = min(sweep, key=lambda r: r[clock])
+        print(f"fastest per image ({args.clock} time): batch {best['batch']} ({best[clock]:.4f} s per "
+              f"{args.size}² image)")
+        out = {"bench": "speed", "mode": "batches", "prior": args.prior, "size": args.size, "threads": 2,
+               "cpu": cpu_model(), "precision": args.precision, "torch": torch.__version__, "rows": sweep,
+               "clock": args.clock, "fastest_batch": best["batch"], "fastest_pixels": best["batch"] * args.size**2}
+        print(json.dumps(out), flush=True)
+        return out
     rows = []
     ref = None
     skip = {s.strip() for s in args.skip.split(";") if s.strip()}

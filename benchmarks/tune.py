@@ -11,8 +11,16 @@ settings re-measured, the old ones being a candidate), which ``run_diffusion`` t
 defaults.  Do not store into the shipped cards
 in ``medrecon/priors/weights`` without the prior's owner.
 
+The volume methods (``--method dds3d`` or ``mbir3d``) are tuned on volumes instead: ``--blocks``
+disjoint blocks of ``--slices`` contiguous slices of the tuning volume (``--volume``, default
+``benchmarks/mbir3d.TUNING_VOLUME``; never the report volume), noiseless parallel-beam CT with
+``--views`` views (operator key ``parallel-<views>``, the one the volume methods are stored
+under: a 2-D method of the same operator has its own entry beside it).  ``--max-nfe`` keeps
+the search to configurations of at most that many network evaluations per slice and sample.
+
     python benchmarks/tune.py --setting ct-23v --method ccdf --budget 12 --fixed '{"steps": 50}'
     python benchmarks/tune.py --setting ct-23v --prior ~/.cache/medrecon/export/ct-256.json --store ~/.cache/medrecon/export/ct-256.json
+    python benchmarks/tune.py --method dds3d --views 23 --slices 16 --blocks 3 --budget 24 --max-nfe 12 --store CARD
 """
 
 from __future__ import annotations
@@ -28,6 +36,7 @@ from typing import Any
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+import mbir3d  # noqa: E402  (the sibling 3-D benchmark: the tuning volume)
 import recon  # noqa: E402  (the sibling benchmark script: data, settings and noise)
 
 from medrecon.priors import ScorePrior  # noqa: E402
@@ -59,6 +68,16 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:  # noqa: D103
     p.add_argument("--crop", type=int, default=None)
     p.add_argument("--device", default="cpu")
     p.add_argument("--store", default=None, help="model card to write the winner into")
+    g = p.add_argument_group("volume methods (dds3d, mbir3d)")
+    g.add_argument("--volume", default=mbir3d.TUNING_VOLUME, help="tuning volume (default %(default)s)")
+    g.add_argument("--views", type=int, default=23, help="parallel-beam views (default %(default)s)")
+    g.add_argument("--slices", type=int, default=16, help="slices per block (default %(default)s)")
+    g.add_argument("--blocks", type=int, default=3, help="disjoint blocks of the volume (default %(default)s)")
+    g.add_argument("--size", type=int, default=256, help="in-plane size (default %(default)s)")
+    g.add_argument("--allow-training-volume", action="store_true",
+                   help="--store even when the prior was trained on --volume (its card says so)")
+    p.add_argument("--max-nfe", type=int, default=None,
+                   help="only configurations with at most this many network evaluations per image (slice) and sample")
     p.add_argument("--pool-noisy", action="store_true",
                    help="CT: tune on the noiseless and the noisy measurements of the tuning rows together "
                         "(one card entry per operator serves both)")
@@ -88,7 +107,25 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     return recon.with_two_threads(_run, parse_args(argv))
 
 
-def _run(args: argparse.Namespace) -> dict[str, Any]:
+def _volume_problem(args: argparse.Namespace) -> dict[str, Any]:
+    """The volume methods' tuning problem: blocks of the tuning volume, noiseless, ``--views``."""
+    from medrecon.operators import ParallelBeamCT
+
+    if args.pool_noisy:
+        raise SystemExit("--pool-noisy: the volume methods are tuned on noiseless measurements")
+    name = args.prior or "ct-256"
+    prior = ScorePrior.load(name, device=args.device)
+    if mbir3d.trained_on(prior, args.volume):
+        print(f"# warning: {name} was trained on {args.volume}: hold it out of training, or pass another --volume")
+    x = mbir3d.tuning_volumes(args.volume, args.size, args.slices, args.blocks)
+    return {"prior": prior, "name": name, "A": ParallelBeamCT.sparse_view(args.size, args.views), "x": x,
+            "noise": None, "setting": f"{args.volume}: {args.blocks} × {args.slices} slices, {args.views} views",
+            "rows": f"blocks of {args.slices}", "peak": recon.HU_WIDTH,
+            "trained_on": mbir3d.trained_on(prior, args.volume)}
+
+
+def _slice_problem(args: argparse.Namespace) -> dict[str, Any]:
+    """The 2-D methods' tuning problem: the tuning rows of ``benchmarks/recon.py``."""
     by_name = {c.name: c for c in recon.CONFIGS}
     if args.setting not in by_name:
         raise SystemExit(f"--setting: unknown {args.setting!r}; known: {', '.join(by_name)}")
@@ -113,9 +150,19 @@ def _run(args: argparse.Namespace) -> dict[str, Any]:
             return recon.measure(noisy, A, x[i : i + 1], args.seed + i // 2) if i % 2 else y
         return recon.measure(cfg, A, x[i : i + 1], args.seed + i) if cfg.noise else y
 
+    return {"prior": prior, "name": name, "A": A, "x": x, "noise": noise, "setting": cfg.name, "rows": rows,
+            "peak": recon.HU_WIDTH if cfg.modality == "ct" else 1.0, "pooled_noisy": noisy is not None}
+
+
+def _run(args: argparse.Namespace) -> dict[str, Any]:
+    volume = args.method in mbir3d.VOLUME_METHODS
+    prob = _volume_problem(args) if volume else _slice_problem(args)
+    prior, name, A, x, noise, peak = (prob[k] for k in ("prior", "name", "A", "x", "noise", "peak"))  # noqa: N806
+    if volume and args.store and prob["trained_on"] and not args.allow_training_volume:
+        raise SystemExit(f"--store: {name} was trained on {args.volume}; settings tuned on it are not stored "
+                         "(--allow-training-volume stores them anyway)")
     space = _space(args.space, args.method)
     fixed = json.loads(args.fixed) if args.fixed else None
-    peak = recon.HU_WIDTH if cfg.modality == "ct" else 1.0
     t0 = time.perf_counter()
     res = tune(
         prior,
@@ -129,6 +176,7 @@ def _run(args: argparse.Namespace) -> dict[str, Any]:
         noise=noise,
         n_samples=args.samples,
         fixed=fixed,
+        max_nfe=args.max_nfe,
         log=lambda m: print(f"# {m}", flush=True),
     )
     wall = time.perf_counter() - t0
@@ -138,7 +186,7 @@ def _run(args: argparse.Namespace) -> dict[str, Any]:
         + f" {'PSNR dB':>8s} {'images':>6s} {'s/run':>7s} {'NFE':>5s}"
     )
     print(
-        f"tuning {args.method} on {cfg.name} ({res['operator_key']}), rows {rows}, fixed {fixed or {}}"
+        f"tuning {args.method} on {prob['setting']} ({res['operator_key']}), rows {prob['rows']}, fixed {fixed or {}}"
     )
     print(head)
     print("-" * len(head))
@@ -168,9 +216,12 @@ def _run(args: argparse.Namespace) -> dict[str, Any]:
         "bench": "tune",
         "device": args.device if args.device != "cpu" else f"cpu ({platform.machine()})",
         "threads": torch.get_num_threads(),
-        "setting": cfg.name,
-        "rows": rows,
-        "pooled_noisy": noisy is not None,
+        "setting": prob["setting"],
+        "rows": prob["rows"],
+        "pooled_noisy": prob.get("pooled_noisy", False),
+        "volume": args.volume if volume else None,
+        "trained_on_volume": prob.get("trained_on"),
+        "max_nfe": args.max_nfe,
         "prior": name,
         "stored": stored,
         "wall_s": round(wall, 1),

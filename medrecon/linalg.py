@@ -13,9 +13,12 @@ from torch import Tensor
 __all__ = ["conjugate_gradient"]
 
 
-def _dot(a: Tensor, b: Tensor) -> Tensor:
-    """Per-item real inner product Re⟨a, b⟩ over all but the batch axis, shaped for broadcasting."""
+def _dot(a: Tensor, b: Tensor, joint: bool = False) -> Tensor:
+    """Real inner product Re⟨a, b⟩ per item (over all but the batch axis) or, ``joint``, over the
+    whole tensor; shaped for broadcasting."""
     d = (a.conj() * b).real if a.is_complex() else a * b
+    if joint:
+        return d.sum().reshape([1] * a.ndim)
     return d.reshape(d.shape[0], -1).sum(1).reshape(-1, *([1] * (a.ndim - 1)))
 
 
@@ -26,6 +29,7 @@ def conjugate_gradient(
     iters: int = 20,
     tol: float = 1e-6,
     precond: Callable[[Tensor], Tensor] | None = None,
+    joint: bool = False,
 ) -> Tensor:
     """Solve ``normal(x) = rhs`` for every batch item.
 
@@ -46,6 +50,10 @@ def conjugate_gradient(
     precond : callable, optional
         An approximate inverse of ``normal`` (Hermitian positive definite), e.g. a Jacobi
         diagonal: preconditioned CG.
+    joint : bool
+        One system over the whole batch (inner products and step sizes over every item): for a
+        ``normal`` that couples the items, e.g. TV along the slices of a volume stored on the
+        batch axis.  False (default): an independent system per item.
 
     Returns
     -------
@@ -55,18 +63,18 @@ def conjugate_gradient(
     r = rhs - normal(x) if x0 is not None else rhs.clone()
     z = precond(r) if precond is not None else r
     p = z.clone()
-    rz = _dot(r, z)
+    rz = _dot(r, z, joint)
     eps = torch.finfo(rz.dtype).eps
-    stop = (max(tol, 10 * eps) ** 2) * _dot(rhs, rhs)
+    stop = (max(tol, 10 * eps) ** 2) * _dot(rhs, rhs, joint)
     tiny = torch.finfo(rz.dtype).tiny
     done = torch.zeros_like(rz, dtype=torch.bool)
     curvature = torch.zeros_like(rz)  # largest Rayleigh quotient pᴴNp/pᴴp seen, per item
     for _ in range(iters):
-        done = done | (_dot(r, r) <= stop)
+        done = done | (_dot(r, r, joint) <= stop)
         if bool(done.all()):
             break
         ap = normal(p)
-        pap, pp = _dot(p, ap), _dot(p, p)
+        pap, pp = _dot(p, ap, joint), _dot(p, p, joint)
         curvature = torch.maximum(curvature, pap / pp.clamp_min(tiny))
         # breakdown: p lies (to rounding) in the null space of a singular normal operator
         done = done | (pap <= 10 * eps * curvature * pp)
@@ -74,7 +82,7 @@ def conjugate_gradient(
         x = x + alpha * p
         r = r - alpha * ap
         z = precond(r) if precond is not None else r
-        rz_new = _dot(r, z)
+        rz_new = _dot(r, z, joint)
         p = torch.where(done, p, z + (rz_new / rz.clamp_min(tiny)) * p)
         rz = torch.where(done, rz, rz_new)
     return x

@@ -38,8 +38,8 @@ from medrecon.errors import SettingsError
 from medrecon.metrics import calibration
 from medrecon.operators.base import LinearOperator
 from medrecon.priors.registry import read_card, write_card
-from medrecon.solvers.cards import SPREAD_SETTINGS, operator_key
-from medrecon.solvers.presets import PRESETS, settings_defaults, tuned_entry
+from medrecon.solvers.cards import operator_key, spread_settings
+from medrecon.solvers.presets import PRESETS, evaluations_per_chain, reuse_starts, settings_defaults, tuned_entry
 
 __all__ = [
     "DEFAULT_SPACES",
@@ -72,6 +72,30 @@ DEFAULT_SPACES: dict[str, dict[str, Any]] = {
         "dc_iters": [2, 3, 5, 10],
         "dc_gamma": [0.0, 0.0, 1e-3, 1e-2, 1e-1],
     },
+    # the volume methods, from their 3-D TV start: how far to go back (t0, the grid), the TV
+    # weights of the consistency step along z and in-plane (at t0, falling to 0 with σ(t)), the
+    # ADMM penalty (λ/ρ is the shrinkage threshold: 0.001-0.01 worked, 0.1 did not) and the
+    # iteration counts.  The network evaluations per slice are about t0·steps: max_nfe
+    # (tune.py --max-nfe) keeps the search within a time budget
+    "dds3d": {
+        "t0": (0.05, 0.3),
+        "steps": [20, 30, 40, 60, 100],
+        "eta": (0.5, 1.0),
+        "lam_tv": [1e-5, 2e-5, 3e-5, 5e-5, 1e-4],
+        "lam_tv_xy": [0.0, 1e-5, 3e-5, 5e-5, 1e-4],
+        "rho_tv": (3e-3, 1e-1, "log"),
+        "admm_iters": [1, 1, 2],
+        "admm_cg_iters": [5, 10, 20],
+        "admm_keep": [True, True, False],
+    },
+    "mbir3d": {
+        "t0": (0.05, 0.3),
+        "steps": [20, 30, 40, 60, 100],
+        "lam_tv": [1e-5, 2e-5, 3e-5, 5e-5, 1e-4],
+        "lam_tv_xy": [0.0, 1e-5, 3e-5, 5e-5, 1e-4],
+        "rho_tv": (3e-3, 1e-1, "log"),
+        "admm_cg_iters": [5, 10, 20],
+    },
 }
 
 
@@ -92,6 +116,18 @@ def _draw(space: dict[str, Any], rng: np.random.Generator) -> dict[str, Any]:
                 f"tune: space[{name!r}] must be a list of choices or (low, high[, 'log']); got {spec!r}"
             )
     return out
+
+
+def _item(images: Tensor, i: int, where: str) -> Tensor:
+    """Item ``i`` of the tuning images: an image ``(1, 1, H, W)`` of ``(n, 1, H, W)``, or a
+    volume ``(Z, 1, H, W)`` of ``(n, Z, 1, H, W)`` (slices on the batch axis, for the volume
+    methods)."""
+    if images.ndim not in (4, 5) or images.shape[0] < 1:
+        raise SettingsError(
+            f"{where}: images must be (n, 1, H, W) images or (n, Z, 1, H, W) volumes with n ≥ 1; got shape "
+            f"{tuple(images.shape)}"
+        )
+    return images[i : i + 1] if images.ndim == 4 else images[i]
 
 
 def _measure(A: LinearOperator, x: Tensor, noise: Callable[[Tensor, int], Tensor] | None, i: int) -> Tensor:  # noqa: N803
@@ -123,6 +159,7 @@ def tune(
     n_samples: int = 1,
     fixed: dict[str, Any] | None = None,
     eta: int = 3,
+    max_nfe: int | None = None,
     log: Callable[[str], None] | None = None,
 ) -> dict[str, Any]:
     """Search diffusion settings by successive halving of random configurations; objective PSNR.
@@ -133,7 +170,9 @@ def tune(
     defaults (preset, then the tuned values already on the prior's card) are always a candidate
     and always reach the last rung, so the result is at least as good as them on ``images``; so
     do the values the card holds from earlier weights of the prior (re-measured on these).
-    All runs use the same seed (common random numbers), so differences are due to the settings.
+    All runs use the same seed (common random numbers), so differences are due to the settings,
+    and the same initial estimate of an image (:func:`~medrecon.solvers.presets.reuse_starts`:
+    computed once, so a trial's ``seconds`` leave out the start after the first trial).
 
     Parameters
     ----------
@@ -141,8 +180,10 @@ def tune(
         Prior object (``ScorePrior`` or the analytic ``GaussianPrior``).
     operator_factory : callable ``i -> LinearOperator``
         The operator for image ``i`` (one fixed operator: ``lambda i: A``).
-    images : Tensor, shape (n, 1, H, W)
-        Ground truth in the caller's units (what :func:`medrecon.reconstruct` takes: HU for CT).
+    images : Tensor, shape (n, 1, H, W) or (n, Z, 1, H, W)
+        Ground truth in the caller's units (what :func:`medrecon.reconstruct` takes: HU for CT):
+        images, or volumes of Z slices for the volume methods (the PSNR of a volume is over all
+        its voxels).
     space : dict, optional
         ``{setting: [choices] | (low, high) | (low, high, "log")}``; default
         :data:`DEFAULT_SPACES` of ``method``.
@@ -163,6 +204,11 @@ def tune(
         to tune λ and snr at a step count the machine can afford).
     eta : int
         Halving rate.
+    max_nfe : int, optional
+        Draw only configurations whose sampler chain takes at most this many network evaluations
+        (:func:`~medrecon.solvers.presets.evaluations_per_chain`: per image, or per slice of a
+        volume, and per sample), to tune within a time budget.  The defaults are a candidate
+        whatever they cost.
     log : callable, optional
         Progress messages.
 
@@ -195,10 +241,7 @@ def tune(
     space = dict(DEFAULT_SPACES[method] if space is None else space)
     for k in fixed or {}:
         space.pop(k, None)
-    if images.ndim != 4 or images.shape[0] < 1:
-        raise SettingsError(
-            f"tune: images must be (n, 1, H, W) with n ≥ 1; got shape {tuple(images.shape)}"
-        )
+    _item(images, 0, "tune")
     if budget < 1 or eta < 2:
         raise SettingsError(f"tune: budget must be ≥ 1 and eta ≥ 2; got {budget}, {eta}")
     say = log or (lambda _msg: None)
@@ -212,7 +255,8 @@ def tune(
     tuned, stale = tuned_entry(card, ops[0], method)
     defaults = {**PRESETS[method], **({} if stale else tuned)}
     start = {k: defaults.get(k, _preset_field(k)) for k in space}
-    meas = [_measure(ops[i], images[i : i + 1], noise, i) for i in range(n)]
+    truth = [_item(images, i, "tune") for i in range(n)]
+    meas = [_measure(ops[i], truth[i], noise, i) for i in range(n)]
 
     # successive halving schedule: rung sizes in images and surviving configurations
     rungs: list[int] = []
@@ -243,7 +287,19 @@ def tune(
     # defaults, always reaches the last rung
     earlier = {**held, **{k: tuned.get(k, start[k]) for k in space}} if stale else None
     seeded = [start] + ([earlier] if earlier and earlier != start else [])
-    draws = [{**held, **_draw(space, rng)} for _ in range(max(0, n_conf - len(seeded)))]
+    def affordable(config: dict[str, Any]) -> bool:
+        if max_nfe is None:
+            return True
+        full = {**settings_defaults(), **defaults, **config}
+        return evaluations_per_chain(prior.sde, method, full) <= max_nfe
+
+    draws: list[dict[str, Any]] = []
+    for _ in range(100 * max(1, n_conf)):  # redraw what does not fit max_nfe
+        if len(draws) >= max(0, n_conf - len(seeded)):
+            break
+        c = {**held, **_draw(space, rng)}
+        if affordable(c):
+            draws.append(c)
     configs = seeded + [c for c in draws if c not in seeded]  # a draw equal to a seeded one is not run twice
     scores: dict[int, dict[int, float]] = {c: {} for c in range(len(configs))}
     trials: dict[int, dict[str, Any]] = {}
@@ -259,7 +315,7 @@ def tune(
             rec = reconstruct(
                 meas[i], ops[i], method, prior=prior, n_samples=n_samples, seed=seed, **configs[c]
             )
-            scores[c][i] = _psnr(rec.mean, images[i : i + 1], peak)
+            scores[c][i] = _psnr(rec.mean, truth[i], peak)
             runs += 1
             tr = trials.setdefault(
                 c, {"settings": configs[c], "seconds": 0.0, "nfe": rec.info.get("nfe", 0)}
@@ -270,17 +326,19 @@ def tune(
         return v
 
     alive = list(range(len(configs)))
-    for r, upto in enumerate(rungs):
-        vals = {c: evaluate(c, upto) for c in alive}
-        say(
-            f"tune {method} {key}: rung {r} ({upto} image(s)), {len(alive)} configs, best "
-            f"{max(vals.values()):.2f} dB"
-        )
-        if r == len(rungs) - 1:
-            break
-        keep = max(1, math.ceil(len(alive) / eta))
-        alive = sorted(alive, key=lambda c: -vals[c])[:keep]
-        alive += [c for c in range(len(seeded)) if c not in alive]  # the seeded ones reach the last rung
+    # the initial estimates (TV, 3-D TV) are deterministic: computed once per image for all configurations
+    with reuse_starts():
+        for r, upto in enumerate(rungs):
+            vals = {c: evaluate(c, upto) for c in alive}
+            say(
+                f"tune {method} {key}: rung {r} ({upto} image(s)), {len(alive)} configs, best "
+                f"{max(vals.values()):.2f} dB"
+            )
+            if r == len(rungs) - 1:
+                break
+            keep = max(1, math.ceil(len(alive) / eta))
+            alive = sorted(alive, key=lambda c: -vals[c])[:keep]
+            alive += [c for c in range(len(seeded)) if c not in alive]  # the seeded ones reach the last rung
     final = {c: trials[c]["psnr"] for c in alive}
     # ties go to the cheaper configuration (fewer network evaluations)
     best = max(alive, key=lambda c: (final[c], -trials[c]["nfe"]))
@@ -441,7 +499,7 @@ def calibrate(
     Parameters
     ----------
     prior, operator_factory, images, noise, seed, log
-        As for :func:`tune` (images in the caller's units).
+        As for :func:`tune` (images or volumes in the caller's units).
     method : str
     n_samples : int
         Posterior samples per reconstruction (≥ 2); :func:`std_scale` converts the factor to
@@ -455,7 +513,7 @@ def calibrate(
     -------
     dict
         ``std_scale`` (c), ``level``, ``n_samples``, ``n_images``, ``settings`` (the run's values
-        of :data:`SPREAD_SETTINGS`), ``coverage_raw`` / ``coverage_calibrated`` (share of pixels
+        of :func:`~medrecon.solvers.cards.spread_settings`), ``coverage_raw`` / ``coverage_calibrated`` (share of pixels
         inside ±2·std and ±2·c·std on these images), ``spearman_raw`` (mean over images) and
         ``seconds``.
     """
@@ -463,17 +521,14 @@ def calibrate(
         raise SettingsError(f"calibrate: n_samples must be ≥ 2 to have a spread; got {n_samples}")
     if not 0 < level < 1:
         raise SettingsError(f"calibrate: level must be in (0, 1); got {level}")
-    if images.ndim != 4 or images.shape[0] < 1:
-        raise SettingsError(
-            f"calibrate: images must be (n, 1, H, W) with n ≥ 1; got shape {tuple(images.shape)}"
-        )
+    _item(images, 0, "calibrate")
     say = log or (lambda _msg: None)
     t_all = time.perf_counter()
     ratios, rhos, used, key = [], [], {}, ""
     for i in range(images.shape[0]):
         A = operator_factory(i)  # noqa: N806
         key = operator_key(A)
-        xi = images[i : i + 1]
+        xi = _item(images, i, "calibrate")
         y = _measure(A, xi, noise, i)
         rec = reconstruct(
             y, A, method, prior=prior, n_samples=n_samples, seed=seed, calibrated=False, **(settings or {})
@@ -485,7 +540,7 @@ def calibrate(
         r = torch.where(std > 0, err / std.clamp_min(1e-300), torch.where(err > 0, math.inf, 0.0))
         ratios.append(r)
         rhos.append(calibration(mean, rec.std, ref)["spearman"])
-        used = {k: rec.info["settings"][k] for k in SPREAD_SETTINGS if k in rec.info["settings"]}
+        used = {k: rec.info["settings"][k] for k in spread_settings(method) if k in rec.info["settings"]}
         say(f"calibrate {method} {key}: image {i}: coverage ±2·std {float((r <= 2).double().mean()):.3f}")
     r = torch.cat(ratios)
     # the smallest factor with ≥ level of the pixels inside (an infinite ratio is never inside)
@@ -502,6 +557,7 @@ def calibrate(
         "level": level,
         "n_samples": n_samples,
         "n_images": int(images.shape[0]),
+        "n_slices": int(images.shape[1]) if images.ndim == 5 else 1,
         "settings": used,
         "coverage_raw": round(float((r <= 2).double().mean()), 4),
         "coverage_calibrated": round(float((r <= 2 * c).double().mean()), 4),

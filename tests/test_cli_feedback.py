@@ -352,8 +352,8 @@ def test_long_diffusion_runs_print_their_estimate(tmp_path, capsys, monkeypatch)
         "nfe": 300, "batch": 4, "seconds_per_evaluation": 1.8, "seconds": 540.0, "initial_estimate": "tv"})
     assert main(_ct(tmp_path, "--method", "ccdf", "--downsample", "4")) == 0
     err = capsys.readouterr().err
-    assert err == ("medrecon reconstruct: ccdf: about 9 min for 300 network evaluations on 4 image(s), "
-                   "1.80 s each on cpu, after its tv initial estimate\n")
+    assert err == ("medrecon reconstruct: ccdf: about 9 min on cpu: 300 network evaluations on 4 image(s), "
+                   "1.80 s each, after its tv initial estimate\n")
     assert getattr(seen["prior"], "name", None) == "ct-256"  # the timed prior is the one used
     rec = json.loads((tmp_path / "o" / "bundled-ct_ccdf_23v.json").read_text())
     assert rec["time_estimate"]["seconds"] == 540.0

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 
 import pytest
@@ -138,3 +139,182 @@ def test_volume_method_on_every_operator_kind(problem, kind, method3d, method2d)
         return float((e[1:] - e[:-1]).abs().mean())
 
     assert z_err(m3d) < z_err(m2d), (z_err(m3d), z_err(m2d))
+
+
+# ------------------------------------------------------------------ issue 34: 3-D TV start, weights, speed
+@pytest.mark.parametrize("method", ["dds3d", "mbir3d"])
+def test_volume_methods_start_from_3d_tv_and_return_it_at_t0_zero(problem, method):
+    """The start of a volume method is the 3-D TV volume of ``reconstruct(method="tv",
+    axes=("z", "y", "x"))``, and with t₀ = 0 the method returns it exactly, with no network
+    evaluation and no spread; any t₀ > 0 refines it."""
+    from medrecon import reconstruct
+
+    prior, A, vol, _ = problem
+    hu = vol * 4096 - 1024
+    y = A(hu)
+    tv3d = reconstruct(y, A, method="tv", axes=("z", "y", "x"))
+    rec = reconstruct(y, A, method=method, prior=prior, n_samples=2, t0=0.0)
+    assert rec.info["settings"]["init"] == "tv3d" and rec.info["nfe"] == 0
+    assert torch.equal(rec.mean, tv3d.mean) and float(rec.std.abs().max()) == 0
+    moved = reconstruct(y, A, method=method, prior=prior, n_samples=2, t0=0.3, steps=20)
+    assert moved.info["nfe"] > 0 and not torch.equal(moved.mean, tv3d.mean)
+
+
+def test_the_3d_start_differs_from_the_slicewise_start(problem):
+    """"tv3d" couples the slices (TV along z too); "tv" reconstructs each slice alone."""
+    from medrecon.solvers import classical
+    from medrecon.solvers.presets import initial_estimate
+
+    _, A, _, y = problem
+    x3 = initial_estimate(y, A, "tv3d")
+    torch.testing.assert_close(x3, classical.tv(y, A, nonneg=True, axes=("z", "y", "x")), rtol=0, atol=0)
+    x2 = initial_estimate(y, A, "tv")
+    torch.testing.assert_close(x2[2:3], initial_estimate(y[2:3], A, "tv"))  # slice by slice
+    assert not torch.allclose(x3, x2)
+
+
+def test_inplane_tv_weight_falls_to_zero_as_t_decreases(problem):
+    """The consistency step's TV weights: lam_tv along z at every t, lam_tv_xy in-plane at the
+    first time of the run, falling with σ(t) to 0 at the grid's last time."""
+    from medrecon.solvers.presets import _settings, _tv_weights
+
+    prior, *_ = problem
+    s = _settings("dds3d", {"lam_tv": 2e-4, "lam_tv_xy": 1e-4, "tv_axes": ("z", "y", "x")})
+    t = torch.tensor([0.3, 0.2, 0.1, prior.sde.eps], dtype=torch.float64)
+    lam, weights = _tv_weights(s, prior.sde, t[:1])
+    w = [weights(ti.reshape(1)) for ti in t]
+    assert lam == pytest.approx(2e-4)
+    assert all(wi[0] == pytest.approx(1.0) for wi in w)  # z: lam_tv
+    assert w[0][1] == pytest.approx(0.5) and w[0][1] == w[0][2]  # in-plane at t0: lam_tv_xy
+    inplane = [wi[1] for wi in w]
+    assert inplane == sorted(inplane, reverse=True) and inplane[1] < inplane[0] and inplane[-1] == 0
+
+
+def test_zero_weights_remove_axes_from_the_tv():
+    """ADMM with axes z, y, x and in-plane weights 0 is ADMM with TV along z alone; weights
+    rescale the splitting variables, so a later change goes on from where it was."""
+    from medrecon.solvers.classical import ADMMTV
+
+    A = ParallelBeamCT(N, torch.arange(3).double().numpy() * math.pi / 3)
+    g = torch.Generator().manual_seed(0)
+    x0 = torch.rand(Z, 1, N, N, generator=g, dtype=torch.float64)
+    y = A(x0)
+    a = ADMMTV(A, y, 1e-2, 1e-1, axes=("z", "y", "x"), weights=(1.0, 0.0, 0.0), cg_iters=3)
+    b = ADMMTV(A, y, 1e-2, 1e-1, axes=("z",), cg_iters=3)
+    xa = xb = x0 + 0.1
+    for _ in range(3):
+        xa, xb = a.step(xa), b.step(xb)
+    torch.testing.assert_close(xa, xb)
+    a.set_weights((1.0, 0.5, 0.5))  # the in-plane parts restart from 0, z goes on
+    assert torch.equal(a.w[..., 0], b.w[..., 0]) and float(a.w[..., 1:].abs().max()) == 0
+    with pytest.raises(Exception, match="one weight"):
+        a.set_weights((1.0, 0.5))
+
+
+def test_joint_cg_solves_a_system_that_couples_the_batch():
+    """TV along z couples the slices on the batch axis: CG over the whole batch solves it (n
+    steps for n unknowns), while independent per-item step sizes need not."""
+    from medrecon.linalg import conjugate_gradient
+    from medrecon.operators.diff import FiniteDifference
+
+    g = torch.Generator().manual_seed(0)
+    D = FiniteDifference((3, 3), ("z", "y", "x"))  # noqa: N806
+    scale = torch.linspace(0.5, 4.0, 5, dtype=torch.float64).reshape(5, 1, 1, 1)
+
+    def normal(v):
+        return scale * v + 3.0 * D.adjoint(D(v))
+
+    x_true = torch.randn(5, 1, 3, 3, generator=g, dtype=torch.float64)
+    rhs = normal(x_true)
+    x = conjugate_gradient(normal, rhs, iters=45, tol=1e-14, joint=True)
+    torch.testing.assert_close(x, x_true)
+
+
+def test_chunks_follow_the_fastest_batch_within_the_budget():
+    from medrecon.solvers.presets import NET_FASTEST_PIXELS
+
+    vol = torch.zeros(64, 1, 256, 256)
+    assert chunk_for_budget(64 * 2**30, vol) == NET_FASTEST_PIXELS // (256 * 256)  # plenty: the fastest
+    assert chunk_for_budget(1.0, vol) == 1  # none: one slice at a time
+    small = torch.zeros(64, 1, 32, 32)
+    assert chunk_for_budget(64 * 2**30, small) == NET_FASTEST_PIXELS // (32 * 32)
+
+
+def test_chunked_network_evaluations_equal_one_batch():
+    """A volume's slices through the network in chunks give the scores of one batch (float32:
+    every slice is its own item; the network mixes nothing across the batch)."""
+    from medrecon.priors import ScoreNet, ScorePrior, ct_normaliser, network_spec
+    from medrecon.solvers.sampler import ScoreCounter
+
+    torch.manual_seed(0)
+    prior = ScorePrior(ScoreNet(network_spec("tiny"), VESDE(0.01, 10.0)), ct_normaliser()).eval()
+    prior.precision = "float32"
+    x = torch.rand(7, 1, 16, 16, generator=torch.Generator().manual_seed(1))
+    t = torch.full((7,), 0.3)
+    whole = ScoreCounter(prior)(x, t)
+    for chunk in (1, 2, 3):
+        torch.testing.assert_close(ScoreCounter(prior, chunk=chunk)(x, t), whole, rtol=1e-5, atol=1e-5)
+
+
+def test_reuse_starts_computes_each_start_once(problem, monkeypatch):
+    """Inside ``reuse_starts`` (tuning) a start is computed once per operator and measurement and
+    reused; outside it every run computes its own (so that its time includes the start)."""
+    from medrecon.solvers import classical
+    from medrecon.solvers.presets import initial_estimate, reuse_starts
+
+    _, A, _, y = problem
+    calls = []
+    real = classical.tv
+
+    def counted(*a, **k):
+        calls.append(1)
+        return real(*a, **k)
+
+    monkeypatch.setattr(classical, "tv", counted)
+    with reuse_starts():
+        first = initial_estimate(y, A, "tv3d")
+        again = initial_estimate(y.clone(), A, "tv3d")
+        first.add_(1.0)  # a caller's change does not reach the kept start
+        assert torch.equal(initial_estimate(y, A, "tv3d"), again)
+        initial_estimate(y + 1e-3, A, "tv3d")  # another measurement: a start of its own
+    assert len(calls) == 2
+    initial_estimate(y, A, "tv3d")
+    assert len(calls) == 3
+
+
+def test_estimate_counts_no_evaluation_at_t0_zero(problem):
+    from medrecon.pipeline.case import estimate_diffusion_time
+
+    prior, A, vol, _ = problem
+    y = A(vol * 4096 - 1024)
+    for method in ("dds3d", "mbir3d"):
+        est = estimate_diffusion_time(prior, A, y, method, n_samples=2, steps=None)
+        assert est["nfe"] > 0 and est["initial_estimate"] == "tv3d" and est["solver_seconds"] > 0
+        assert est["seconds"] == pytest.approx(est["network_seconds"] + est["solver_seconds"], abs=0.11)
+
+
+def test_tune_and_calibrate_volumes(problem, tmp_path):
+    """The tuner and the calibration take volumes (n, Z, 1, H, W): every configuration it draws
+    keeps to max_nfe, the result is no worse than the defaults, and the calibration of a volume
+    method records its TV settings (tv_axes a list in JSON) and is applied to runs that share them."""
+    from medrecon import reconstruct
+    from medrecon.solvers.cards import std_scale
+    from medrecon.tuning import calibrate, store_calibration, tune
+
+    prior, A, vol, _ = problem
+    vols = torch.stack([vol, vol.flip(0)]) * 4096 - 1024
+    space = {"t0": (0.1, 0.6), "steps": [10, 20, 40], "lam_tv": [1e-3, 1e-2]}
+    res = tune(prior, lambda i: A, vols, space, budget=6, method="dds3d", max_nfe=8)
+    assert res["best_psnr"] >= res["defaults_psnr"] and res["n_images"] == 2
+    drawn = [t for t in res["trials"] if t["settings"] != res["defaults"]]
+    assert drawn and all(t["nfe"] <= 8 for t in drawn)
+    cal = calibrate(prior, lambda i: A, vols, method="dds3d", n_samples=3, settings={"steps": 20})
+    assert cal["n_slices"] == Z and cal["settings"]["tv_axes"] == ("z", "y", "x") and "lam_tv_xy" in cal["settings"]
+    path = tmp_path / "card.json"
+    path.write_text('{"name": "g"}')
+    store_calibration(path, cal)
+    card = json.loads(path.read_text())  # as a prior loads it: tv_axes is a list now
+    assert card["calibration"]["parallel-3"]["dds3d"]["settings"]["tv_axes"] == ["z", "y", "x"]
+    rec = reconstruct(A(vols[0]), A, method="dds3d", prior=prior, n_samples=3, steps=20, calibrated=False)
+    c, how = std_scale(card, A, "dds3d", 3, rec.info["settings"])
+    assert c == pytest.approx(cal["std_scale"]) and "fitted" in how

@@ -70,6 +70,7 @@ OPERATOR_CASES = [
     Case("diff-2d", lambda: FiniteDifference((N, N))),
     Case("diff-3d", lambda: FiniteDifference((N, N), ("z", "y", "x")), batch=3),
     Case("diff-z", lambda: FiniteDifference((N, N), ("z",)), batch=3),
+    Case("diff-3d-weighted", lambda: FiniteDifference((N, N), ("z", "y", "x"), (1.0, 0.5, 0.0)), batch=3),
     Case("composed", lambda: MaskedFourier(mri_mask("random", (N, N), 2, seed=6)) @ Diagonal(torch.rand(N, N), (None, N, N))),
     Case("scaled-sum", lambda: 2.0 * ParallelBeamCT(N, np.arange(10) * 0.3) - ParallelBeamCT(N, np.arange(10) * 0.3).H.H),
     Case(

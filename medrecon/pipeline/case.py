@@ -500,37 +500,41 @@ def _method_settings(cfg: ReconstructConfig) -> dict[str, Any]:
 
 def estimate_diffusion_time(model: Any, A: Any, y: torch.Tensor, method: str, *,  # noqa: N803
                             n_samples: int, steps: int | None) -> dict[str, Any]:
-    """Expected network evaluations of a diffusion run, and their time measured on this machine.
+    """Expected network evaluations of a diffusion run, and the run's time measured on this machine.
 
     One evaluation of the prior on the run's batch is timed (twice for a long run, keeping the
     faster, as the first includes one-time set-up) and multiplied by the evaluations the
     method's settings imply (preset, the card's tuned values for this operator, ``steps``): the
     sampler's steps from t₀ (a CCDF/DDS-style start) or from t = 1, the Langevin corrector
     steps, the final Tweedie step (not in DDS, whose last step lands on t = 0), DPS's backward
-    pass (timed as twice a forward one), and one chain per sample for volume methods.  The initial estimate and the data-consistency solves
-    are not counted, so long CG/ADMM settings run longer.
+    pass (timed as twice a forward one), and one chain per sample for volume methods.  The
+    classical work is estimated from one timed application of its system matrix (``AᴴA`` plus,
+    for TV, ``DᴴD`` over the run's batch) times the applications it runs: the TV or 3-D TV
+    start (100 ADMM iterations of 5 CG steps), and per step the CG or ADMM consistency solves of
+    DDS, DDS-3D and mbir3d.
 
     Returns
     -------
     dict
-        ``nfe``, ``batch``, ``seconds_per_evaluation``, ``seconds`` (the network's share) and
+        ``nfe``, ``batch``, ``seconds_per_evaluation``, ``network_seconds``, ``solver_seconds``
+        (the classical start and the consistency solves), ``seconds`` (their sum) and
         ``initial_estimate`` (the classical method a CCDF-style start runs first, or None).
     """
-    from medrecon.solvers.presets import (DDS_METHODS, PRESETS, VOLUME_METHODS, chunk_for_budget, settings_defaults,
-                                          tuned_defaults)
+    from medrecon.operators.diff import FiniteDifference
+    from medrecon.solvers.presets import (PRESETS, VOLUME_METHODS, chunk_for_budget, evaluations_per_chain,
+                                          settings_defaults, start_kind, tuned_defaults)
     from medrecon.solvers.sampler import ScoreCounter
 
     s = {**settings_defaults(), **PRESETS[method], **tuned_defaults(getattr(model, "card", None), A, method)}
     if steps is not None:
         s["steps"] = steps
-    start = s["start"] if s["start"] != "auto" else ("ccdf" if method in ("ccdf", *VOLUME_METHODS) else "noise")
+    start = start_kind(method, s["start"])
     with torch.no_grad():
         like = A.adjoint(y[:1])
-    grid = model.sde.timesteps(int(s["steps"]), dtype=like.real.dtype)  # the sampler's grid
-    run = len(grid) if start == "noise" else int((grid <= float(s["t0"]) + 1e-9).sum())
-    per_step = 1 + (int(s["corrector_steps"]) if float(s["snr"]) > 0 else 0)
     chains = n_samples if method in VOLUME_METHODS else 1
-    nfe = chains * (run * per_step + (0 if method in DDS_METHODS else 1))  # + the final Tweedie step
+    nfe = chains * evaluations_per_chain(model.sde, method, s, like.real.dtype)
+    grid = model.sde.timesteps(int(s["steps"]), dtype=like.real.dtype)
+    run = len(grid) if start == "noise" else int((grid <= float(s["t0"]) + 1e-9).sum())  # steps run
     cost = 3.0 if method == "dps" else 1.0  # DPS: forward and backward pass through the network
     if not A.in_complex and like.is_complex():
         like = like.real
@@ -540,21 +544,55 @@ def estimate_diffusion_time(model: Any, A: Any, y: torch.Tensor, method: str, *,
     counter = ScoreCounter(model, chunk=chunk)
     t = torch.full((batch,), 0.5, device=y.device)
 
-    def timed() -> float:
-        counter.nfe = 0
+    def timed(f) -> float:
         t0 = time.perf_counter()
-        counter(x, t)
+        f()
         if y.device.type == "cuda":
             torch.cuda.synchronize(y.device)
-        return (time.perf_counter() - t0) / max(1, counter.nfe)
+        return time.perf_counter() - t0
 
-    per_eval = timed()  # includes one-time set-up: an upper bound
+    def evaluate() -> None:
+        counter.nfe = 0
+        counter(x, t)
+
+    per_eval = timed(evaluate) / max(1, counter.nfe)  # includes one-time set-up: an upper bound
     nfe *= max(1, counter.nfe)  # a complex image is two evaluations
     if nfe * per_eval * cost >= 10:  # a long run: measure again without the set-up
-        per_eval = min(per_eval, timed())
+        per_eval = min(per_eval, timed(evaluate) / max(1, counter.nfe))
     per_eval *= cost
+
+    # the classical work, in applications of the system matrix to one sample's images
+    init = s["init"] if start == "ccdf" else None
+    tv_axes = ("z", "y", "x") if init == "tv3d" or method in VOLUME_METHODS else ("y", "x")
+    D = FiniteDifference(tuple(like.shape[-2:]), tv_axes)  # noqa: N806
+    with torch.no_grad():
+        one = x[: y.shape[0]]
+        t_normal = timed(lambda: A.normal(one))
+        t_tv = t_normal + timed(lambda: D.adjoint(D(one)))
+    solves = 0.0
+    if init in ("tv", "tv3d"):
+        solves += 100 * 6 * t_tv  # 100 ADMM iterations, 5 CG steps (+ the residual) each
+    per_sample_step = {"dds": (int(s["dc_iters"]) + 1) * t_normal,
+                       "dds3d": int(s["admm_iters"]) * (int(s["admm_cg_iters"]) + 1) * t_tv,
+                       "mbir3d": (int(s["admm_cg_iters"]) + 1) * t_tv}.get(method, 0.0)
+    solves += n_samples * run * per_sample_step
+    network = nfe * per_eval
     return {"nfe": int(nfe), "batch": int(batch), "seconds_per_evaluation": round(per_eval, 4),
-            "seconds": round(nfe * per_eval, 1), "initial_estimate": s["init"] if start == "ccdf" else None}
+            "network_seconds": round(network, 1), "solver_seconds": round(solves, 1),
+            "seconds": round(network + solves, 1), "initial_estimate": init}
+
+
+def _estimate_line(method: str, est: dict[str, Any], device: Any) -> str:
+    """The time estimate as one line: the total, the network evaluations, and the classical
+    work (initial estimate, consistency solves) where it is measured to take a second or more."""
+    init = est.get("initial_estimate")
+    line = (f"{method}: about {_duration(est['seconds'])} on {device}: {est['nfe']} network evaluations on "
+            f"{est['batch']} image(s), {est['seconds_per_evaluation']:.2f} s each")
+    solver = est.get("solver_seconds", 0.0)
+    if solver >= 1:
+        work = f"its {init} initial estimate and the consistency solves" if init else "the consistency solves"
+        return line + f" ({_duration(est.get('network_seconds', 0.0))}), and {work} ({_duration(solver)})"
+    return line + (f", after its {init} initial estimate" if init else "")
 
 
 def _hide_paths(text: str, paths: set[str], case: str) -> str:
@@ -773,7 +811,7 @@ def _run_case(cfg: ReconstructConfig, stem_for: str | Callable[[ReconstructConfi
     from medrecon.pipeline.outputs import write_image_outputs
     from medrecon.pipeline.problems import build_problem
     from medrecon.report import case_figure, display_window, orient_for_display, thumbnail
-    from medrecon.solvers.presets import DIFFUSION_METHODS
+    from medrecon.solvers.presets import DIFFUSION_METHODS, VOLUME_METHODS
 
     _validate(cfg)
     device = _device(cfg.device)
@@ -820,11 +858,8 @@ def _run_case(cfg: ReconstructConfig, stem_for: str | Callable[[ReconstructConfi
                                                n_samples=cfg.samples or 4, steps=cfg.steps)
         except Exception as err:  # noqa: BLE001 - an estimate never stops a run
             estimate = {"error": warning_text(f"{type(err).__name__}: {err}")}
-        if estimate.get("seconds", 0) >= 10:
-            init = estimate.get("initial_estimate")
-            notify(f"{cfg.method}: about {_duration(estimate['seconds'])} for {estimate['nfe']} network evaluations "
-                   f"on {estimate['batch']} image(s), {estimate['seconds_per_evaluation']:.2f} s each on {device}"
-                   + (f", after its {init} initial estimate" if init else ""))
+        if "seconds" in estimate and (estimate["seconds"] >= 10 or cfg.method in VOLUME_METHODS):
+            notify(_estimate_line(cfg.method, estimate, device))  # a volume is always worth a line
     rec = reconstruct(y, prob.A, method=cfg.method, seed=seed, progress=cfg.progress, **settings)
     if choice is not None:
         rec.info["default"] = {k: v for k, v in choice.items() if k != "settings"}

@@ -15,6 +15,11 @@ best classical method otherwise.
 Operator keys (:func:`operator_key`): ``parallel-23`` (parallel-beam CT, 23 measured views),
 ``fan-64``, ``mri-1d-8`` (single-coil Cartesian line mask, 8×), ``mri-2d-8`` (2-D mask such as
 Poisson disc), ``sense-8`` (multi-coil, 8×).
+
+Entries are per key *and method*: the volume methods (``dds3d``, ``mbir3d``, tuned and calibrated
+on volumes) sit beside the 2-D methods of the same key (``tuned["parallel-23"]["dds3d"]`` next to
+``tuned["parallel-23"]["dds"]``) and never replace them; a volume method's calibration also
+records its TV settings (:func:`spread_settings`).
 """
 
 from __future__ import annotations
@@ -28,8 +33,8 @@ import numpy as np
 
 from medrecon.operators.base import LinearOperator
 
-__all__ = ["operator_key", "SPREAD_SETTINGS", "same_setting", "std_scale", "DefaultChoice", "measured_default",
-           "CLASSICAL_FOR_DEFAULT"]
+__all__ = ["operator_key", "SPREAD_SETTINGS", "VOLUME_METHODS", "VOLUME_SPREAD_SETTINGS", "spread_settings", "same_setting",
+           "std_scale", "DefaultChoice", "measured_default", "CLASSICAL_FOR_DEFAULT"]
 
 
 def operator_key(A: LinearOperator) -> str:  # noqa: N803
@@ -59,12 +64,24 @@ def operator_key(A: LinearOperator) -> str:  # noqa: N803
 SPREAD_SETTINGS = (
     "steps", "predictor", "snr", "corrector_steps", "lam", "zeta", "t0", "init", "eta", "start", "dc_iters", "dc_gamma",
 )
+#: the methods that reconstruct a volume as a whole (slices on the batch axis, TV across them)
+VOLUME_METHODS = ("mbir3d", "dds3d")
+#: and the settings of their TV consistency step
+VOLUME_SPREAD_SETTINGS = ("lam_tv", "lam_tv_xy", "rho_tv", "tv_axes", "admm_iters", "admm_cg_iters", "admm_keep")
+
+
+def spread_settings(method: str) -> tuple[str, ...]:
+    """The settings a calibration of ``method`` is measured with (and applied to runs that share them)."""
+    return SPREAD_SETTINGS + (VOLUME_SPREAD_SETTINGS if method in VOLUME_METHODS else ())
 
 
 def same_setting(a: Any, b: Any) -> bool:
-    """Equal settings (numbers to a relative 1e-6, everything else by ``==``)."""
+    """Equal settings (numbers to a relative 1e-6, a list equal to the tuple it was stored from (JSON
+    has no tuples), everything else by ``==``)."""
     if isinstance(a, int | float) and isinstance(b, int | float) and not isinstance(a, bool):
         return math.isclose(float(a), float(b), rel_tol=1e-6, abs_tol=1e-12)
+    if isinstance(a, list | tuple) and isinstance(b, list | tuple):
+        return len(a) == len(b) and all(same_setting(u, v) for u, v in zip(a, b, strict=True))
     return a == b
 
 

@@ -99,12 +99,15 @@ def shrink(v: Tensor, t: float | Tensor, isotropic: bool = True) -> Tensor:
 
 
 class ADMMTV:
-    """ADMM for ``½‖Ax − y‖²/‖A‖² + lam·‖D x‖₁`` (+ x ≥ 0), one iteration per :meth:`step`.
+    """ADMM for ``½‖Ax − y‖²/‖A‖² + lam·‖W D x‖₁`` (+ x ≥ 0), one iteration per :meth:`step`.
 
-    Splits ``w = D x`` (and ``v = x`` for non-negativity); the x-update solves
-    ``(AᴴA/‖A‖² + ρ DᴴD [+ ρ I]) x = Aᴴy/‖A‖² + ρ Dᴴ(w − u) [+ ρ (v − u₂)]`` with a few warm-started
-    CG steps; ``w`` is a soft threshold; the scaled duals ``u`` persist between steps, which is
-    what DiffusionMBIR needs (one ADMM iteration per diffusion step, duals kept).
+    ``W`` weighs the difference axes (all 1 by default; :meth:`set_weights`).  Splits
+    ``w = W D x`` (and ``v = x`` for non-negativity); the x-update solves
+    ``(AᴴA/‖A‖² + ρ DᴴW²D [+ ρ I]) x = Aᴴy/‖A‖² + ρ DᴴW(w − u) [+ ρ (v − u₂)]`` with a few
+    warm-started CG steps; ``w`` is a soft threshold; the scaled duals ``u`` persist between
+    steps, which is what DiffusionMBIR needs (one ADMM iteration per diffusion step, duals kept).
+    With ``"z"`` among the axes the slices of the batch are one volume, and CG solves one system
+    over all of them.
 
     Parameters
     ----------
@@ -121,12 +124,15 @@ class ADMMTV:
     nonneg : bool
     cg_iters : int
         CG steps per x-update.
+    weights : sequence of float, optional
+        Weight of each axis of ``axes`` (default all 1): ``(1, 0.5, 0.5)`` with axes
+        ``("z", "y", "x")`` regularises in-plane half as much as along z.
     """
 
     def __init__(
         self, A: LinearOperator, y: Tensor, lam: float, rho: float, *,  # noqa: N803
         axes: tuple[str, ...] = ("y", "x"), isotropic: bool = True, nonneg: bool = False,
-        cg_iters: int = 5,
+        cg_iters: int = 5, weights: tuple[float, ...] | None = None,
     ):
         self.A, self.lam, self.rho, self.cg_iters = A, lam, rho, cg_iters
         self.isotropic, self.nonneg = isotropic, nonneg
@@ -136,11 +142,24 @@ class ADMMTV:
         self.scale2 = operator_norm(A, aty) ** 2
         self.rhs0 = aty / self.scale2
         self.y = y
-        self.D = FiniteDifference(tuple(aty.shape[-2:]), axes)
+        self.axes = tuple(axes)
+        self.D = FiniteDifference(tuple(aty.shape[-2:]), axes, weights)  # W D
+        self.joint = "z" in axes
         self.w: Tensor | None = None
         self.u: Tensor | None = None
         self.v: Tensor | None = None
         self.u2: Tensor | None = None
+
+    def set_weights(self, weights: tuple[float, ...]) -> None:
+        """New axis weights; the splitting variable and dual of each axis are rescaled with its
+        weight, so that ADMM goes on from where it was (an axis whose weight was 0 restarts)."""
+        old = self.D.weights or (1.0,) * len(self.axes)
+        self.D = FiniteDifference(self.D.in_shape[1:], self.axes, weights)
+        if self.w is not None:
+            new = self.D.weights or (1.0,) * len(self.axes)
+            ratio = torch.tensor([n / o if o > 0 else 0.0 for n, o in zip(new, old, strict=True)],
+                                 dtype=self.w.real.dtype, device=self.w.device)
+            self.w, self.u = self.w * ratio, self.u * ratio
 
     def reset(self) -> None:
         """Forget the splitting variables and duals: the next :meth:`step` starts afresh."""
@@ -160,7 +179,7 @@ class ADMMTV:
         rhs = self.rhs0 + self.rho * self.D.adjoint(self.w - self.u)
         if self.nonneg:
             rhs = rhs + self.rho * (self.v - self.u2)
-        x = conjugate_gradient(self._normal, rhs, x0=x, iters=self.cg_iters, tol=1e-8)
+        x = conjugate_gradient(self._normal, rhs, x0=x, iters=self.cg_iters, tol=1e-8, joint=self.joint)
         dx = self.D(x)
         self.w = shrink(dx + self.u, self.lam / self.rho, self.isotropic)
         self.u = self.u + dx - self.w
@@ -171,7 +190,7 @@ class ADMMTV:
         return x
 
     def objective(self, x: Tensor) -> float:
-        """The objective ½‖Ax − y‖²/‖A‖² + lam·TV(x) summed over the batch."""
+        """The objective ½‖Ax − y‖²/‖A‖² + lam·‖W D x‖₁ summed over the batch."""
         r = self.A(x) - self.y
         dx = self.D(x)
         tvx = torch.sqrt((dx.abs() ** 2).sum(-1)).sum() if self.isotropic else dx.abs().sum()

@@ -233,14 +233,17 @@ def sense_gradient(
 
 def admm_tv(
     A: LinearOperator, y: Tensor, lam: float, rho: float, axes: tuple[str, ...] = ("z",),  # noqa: N803
-    cg_iters: int = 1,
+    cg_iters: int = 1, weights: Callable[[Tensor], tuple[float, ...]] | None = None,
 ) -> Step:
-    """DiffusionMBIR's conditioning: one ADMM iteration of ``½‖Ax − y‖²/‖A‖² + lam‖D x‖₁`` on the
+    """DiffusionMBIR's conditioning: one ADMM iteration of ``½‖Ax − y‖²/‖A‖² + lam‖W D x‖₁`` on the
     whole volume (slices on the batch axis; D along ``axes``), warm-started at the diffused x,
-    with the splitting variables and duals kept across diffusion steps."""
+    with the splitting variables and duals kept across diffusion steps.  ``weights(t)`` gives
+    the axis weights W at time t (default all 1; e.g. in-plane weights that fall with t)."""
     solver = ADMMTV(A, y, lam, rho, axes=axes, cg_iters=cg_iters)
 
     def step(x: Tensor, t: Tensor, rng: torch.Generator) -> Tensor:
+        if weights is not None:
+            solver.set_weights(weights(t))
         return solver.step(x)
 
     step.solver = solver  # type: ignore[attr-defined]
@@ -281,16 +284,26 @@ def cg_consistency(A: LinearOperator, y: Tensor, iters: int, gamma: float = 0.0,
 def admm_tv_consistency(
     A: LinearOperator, y: Tensor, lam: float, rho: float, iters: int,  # noqa: N803
     axes: tuple[str, ...] = ("z",), cg_iters: int = 5,
+    weights: Callable[[Tensor], tuple[float, ...]] | None = None, keep_state: bool = False,
 ) -> Step:
     """DDS-3D data consistency on a clean volume estimate x̂₀ (slices on the batch axis):
-    ``iters`` ADMM iterations of ``½‖Ax − y‖²/‖A‖² + lam‖D_z x‖₁`` started at x̂₀, each with
-    ``cg_iters`` warm-started CG steps (:class:`medrecon.solvers.classical.ADMMTV`).  The
-    splitting variables restart from x̂₀ at every diffusion step: each step solves its own
-    problem around the new estimate, as in the DDS paper's 3-D CT experiments."""
+    ``iters`` ADMM iterations of ``½‖Ax − y‖²/‖A‖² + lam‖W D x‖₁`` (D along ``axes``) started at
+    x̂₀, each with ``cg_iters`` warm-started CG steps (:class:`medrecon.solvers.classical.ADMMTV`).
+    ``weights(t)`` gives the axis weights W at time t (default all 1).
+
+    ``keep_state`` False: the splitting variables restart from x̂₀ at every diffusion step, so
+    each step solves its own problem around the new estimate, as in the DDS paper's 3-D CT
+    experiments; with one or two iterations the TV then acts only as a pull of the gradients
+    towards those of x̂₀.  True: they persist across diffusion steps (as mbir3d's do), so the
+    shrinkage of the TV accumulates over the run while every step starts its CG at x̂₀.
+    """
     solver = ADMMTV(A, y, lam, rho, axes=axes, cg_iters=cg_iters)
 
     def step(x0: Tensor, t: Tensor, rng: torch.Generator) -> Tensor:
-        solver.reset()
+        if not keep_state:
+            solver.reset()
+        if weights is not None:
+            solver.set_weights(weights(t))
         x = x0
         for _ in range(max(1, iters)):
             x = solver.step(x)

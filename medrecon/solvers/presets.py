@@ -6,13 +6,20 @@
 | ``dps`` | noise at t = 1 | reverse diffusion (ancestral) | ∇‖y − A x̂₀(x_t)‖ through the network |
 | ``ccdf`` | forward-diffused initial estimate (TV by default) at t₀ | as ``song`` | as ``song``, N′ = t₀·N steps |
 | ``score-mri`` | noise | reverse diffusion + Langevin | hard consistency; SENSE gradient every m steps (multi-coil) |
-| ``mbir3d`` | forward-diffused FBP/TV at t₀ (or noise) | slice-wise in chunks | one ADMM-TV iteration along z on the volume |
+| ``mbir3d`` | forward-diffused 3-D TV at t₀ (or noise) | slice-wise in chunks | one ADMM-TV iteration on the volume |
 | ``dds`` | forward-diffused TV at t₀ (or noise) | DDIM whose x̂₀ gets M CG steps before re-noising | (inside the predictor) |
-| ``dds3d`` | as ``dds`` | as ``dds``, slice-wise in chunks | ADMM on data + TV along z on x̂₀ (inside the predictor) |
+| ``dds3d`` | forward-diffused 3-D TV at t₀ | as ``dds``, slice-wise in chunks | ADMM on data + 3-D TV on x̂₀ (inside the predictor) |
 
-``mbir3d`` (Chung et al., CVPR 2023) takes a volume as slices on the batch axis; its network
-evaluations run on chunks of slices whose size follows ``max_memory``, the ADMM variables and
-duals persist across diffusion steps, and posterior samples are drawn one volume at a time.
+The volume methods ``mbir3d`` (Chung et al., CVPR 2023) and ``dds3d`` take a volume as slices
+on the batch axis.  They start from the best classical volume, 3-D TV (``init="tv3d"``, the
+``reconstruct(method="tv", axes=("z", "y", "x"))`` result, computed once and shared by every
+sample), forward-diffused to t₀, and refine it: with t₀ = 0 they return it unchanged.  Their
+consistency step is TV on every axis: ``lam_tv`` along z and in-plane ``lam_tv_xy`` at t₀,
+falling with the noise level σ(t) to 0 at the end (:func:`_tv_weights`), so the in-plane weight
+starts as that of the start and goes to 0 as the prior's estimate sharpens.  Network evaluations run on chunks of slices (:func:`chunk_for_budget`: the fastest
+batch per slice, within ``max_memory``); posterior samples are drawn one volume at a time (TV
+couples the slices of a volume, not different samples), and mbir3d's ADMM variables and duals
+persist across diffusion steps.
 
 All run in the prior's normalised space; :func:`run_diffusion` draws ``n_samples`` posterior
 samples as one batch and finishes with a Tweedie denoising step and a λ = 1 data-consistency
@@ -21,7 +28,10 @@ projection (Song et al.'s code does the same).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import hashlib
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -34,10 +44,11 @@ from medrecon.operators.ct import CTProjector
 from medrecon.operators.mri import MaskedFourier as MaskedFourierType
 from medrecon.operators.mri import MultiCoilMRI
 from medrecon.solvers import classical, pieces
-from medrecon.solvers.cards import operator_key, same_setting, tuned_on_other_weights
+from medrecon.solvers.cards import VOLUME_METHODS, operator_key, same_setting, tuned_on_other_weights
 from medrecon.solvers.sampler import ScoreCounter, ScoreModel, randn_like, sample
 
-__all__ = ["DiffusionSettings", "PRESETS", "DIFFUSION_METHODS", "run_diffusion", "sample_unconditional"]
+__all__ = ["DiffusionSettings", "PRESETS", "DIFFUSION_METHODS", "run_diffusion", "sample_unconditional", "initial_estimate",
+           "reuse_starts", "chunk_for_budget", "evaluations_per_chain", "start_kind"]
 
 
 @dataclass(frozen=True)
@@ -62,9 +73,10 @@ class DiffusionSettings:
     zeta : float
         DPS step, relative to the operator norm (see :func:`pieces.dps_guidance`).
     t0 : float
-        CCDF start time.
+        CCDF start time; 0 returns the initial estimate itself (no diffusion step).
     init : str
-        CCDF initial estimate: "fbp", "zero-filled", "tv", "cg" or "auto".
+        CCDF initial estimate: "fbp", "zero-filled", "tv", "tv3d" (isotropic TV over the
+        volume's z, y and x), "cg" or "auto".
     sense_every : int
         score-MRI: SENSE gradient step every this many steps.
     eta : float
@@ -73,9 +85,15 @@ class DiffusionSettings:
         Start from noise at t = 1 or from the forward-diffused initial estimate at t₀
         (auto: ccdf for ``ccdf`` and ``mbir3d``, noise otherwise).
     lam_tv, rho_tv : float
-        mbir3d: TV weight and ADMM penalty, relative to the normalised data term ½‖Ax−y‖²/‖A‖².
+        mbir3d and dds3d: TV weight (along z) and ADMM penalty, relative to the normalised data
+        term ½‖Ax−y‖²/‖A‖².
+    lam_tv_xy : float
+        mbir3d and dds3d: in-plane TV weight at t₀ (with ``tv_axes`` holding y and x); at time t
+        it is ``lam_tv_xy·(σ(t) − σ(ε))/(σ(t₀) − σ(ε))``, going to 0 at the end of the run as the
+        prior's estimate sharpens.
     tv_axes : tuple of str
-        mbir3d: ("z",) (default, TV along slices) or ("z", "y", "x") (isotropic 3-D TV).
+        mbir3d and dds3d: ("z",) (TV along slices only) or ("z", "y", "x") (every axis, the
+        volume methods' presets).
     admm_cg_iters : int
         mbir3d and dds3d: CG steps of the ADMM x-update (DiffusionMBIR's fast code: 1).
     dc_iters : int
@@ -83,7 +101,10 @@ class DiffusionSettings:
     dc_gamma : float
         dds: proximal weight γ relative to ‖A‖² (0: plain CG from x̂₀; > 0 for noisy data).
     admm_iters : int
-        dds3d: ADMM iterations of the data term + TV along z on x̂₀ per step.
+        dds3d: ADMM iterations of the data term + TV on x̂₀ per step.
+    admm_keep : bool
+        dds3d: keep the ADMM splitting variables and duals across diffusion steps (True) or
+        restart them from each x̂₀ (False; see :func:`pieces.admm_tv_consistency`).
     chunk : int, optional
         Network evaluations on at most this many slices at a time (wins over ``max_memory``).
     max_memory : float or None
@@ -106,11 +127,13 @@ class DiffusionSettings:
     start: str = "auto"
     lam_tv: float = 1e-3
     rho_tv: float = 1e-2
+    lam_tv_xy: float = 0.0
     tv_axes: tuple[str, ...] = ("z",)
     admm_cg_iters: int = 1
     dc_iters: int = 5
     dc_gamma: float = 0.0
     admm_iters: int = 1
+    admm_keep: bool = False
     chunk: int | None = None
     max_memory: float | None = 4 * 2**30
     extra: dict[str, Any] = field(default_factory=dict)
@@ -128,11 +151,21 @@ PRESETS: dict[str, dict[str, Any]] = {
     # (mri-256): from TV at 0.2 / 0.3 21.92 / 22.04 dB, from zero-filled at 0.4 20.86 dB
     "ccdf": {"steps": 100, "snr": 0.16, "lam": 1.0, "t0": 0.2, "init": "tv"},
     "score-mri": {"steps": 200, "snr": 0.16, "lam": 1.0, "sense_every": 20},
-    # 2000 steps from noise in the paper (≈8 h per volume on a GPU); a CCDF start at t0 = 0.3
-    # of an N = 100 grid, predictor only (31 network evaluations per slice), is the benchmarked
-    # setting: 64 slices of 256² with 8 views in 29 min on one CPU core (docs/benchmarks.md);
-    # the Langevin corrector (snr 0.16) doubles the time for +0.3 dB there
-    "mbir3d": {"steps": 100, "snr": 0.0, "t0": 0.3, "lam_tv": 1e-3, "rho_tv": 1e-2},
+    # the volume methods (issue 34) start from 3-D TV (the classical volume they must never lose
+    # to) at a small t0 and refine it with few network evaluations (6 per slice: t0 0.1 of an
+    # N = 60 grid), so that a 64-slice volume with 4 samples takes minutes on 2 cores; their
+    # consistency step is TV on every axis (in-plane falling to 0 with σ(t)).  Measured with
+    # ct-256 on the central 8 slices of the report volume at 256² (one sample; 3-D TV 42.90 /
+    # 45.91 / 35.36 dB at 23 / 60 / 8 views): dds3d 43.85 / 49.11 / 35.59 dB with z-errors at or
+    # below 3-D TV's, 43.94 dB with 4 samples at 23 views; the weights matter most: λ 1e-4 with
+    # ρ 1e-3 (threshold λ/ρ 0.1) gave 41.9 dB, λ 3e-5 with ρ 1e-2 (0.003) 43.85; one ADMM
+    # iteration of 10 CG steps per step beat two of 5 (43.3 vs 41.9), and ADMM variables kept
+    # across steps made the slices as coherent as 3-D TV's (z-error 0.0036 vs 0.0048 restarted).
+    # Operator-specific values come from the card's tuned settings (benchmarks/tune.py --method).
+    # DiffusionMBIR (2000 steps from noise in the paper, ≈8 h per volume on a GPU): the
+    # reverse-diffusion predictor, one ADMM iteration on the noisy volume per step, duals kept
+    "mbir3d": {"steps": 60, "snr": 0.0, "t0": 0.1, "init": "tv3d", "start": "ccdf", "lam_tv": 3e-5,
+               "lam_tv_xy": 3e-5, "rho_tv": 1e-2, "tv_axes": ("z", "y", "x"), "admm_cg_iters": 10},
     # DDS (Chung, Lee & Ye, ICLR 2024): DDIM (η 0.85 as in the paper) whose Tweedie estimate
     # gets M = 5 CG steps of data consistency before re-noising; started, as CCDF, from a TV
     # image forward-diffused to t0.  t0 = 0.2 of an N = 150 grid is 30 network evaluations.
@@ -140,31 +173,41 @@ PRESETS: dict[str, dict[str, Any]] = {
     "dds": {"steps": 150, "predictor": "ddim", "eta": 0.85, "snr": 0.0, "t0": 0.2, "init": "tv",
             "start": "ccdf", "dc_iters": 5},
     # DDS for volumes: the 2-D prior slice-wise in chunks; the data consistency on x̂₀ is ADMM on
-    # the data term + TV along z over the whole volume (CG inner steps)
-    "dds3d": {"steps": 150, "predictor": "ddim", "eta": 0.85, "snr": 0.0, "t0": 0.3, "init": "tv",
-              "start": "ccdf", "lam_tv": 1e-3, "rho_tv": 1e-2, "admm_iters": 2, "admm_cg_iters": 3},
+    # the data term + TV on every axis over the whole volume (CG inner steps)
+    "dds3d": {"steps": 60, "predictor": "ddim", "eta": 0.85, "snr": 0.0, "t0": 0.1, "init": "tv3d",
+              "start": "ccdf", "lam_tv": 3e-5, "lam_tv_xy": 3e-5, "rho_tv": 1e-2, "tv_axes": ("z", "y", "x"),
+              "admm_iters": 1, "admm_cg_iters": 10, "admm_keep": True},
 }
 
-#: methods that run one volume per posterior sample (their data consistency couples slices)
-VOLUME_METHODS = ("mbir3d", "dds3d")
+#: methods that run one volume per posterior sample (their data consistency couples slices):
+#: :data:`medrecon.solvers.cards.VOLUME_METHODS`
 #: methods whose data consistency acts on the Tweedie estimate inside the DDIM step
 DDS_METHODS = ("dds", "dds3d")
 
 #: memory per slice of a network evaluation, in bytes per pixel (measured for the "S" UNet at
 #: 256², about 0.4 GB per image in inference, ENVIRONMENT.md)
 NET_BYTES_PER_PIXEL = 6000
+#: pixels per network evaluation from which the time per pixel stops falling on the 2-core CPU:
+#: ct-256 in bfloat16 took 0.276 / 0.267 / 0.251 / 0.245 / 0.243 / 0.244 CPU-s per 256² image at
+#: batch 1 / 2 / 4 / 8 / 16 / 32 (benchmarks/speed.py --batches --clock cpu, AMD EPYC with
+#: AVX512-BF16, host shared with other jobs): larger batches only cost memory
+NET_FASTEST_PIXELS = 8 * 256 * 256
 
 
 def chunk_for_budget(max_memory: float, volume: Tensor) -> int:
-    """Slices per network evaluation that fit ``max_memory`` bytes next to the volume itself.
+    """Slices per network evaluation: the fastest batch (:data:`NET_FASTEST_PIXELS`), or fewer
+    where ``max_memory`` bytes next to the volume itself do not hold it.
 
     The volume-sized state (x, noise, measurement, ADMM variables, CG temporaries) is taken as
     12 copies of the volume; the rest is divided by :data:`NET_BYTES_PER_PIXEL` per pixel.  A
     budget smaller than the fixed part still runs, one slice at a time.
     """
     fixed = 12 * volume.numel() * volume.element_size()
-    per_slice = NET_BYTES_PER_PIXEL * volume[0].numel()
-    return max(1, int((max_memory - fixed) // per_slice))
+    pixels = volume[0].numel()
+    fits = int((max_memory - fixed) // (NET_BYTES_PER_PIXEL * pixels))
+    return max(1, min(fits, NET_FASTEST_PIXELS // pixels))
+
+
 DIFFUSION_METHODS = tuple(PRESETS)
 
 
@@ -172,6 +215,29 @@ def settings_defaults() -> dict[str, Any]:
     """Every :class:`DiffusionSettings` field with its default value."""
     return {f.name: f.default if f.default is not dataclasses.MISSING else f.default_factory()
             for f in dataclasses.fields(DiffusionSettings) if f.name != "extra"}
+
+
+def start_kind(method: str, start: str) -> str:
+    """``"ccdf"`` (from the forward-diffused initial estimate) or ``"noise"``: the ``start``
+    setting, or for ``"auto"`` the method's own (ccdf for ``ccdf`` and the volume methods)."""
+    return start if start != "auto" else ("ccdf" if method in ("ccdf", *VOLUME_METHODS) else "noise")
+
+
+def evaluations_per_chain(sde, method: str, settings: dict[str, Any], dtype: torch.dtype = torch.float32) -> int:
+    """Network evaluations of one sampler chain (one batch; one volume of a volume method).
+
+    ``settings`` holds the run's :class:`DiffusionSettings` fields: the steps from t₀ (CCDF-style
+    start; none for t₀ below the grid) or from t = 1, the Langevin corrector steps, and the final
+    Tweedie step (not in DDS, whose last step lands on t = 0).  ``dtype`` is that of the images
+    (the grid is in it).  A complex image costs two evaluations: multiply.
+    """
+    grid = sde.timesteps(int(settings["steps"]), dtype=dtype)
+    if start_kind(method, settings["start"]) == "noise":
+        run = len(grid)
+    else:
+        run = int((grid <= float(settings["t0"]) + 1e-9).sum())
+    per_step = 1 + (int(settings["corrector_steps"]) if float(settings["snr"]) > 0 else 0)
+    return run * per_step + (1 if run and method not in DDS_METHODS else 0)
 
 
 def tuned_entry(card: dict[str, Any] | None, A: LinearOperator, method: str) -> tuple[dict[str, Any], str]:  # noqa: N803
@@ -243,8 +309,8 @@ def _settings(method: str, overrides: dict[str, Any]) -> DiffusionSettings:
         raise SettingsError(f"steps must be ≥ 2, got {s.steps}")
     if not 0 <= s.lam <= 1:
         raise SettingsError(f"lam must be in [0, 1], got {s.lam}")
-    if not 0 < s.t0 <= 1:
-        raise SettingsError(f"t0 must be in (0, 1], got {s.t0}")
+    if not 0 <= s.t0 <= 1:
+        raise SettingsError(f"t0 must be in [0, 1], got {s.t0}")
     if s.start not in ("auto", "noise", "ccdf"):
         raise SettingsError(f"start must be auto, noise or ccdf; got {s.start!r}")
     return s
@@ -260,18 +326,58 @@ def _predictor(s: DiffusionSettings, score: ScoreCounter):
     raise SettingsError(f"unknown predictor {s.predictor!r}; known: reverse-diffusion, euler-maruyama, ddim")
 
 
-def _initial_estimate(y: Tensor, A: LinearOperator, init: str) -> Tensor:  # noqa: N803
+#: initial estimates kept while :func:`reuse_starts` is active: key -> (operator, estimate)
+_STARTS: dict[tuple[Any, ...], tuple[LinearOperator, Tensor]] | None = None
+
+
+@contextlib.contextmanager
+def reuse_starts() -> Iterator[None]:
+    """Inside this block, an initial estimate (TV, 3-D TV, ...) is computed once per operator,
+    measurement and kind and reused by every later run: for tuning, which reconstructs the same
+    measurements with many settings.  Outside it (the default) every run computes its own, so
+    that a run's time includes its start.  Blocks may nest; the outermost one forgets them."""
+    global _STARTS
+    outer = _STARTS
+    if outer is None:
+        _STARTS = {}
+    try:
+        yield
+    finally:
+        if outer is None:
+            _STARTS = None
+
+
+def initial_estimate(y: Tensor, A: LinearOperator, init: str) -> Tensor:  # noqa: N803
+    """The deterministic start of a CCDF-style run, in the prior's normalised space.
+
+    ``"fbp"``, ``"zero-filled"`` (Aᴴy), ``"cg"`` (20 CG steps), ``"tv"`` (the defaults of
+    ``reconstruct(method="tv")``: in-plane TV, λ 1e-4, 100 iterations, x ≥ 0 for CT), ``"tv3d"``
+    (the same over the volume: ``axes=("z", "y", "x")``) or ``"auto"`` (FBP for CT, CG for
+    multi-coil MRI, zero-filled otherwise).  Reused inside :func:`reuse_starts`.
+    """
     if init == "auto":
         init = "fbp" if isinstance(A, CTProjector) else ("cg" if isinstance(A, MultiCoilMRI) else "zero-filled")
+    key = None
+    if _STARTS is not None:
+        digest = hashlib.sha1(y.detach().cpu().contiguous().numpy().tobytes()).hexdigest()
+        key = (id(A), init, tuple(y.shape), str(y.dtype), str(y.device), digest)
+        if key in _STARTS:
+            return _STARTS[key][1].clone()
     if init == "fbp":
-        return classical.fbp(y, A)
-    if init == "zero-filled":
-        return classical.zero_filled(y, A)
-    if init == "tv":
-        return classical.tv(y, A, nonneg=isinstance(A, CTProjector))
-    if init == "cg":
-        return classical.cg(y, A, iters=20)
-    raise SettingsError(f"unknown CCDF init {init!r}; known: auto, fbp, zero-filled, tv, cg")
+        x = classical.fbp(y, A)
+    elif init == "zero-filled":
+        x = classical.zero_filled(y, A)
+    elif init in ("tv", "tv3d"):
+        axes = ("z", "y", "x") if init == "tv3d" else ("y", "x")
+        x = classical.tv(y, A, nonneg=isinstance(A, CTProjector), axes=axes)
+    elif init == "cg":
+        x = classical.cg(y, A, iters=20)
+    else:
+        raise SettingsError(f"unknown CCDF init {init!r}; known: auto, fbp, zero-filled, tv, tv3d, cg")
+    if key is not None:
+        _STARTS[key] = (A, x)  # the operator is kept so that its id is not reused meanwhile
+        return x.clone()
+    return x
 
 
 def run_diffusion(
@@ -320,9 +426,9 @@ def run_diffusion(
         warnings.append(stale)
     s = _settings(method, {**tuned, **overrides})
     b = y.shape[0]
-    start = s.start if s.start != "auto" else ("ccdf" if method in ("ccdf", *VOLUME_METHODS) else "noise")
+    start = start_kind(method, s.start)
     # the initial estimate is deterministic: computed once, shared by every sample
-    x_init = _initial_estimate(y, A, s.init) if start == "ccdf" else None
+    x_init = initial_estimate(y, A, s.init) if start == "ccdf" else None
     if method in VOLUME_METHODS:
         # one volume per sample: the TV couples the slices of a volume, not different samples
         outs, nfe, steps_run = [], 0, 0
@@ -361,6 +467,29 @@ def _tweedie(score: ScoreCounter, sde, x: Tensor, t1: Tensor) -> Tensor:
     return (x + sd**2 * score(x, t)) / a
 
 
+def _tv_weights(s: DiffusionSettings, sde, t_first: Tensor) -> tuple[float, Callable[[Tensor], tuple[float, ...]]]:
+    """The TV weight and the axis weights ``W(t)`` of a volume method's consistency step.
+
+    ``lam·W(t)`` is ``lam_tv`` along z and ``lam_tv_xy·r(t)`` along y and x, for the axes in
+    ``tv_axes``, with ``r(t) = (σ(t) − σ(ε)) / (σ(t_first) − σ(ε))``: 1 at the first time of the
+    run (``t_first``), falling with the noise level to 0 at the grid's last time ε.  ``lam`` is
+    the larger of the two weights at the start, so W ≤ 1.
+    """
+    axes = tuple(s.tv_axes)
+    lam = max([s.lam_tv] * ("z" in axes) + [s.lam_tv_xy] * any(a in ("y", "x") for a in axes) + [0.0])
+    sig_end = float(sde.std(torch.tensor([float(sde.eps)], dtype=torch.float64)))
+    span = float(sde.std(t_first.reshape(1).double())) - sig_end
+
+    def weights(t: Tensor) -> tuple[float, ...]:
+        if lam <= 0:
+            return tuple(1.0 for _ in axes)
+        r = (float(sde.std(t.reshape(-1)[:1].double())) - sig_end) / span if span > 0 else 0.0
+        r = min(1.0, max(0.0, r))
+        return tuple((s.lam_tv if a == "z" else s.lam_tv_xy * r) / lam for a in axes)
+
+    return lam, weights
+
+
 def _chain(
     yr: Tensor, A: SamplingOperator, model: ScoreModel, method: str, s: DiffusionSettings,  # noqa: N803
     seed: int, progress: bool, x0: Tensor | None,
@@ -380,6 +509,8 @@ def _chain(
 
     if x0 is not None:
         schedule = schedule[schedule <= s.t0 + 1e-9]
+        if not len(schedule):  # t0 below the grid (t0 = 0): the initial estimate itself
+            return x0.clone(), 0, 0
         t_start = schedule[:1].expand(x0.shape[0])
         a, sd = _coeffs(sde, t_start, like)
         x = a * x0 + sd * randn_like(x0, rng)
@@ -394,11 +525,14 @@ def _chain(
     if method == "dds":
         x0_step = pieces.cg_consistency(A, yr, s.dc_iters, s.dc_gamma, classical.operator_norm(A, like) ** 2)
     elif method == "dds3d":
-        x0_step = pieces.admm_tv_consistency(A, yr, s.lam_tv, s.rho_tv, s.admm_iters, tuple(s.tv_axes), s.admm_cg_iters)
+        lam, weights = _tv_weights(s, sde, schedule[0])
+        x0_step = pieces.admm_tv_consistency(A, yr, lam, s.rho_tv, s.admm_iters, tuple(s.tv_axes), s.admm_cg_iters,
+                                             weights, keep_state=bool(s.admm_keep))
     elif method == "dps":
         condition = pieces.dps_guidance(A, yr, score, s.zeta, classical.operator_norm(A, like))
     elif method == "mbir3d":
-        condition = pieces.admm_tv(A, yr, s.lam_tv, s.rho_tv, tuple(s.tv_axes), s.admm_cg_iters)
+        lam, weights = _tv_weights(s, sde, schedule[0])
+        condition = pieces.admm_tv(A, yr, lam, s.rho_tv, tuple(s.tv_axes), s.admm_cg_iters, weights)
     else:
         condition = pieces.song_consistency(A, yr, sde, s.lam, exact=exact)
         if method == "score-mri" and isinstance(A, MultiCoilMRI):
