@@ -95,7 +95,7 @@ def test_calibrate_benchmark_on_a_volume(capsys, tiny_prior, volume_file):
 def test_mbir3d_benchmark_smoke(capsys, tiny_prior):
     threads = torch.get_num_threads()
     bench = _load("mbir3d")
-    out = bench.main(["--size", "32", "--slices", "4", "--views", "8", "--samples", "2", "--prior", str(tiny_prior),
+    bench.main(["--size", "32", "--slices", "4", "--views", "8", "--samples", "2", "--prior", str(tiny_prior),
                       "--methods", "tv3d,dds,dds3d", "--overrides", '{"dds3d": {"steps": 10}, "dds": {"steps": 10}}'])
     lines = capsys.readouterr().out.strip().splitlines()
     data = json.loads(lines[-1])
