@@ -112,7 +112,7 @@ CT_V3_DATA: tuple[str, ...] = tuple(f for f in CT_GROWN_DATA if f != CT_3D_TUNIN
 # draws per file (CT_V3_DATA order): the grown set keeps its proportions at 83 % of the draws;
 # extra2 gets 17 %, most of it the 201 head-CT patients (the bundled main-job slice is a head)
 CT_V3_WEIGHTS: tuple[float, ...] = tuple(
-    round(0.83 * w, 4) for f, w in zip(CT_GROWN_DATA, _CT_GROWN["data_weights"]) if f != CT_3D_TUNING_VOLUME
+    round(0.83 * w, 4) for f, w in zip(CT_GROWN_DATA, _CT_GROWN["data_weights"], strict=True) if f != CT_3D_TUNING_VOLUME
 ) + (
     0.09, 0.01, 0.002, 0.03, 0.015, 0.015, 0.008,
 )
