@@ -103,6 +103,29 @@ def test_resume_takes_the_same_next_step(tmp_path, toy_npz):
         train(replace(part, sigma_max=30.0, max_steps=6))
 
 
+def test_resume_with_other_data_keeps_the_weights_and_records_what_came_before(tmp_path, toy_npz, capsys):
+    """A campaign may drop a file (the 3-D tuning volume) or add one: the run resumes its weights
+    and optimiser with fresh data streams, and the checkpoint and the exported card keep the
+    files the earlier steps were trained on."""
+    other = tmp_path / "other.npz"
+    other.write_bytes(toy_npz.read_bytes())
+    both = replace(tiny_config(tmp_path, toy_npz, max_steps=3), data=(str(toy_npz), str(other)), data_weights=(0.5, 0.5))
+    train(both)
+    before = load_checkpoint(Path(both.out_dir) / "last.pt")
+    one = replace(both, data=(str(toy_npz),), data_weights=(), max_steps=5)
+    assert train(one)["step"] == 5
+    assert "data and data_weights differ" in capsys.readouterr().err
+    ck = load_checkpoint(Path(both.out_dir) / "last.pt")
+    assert ck["optimizer"]["state"][0]["step"] == 5  # the optimiser went on
+    assert not torch.equal(ck["model"][next(iter(ck["model"]))], before["model"][next(iter(before["model"]))])
+    assert ck["earlier"]["data_history"] == [
+        {"until_step": 3, "data": [str(toy_npz), str(other)], "data_weights": [0.5, 0.5]}]
+    card = json.loads(export_prior(Path(both.out_dir) / "last.pt", tmp_path / "w", "toy-d").read_text())
+    assert card["training"]["data_history"][0]["until_step"] == 3
+    gone = [e for e in card["training_data"] if e["file"] == str(other)]
+    assert len(gone) == 1 and gone[0]["trained_until_step"] == 3 and "first 3 steps" in gone[0]["note"]
+
+
 def _torchrun(out: Path, data: Path, *extra: str) -> dict:
     """``medrecon train`` under torchrun with two CPU processes (gloo), tiny settings."""
     import subprocess

@@ -265,11 +265,12 @@ class TrainConfig:
         "patch_batch",
         "coords",
         "augment",
-        "data_weights",
         "batch_size",
-        "data",
         "seed",
     )
+    # the data stream: a run may resume with other values (the weights and optimiser carry over,
+    # the data and noise streams start afresh, and the checkpoint records what was trained on before)
+    STREAM_FIELDS = ("data", "data_weights")
 
     def network_spec(self) -> NetworkSpec:
         """Architecture of this run's network (the named size, with coordinate channels when

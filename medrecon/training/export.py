@@ -91,7 +91,20 @@ def export_prior(
     training["campaign"] = [*(history or []), point]
     extra: dict[str, Any] = dict(card or {})
     extra["training"] = {**training, **extra.get("training", {})}
+    data_history = earlier.get("data_history", [])
+    if data_history:  # files trained on in earlier stages stay on the card, with when they left
+        extra["training"]["data_history"] = data_history
     extra["training_data"] = card_training_data(cfg.data, extra.get("training_data"))
+    listed = {e.get("file") for e in extra["training_data"]}
+    for stage in data_history:
+        for f in stage["data"]:
+            if f not in listed and f not in cfg.data:
+                info = npz_source_info(_resolve(f), name=f)
+                left = max(h["until_step"] for h in data_history if f in h["data"])
+                extra["training_data"].append({**info, "licence_reviewed": False,
+                                               "trained_until_step": left,
+                                               "note": f"trained on in the first {left} steps only, not since"})
+                listed.add(f)
     summary = licence_summary(extra["training_data"])
     if summary:
         extra["licence_summary"] = summary

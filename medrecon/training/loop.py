@@ -193,17 +193,25 @@ def train(config: TrainConfig) -> dict[str, Any]:
         step, wall = int(ck["step"]), float(ck["wall_s"])
         earlier = dict(ck.get("earlier", earlier))
         ranks = ck.get("rank_states") or [{"sampler": ck["sampler"], "noise_rng": ck["noise_rng"]}]
-        if len(ranks) == world:  # exact resume: every rank continues its own data and noise
+        restream = [k for k in TrainConfig.STREAM_FIELDS
+                    if tuple(getattr(old, k) or ()) != tuple(getattr(config, k) or ())]
+        if restream:  # the data changed: what the earlier steps were trained on stays on record
+            earlier["data_history"] = [*earlier.get("data_history", []), {
+                "until_step": int(earlier.get("steps", 0)) + step,
+                "data": list(old.data), "data_weights": list(old.data_weights or []),
+            }]
+        if len(ranks) == world and not restream:  # exact resume: every rank continues its own data and noise
             sampler.load_state_dict(ranks[rank]["sampler"])
             noise_gen.set_state(ranks[rank]["noise_rng"])
-        else:  # another number of processes: fresh, distinct streams from the step on
+        else:  # another number of processes or other data: fresh, distinct streams from the step on
             sampler = _make_sampler(config, images, boxes, owner,
                                     config.seed * 1000 + rank + 7919 * step)
             noise_gen.manual_seed(config.seed * 1000 + 500 + rank + 7919 * step)
             if rank == 0:
-                print(f"train: {ckpath} was written by {len(ranks)} process(es), this run has {world}: "
-                      "resuming the weights and optimiser with new data/noise streams (not bit-exact)",
-                      file=sys.stderr)
+                why = (f"its {' and '.join(restream)} differ from this run's" if restream
+                       else f"it was written by {len(ranks)} process(es), this run has {world}")
+                print(f"train: {ckpath}: {why}: resuming the weights and optimiser with new data/noise "
+                      "streams (not bit-exact)", file=sys.stderr)
         _truncate_log(out / "loss.csv", step)
         _truncate_log(out / "val.csv", step)
     elif config.init_from:
@@ -226,12 +234,19 @@ def train(config: TrainConfig) -> dict[str, Any]:
             # compute and validation of the stages before (the card's campaign curve)
             "cpu_hours": history[-1]["cumulative_cpu_hours"] if history else 0.0,
             "campaign": history,
+            "data_history": list(before.get("data_history", [])),
             # the validation curve of those steps, which the exported card's curve continues
             "validation_rows": [
                 r for r in init.card.get("validation", {}).get("during_training", {}).get("rows", [])
                 if r.get("step", 0) <= int(before.get("steps", 0))
             ],
         }
+        before_data = before.get("config", {}).get("data")
+        if before_data and tuple(before_data) != tuple(config.data):
+            earlier["data_history"].append({
+                "until_step": earlier["steps"], "data": list(before_data),
+                "data_weights": list(before.get("config", {}).get("data_weights") or []),
+            })
     model: torch.nn.Module = net
     if world > 1:
         model = torch.nn.parallel.DistributedDataParallel(net)

@@ -40,7 +40,7 @@ from typing import Any
 from medrecon.errors import InputError
 from medrecon.priors.registry import read_card
 
-__all__ = ["PRESETS", "CARD_INFO", "CT_GROWN_DATA", "CT_V3_DATA", "CT_V3_WEIGHTS", "load_card_info"]
+__all__ = ["PRESETS", "CARD_INFO", "CT_GROWN_DATA", "CT_V3_DATA", "CT_V3_WEIGHTS", "CT_3D_TUNING_VOLUME", "load_card_info"]
 
 CARDS_DIR = Path(__file__).resolve().parent / "cards"
 
@@ -91,9 +91,16 @@ _CT_GROWN: dict[str, Any] = dict(
     seed=23,
 )
 
+# the contiguous CT volume the volume methods (dds3d, mbir3d) are tuned and calibrated on
+# (issue 34; benchmarks/mbir3d.py): a chest and upper abdomen series of 109 slices at 2.5 mm.
+# ct-256 trained on it for its first 29,602 steps (campaign stages 1 and 2, about 7 % of the
+# draws); it is out of the training data from stage 3 on (the card's training.data_history)
+CT_3D_TUNING_VOLUME = "ct/extra/cornerstonedemo_ct_chest.npz"
+
 # the CT set grown again (2026-12-07, issue 32): the grown set plus ct/extra2 (ct/extra2/SOURCES.md:
-# 278 slices of 210 patients, most of them head CT); ct/val.npz and the 3-D benchmark volume stay out
-CT_V3_DATA: tuple[str, ...] = CT_GROWN_DATA + (
+# 278 slices of 210 patients, most of them head CT); ct/val.npz, the 3-D benchmark volume and the
+# 3-D tuning volume stay out
+CT_V3_DATA: tuple[str, ...] = tuple(f for f in CT_GROWN_DATA if f != CT_3D_TUNING_VOLUME) + (
     "ct/extra2/rsna_ich_george091.npz",
     "ct/extra2/rsna_ich_ahmad_alqaisi215.npz",
     "ct/extra2/rsna_ich_azza_elkhalifa.npz",
@@ -104,7 +111,9 @@ CT_V3_DATA: tuple[str, ...] = CT_GROWN_DATA + (
 )
 # draws per file (CT_V3_DATA order): the grown set keeps its proportions at 83 % of the draws;
 # extra2 gets 17 %, most of it the 201 head-CT patients (the bundled main-job slice is a head)
-CT_V3_WEIGHTS: tuple[float, ...] = tuple(round(0.83 * w, 4) for w in _CT_GROWN["data_weights"]) + (
+CT_V3_WEIGHTS: tuple[float, ...] = tuple(
+    round(0.83 * w, 4) for f, w in zip(CT_GROWN_DATA, _CT_GROWN["data_weights"], strict=True) if f != CT_3D_TUNING_VOLUME
+) + (
     0.09, 0.01, 0.002, 0.03, 0.015, 0.015, 0.008,
 )
 
