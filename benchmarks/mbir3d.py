@@ -171,7 +171,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:  # noqa: D103
     p.add_argument("--prior", default="ct-256", help="registry name or card path")
     p.add_argument("--precision", default="auto", choices=["auto", "float32", "bfloat16"],
                    help="network arithmetic (auto: bfloat16 where the CPU computes it natively)")
-    p.add_argument("--overrides", default="{}", help='JSON {"method": {setting: value}}, e.g. \'{"dds3d": {"t0": 0.2}}\'')
+    p.add_argument("--overrides", default="{}", help='JSON {"method": {setting: value}}, e.g. \'{"dds3d": {"t0": 0.2}}\'; '
+                   '"n_samples" there gives that method its own sample count')
     p.add_argument("--max-memory-gib", type=float, default=4.0)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=2)
@@ -212,7 +213,7 @@ def _run(a: argparse.Namespace) -> dict[str, Any]:
     for views in (int(v) for v in a.views.split(",")):
         A = ParallelBeamCT.sparse_view(a.size, views)  # noqa: N806
         y = A(vol)
-        rows.append({"views": views, "method": "fbp", **common, **metrics(reconstruct(y, A, method="fbp").mean, vol),
+        rows.append({"views": views, "method": "fbp", **common, "samples": 0, **metrics(reconstruct(y, A, method="fbp").mean, vol),
                      "seconds": 0.0})
         for m in methods:
             torch.manual_seed(a.seed)
@@ -220,27 +221,28 @@ def _run(a: argparse.Namespace) -> dict[str, Any]:
             if m == "tv3d":
                 rec = reconstruct(y, A, method="tv", axes=("z", "y", "x"))
             else:
-                rec = reconstruct(y, A, method=m, prior=prior, n_samples=a.samples, seed=a.seed,
-                                  max_memory=a.max_memory_gib * 2**30, **overrides.get(m, {}))
+                kw = dict(overrides.get(m, {}))
+                n_samples = int(kw.pop("n_samples", a.samples))  # a method's own sample count
+                rec = reconstruct(y, A, method=m, prior=prior, n_samples=n_samples, seed=a.seed,
+                                  max_memory=a.max_memory_gib * 2**30, **kw)
             seconds = time.perf_counter() - t0
             info = rec.info
             row = {"views": views, "method": m, **common, **metrics(rec.mean, vol, rec.std),
                    "seconds": round(seconds, 1), "peak_rss_gib": round(_peak_rss_gib(), 2), "nfe": info.get("nfe", 0),
                    "settings": info.get("settings", {}), "tuned": info.get("tuned"),
                    "std_scale": info.get("std_scale"), "warnings": info.get("warnings", [])}
-            if m == "tv3d":
-                row["samples"] = 0
+            row["samples"] = 0 if m == "tv3d" else n_samples
             rows.append(row)
     cpu = cpu_model()
     print(f"3-D CT benchmark: {a.volume}, {a.slices} slices × {a.size}², {a.samples} sample(s); prior {prior_note or '-'}; "
           f"{cpu}, {a.threads} thread(s), precision {a.precision}")
-    head = (f"{'views':>5} {'method':<7} {'PSNR dB':>8} {'SSIM':>6} {'z-err':>7} {'z-err HU':>8} {'cover':>6} "
+    head = (f"{'views':>5} {'method':<7} {'smp':>3} {'PSNR dB':>8} {'SSIM':>6} {'z-err':>7} {'z-err HU':>8} {'cover':>6} "
             f"{'s':>7} {'NFE':>5} {'RSS GiB':>7}  tuned")
     print(head)
     print("-" * len(head))
     for r in rows:
         cov = f"{r['coverage_2sigma']:6.3f}" if "coverage_2sigma" in r else f"{'':>6}"
-        print(f"{r['views']:5d} {r['method']:<7} {r['psnr']:8.2f} {r['ssim']:6.3f} {r['z_coherence']:7.4f} "
+        print(f"{r['views']:5d} {r['method']:<7} {r['samples']:3d} {r['psnr']:8.2f} {r['ssim']:6.3f} {r['z_coherence']:7.4f} "
               f"{r['z_coherence_hu']:8.1f} {cov} {r['seconds']:7.1f} {r.get('nfe', 0):5d} "
               f"{r.get('peak_rss_gib', 0.0):7.2f}  {r.get('tuned') or '-'}")
     targets = _check_targets(rows)
