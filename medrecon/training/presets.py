@@ -93,7 +93,7 @@ _CT_GROWN: dict[str, Any] = dict(
 
 # the contiguous CT volume the volume methods (dds3d, mbir3d) are tuned and calibrated on
 # (issue 34; benchmarks/mbir3d.py): a chest and upper abdomen series of 109 slices at 2.5 mm.
-# ct-256 trained on it for its first 29,602 steps (campaign stages 1 and 2, about 7 % of the
+# ct-256 trained on it for its first 31,130 steps (campaign stages 1 and 2, about 7 % of the
 # draws); it is out of the training data from stage 3 on (the card's training.data_history)
 CT_3D_TUNING_VOLUME = "ct/extra/cornerstonedemo_ct_chest.npz"
 
