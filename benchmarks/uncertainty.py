@@ -59,7 +59,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import recon  # noqa: E402  (the sibling benchmark: data, settings, noise, TV sweep)
 
 from medrecon import reconstruct  # noqa: E402
-from medrecon.api import problem_scale  # noqa: E402
+from medrecon.api import METHODS, problem_scale  # noqa: E402
 from medrecon.linalg import conjugate_gradient  # noqa: E402
 from medrecon.operators import ParallelBeamCT  # noqa: E402
 from medrecon.solvers.cards import operator_key  # noqa: E402
@@ -144,9 +144,11 @@ def _run(cfg: recon.Config, A: Any, y: torch.Tensor, method: str, prior: Any, n_
 
 
 def tv_weight(cfg: recon.Config, data: dict[str, Any], seed: int, iters: dict[str, Any], use_cache: bool,
-              log: Any) -> float:
-    """recon.py's swept TV weight for its settings; a sweep of the same kind (tuning rows, this
-    operator) for the limited-angle ones, cached beside it."""
+              log: Any, fixed: dict[str, float]) -> float:
+    """recon.py's swept TV weight for its settings; for the limited-angle ones the weight ``fixed``
+    gives, else a sweep of the same kind (tuning rows, this operator), cached beside recon.py's."""
+    if cfg.family not in recon.SWEEP_CONFIG and cfg.name in fixed:
+        return fixed[cfg.name]
     if cfg.family in recon.SWEEP_CONFIG:
         return recon.tuned_weights([cfg], data, ["tv"], seed, use_cache, log, iters)[cfg.family]["tv"]["lam"]
     d = data[cfg.modality]
@@ -173,7 +175,10 @@ def evaluate(cfg: recon.Config, data: dict[str, Any], rows: list[int], prior: An
     y = recon.measure(cfg, A, x, args.seed)
     iters = {"iters": args.iters} if args.iters else {}
     tv, _, _, _ = _run(cfg, A, y, "tv", None, 1, args.seed, {"lam": lam, **iters})
-    start, _, _, _ = _run(cfg, A, y, "tv", None, 1, args.seed, iters)  # the API's defaults: DDS's start
+    if lam == METHODS["tv"]["lam"] and not iters:
+        start = tv
+    else:  # the API's defaults: DDS's start
+        start, _, _, _ = _run(cfg, A, y, "tv", None, 1, args.seed, iters)
     t0 = time.perf_counter()
     mean, std, samples, info = _run(cfg, A, y, "dds", prior, args.samples, args.seed,
                                     {} if args.steps is None else {"steps": args.steps})
@@ -235,6 +240,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:  # noqa: D103
     p.add_argument("--cg-iters", type=int, default=10, help="CG steps of A⁺A in the null-space projection")
     p.add_argument("--smooth-px", type=float, default=2.0, help="Gaussian σ (pixels) of the smoothed |dds−tv|")
     p.add_argument("--decide", default=DECIDE, help="settings (names or prefixes) the keep rule is judged on")
+    p.add_argument("--lam-tv", default=None,
+                   help="TV weights of limited-angle settings instead of their sweep, e.g. ct-la120=1e-4")
     p.add_argument("--crop", type=int, default=None, help="centre crop (smoke tests)")
     p.add_argument("--iters", type=int, default=None, help="TV iterations (default the API's 100; smoke tests)")
     p.add_argument("--no-cache", action="store_true", help="re-run the TV sweeps and write no cache")
@@ -291,6 +298,7 @@ def _main(args: argparse.Namespace) -> dict[str, Any]:
         f"mri={data.get('mri', {}).get('tune')}), {args.samples} samples, {cpu}, {args.threads} thread(s)")
     priors = {m: recon.load_prior(getattr(args, f"prior_{m}"), "cpu") for m in {c.modality for c in configs}}
     iters = {"iters": args.iters} if args.iters else {}
+    fixed = {k: float(v) for k, v in (s.split("=") for s in args.lam_tv.split(",") if s)} if args.lam_tv else {}
     results: list[dict[str, Any]] = []
     for cfg in configs:
         prior, why = priors[cfg.modality]
@@ -298,7 +306,7 @@ def _main(args: argparse.Namespace) -> dict[str, Any]:
             log(f"# {cfg.name}: skipped ({why})")
             results.append({"config": cfg.name, "skipped": why})
             continue
-        lam = tv_weight(cfg, data, args.seed, iters, not args.no_cache, log)
+        lam = tv_weight(cfg, data, args.seed, iters, not args.no_cache, log, fixed)
         r = evaluate(cfg, data, rows_used[cfg.modality], prior, args, lam)
         results.append(r)
         log(f"# {cfg.name} ({r['key']}): TV {r['psnr_tv']:.2f} dB, DDS {r['psnr_dds']:.2f} dB, "
