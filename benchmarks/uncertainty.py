@@ -245,6 +245,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:  # noqa: D103
     p.add_argument("--crop", type=int, default=None, help="centre crop (smoke tests)")
     p.add_argument("--iters", type=int, default=None, help="TV iterations (default the API's 100; smoke tests)")
     p.add_argument("--no-cache", action="store_true", help="re-run the TV sweeps and write no cache")
+    p.add_argument("--combine", nargs="+", default=None, metavar="LOG",
+                   help="run nothing: print the tables and the decision of earlier runs' JSON lines (their logs), together")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--seed", type=int, default=0)
     return p.parse_args(argv)
@@ -283,6 +285,8 @@ def _main(args: argparse.Namespace) -> dict[str, Any]:
     from medrecon.training.runtime import cpu_model
 
     t_start = time.perf_counter()
+    if args.combine:
+        return _combine(args)
     configs = _configs(args)
     data = recon.load_data(recon.data_root(), True, args.crop)
     if not data:
@@ -311,6 +315,29 @@ def _main(args: argparse.Namespace) -> dict[str, Any]:
         results.append(r)
         log(f"# {cfg.name} ({r['key']}): TV {r['psnr_tv']:.2f} dB, DDS {r['psnr_dds']:.2f} dB, "
             f"coverage {r['coverage_2sigma']:.3f}, {r['seconds']:.0f} s")
+    out = {
+        "bench": "uncertainty", "device": "cpu", "cpu": cpu, "threads": args.threads, "samples": args.samples,
+        "rows": rows_used, "tuning_rows": {m: d["tune"] for m, d in data.items()},
+        "size": {m: d["size"] for m, d in data.items()}, "views_limited": args.views,
+        "cg_iters": args.cg_iters, "smooth_px": args.smooth_px,
+        "priors": {m: (r or "loaded") for m, (_, r) in priors.items()},
+        "results": results,
+    }
+    return _report(out, args, t_start)
+
+
+def _combine(args: argparse.Namespace) -> dict[str, Any]:
+    """The JSON lines of earlier runs (the last line of each log), reported as one run."""
+    runs = [json.loads(Path(p).read_text().strip().splitlines()[-1]) for p in args.combine]
+    out = {k: v for k, v in runs[0].items() if k not in ("results", "decision", "wall_s")}
+    out.update(combined=list(args.combine), results=[r for run in runs for r in run["results"]],
+               rows={m: sorted({i for run in runs for i in run["rows"].get(m, [])}) for m in runs[0]["rows"]})
+    return _report(out, args, time.perf_counter())
+
+
+def _report(out: dict[str, Any], args: argparse.Namespace, t_start: float) -> dict[str, Any]:
+    """Print the tables, the decision and the JSON line of ``out`` (its ``results``)."""
+    results = out["results"]
     done = [r for r in results if "skipped" not in r]
 
     head = (f"{'setting':20s} {'key':18s} {'TV dB':>6s} {'DDS dB':>6s} {'std ×':>6s} {'cov±2σ':>6s} "
@@ -336,14 +363,7 @@ def _main(args: argparse.Namespace) -> dict[str, Any]:
         print(f"  {name:16s} beats the std on {v['wins']} of {v['of']}: {'KEEP' if v['kept'] else 'not kept'}")
     wall = time.perf_counter() - t_start
     print(f"# wall time {wall:.0f} s")
-    out = {
-        "bench": "uncertainty", "device": "cpu", "cpu": cpu, "threads": args.threads, "samples": args.samples,
-        "rows": rows_used, "tuning_rows": {m: d["tune"] for m, d in data.items()},
-        "size": {m: d["size"] for m, d in data.items()}, "views_limited": args.views,
-        "cg_iters": args.cg_iters, "smooth_px": args.smooth_px,
-        "priors": {m: (r or "loaded") for m, (_, r) in priors.items()},
-        "results": results, "decision": verdict, "wall_s": round(wall, 1),
-    }
+    out.update(decision=verdict, wall_s=round(wall, 1))
     print(json.dumps(out, default=str), flush=True)
     return out
 

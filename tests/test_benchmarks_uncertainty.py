@@ -59,6 +59,12 @@ def test_uncertainty_benchmark_smoke(capsys, tmp_path, monkeypatch):
     assert all(v["of"] == 1 for v in data["decision"]["candidates"].values())
     assert any(line.startswith("setting") for line in lines) and any(line.startswith("Spearman") for line in lines)
     assert torch.get_num_threads() == threads  # the thread count is restored
+    # --combine reports earlier runs' JSON lines as one run, without running anything
+    log = tmp_path / "run.log"
+    log.write_text("\n".join(lines) + "\n")
+    again = bench.main(["--combine", str(log), str(log)])
+    assert [r["config"] for r in again["results"]] == ["ct-la90", "ct-23v"] * 2
+    assert again["decision"]["settings"] == ["ct-23v", "ct-23v"] and again["rows"] == {"ct": [2], "mri": [30]}
 
 
 def test_null_space_part_removes_what_the_operator_sees():
