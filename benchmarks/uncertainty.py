@@ -28,15 +28,16 @@ Two questions of issue 31 (item 3), on the *report* rows of ``benchmarks/recon.p
    * ``|null(dds−tv)|``: ``|P_null(x_DDS − x_TV)|``, the part of the disagreement with TV that
      the scanner cannot see.
 
-   Rule fixed before the run (the issue's): a candidate is kept if its Spearman beats the std's
-   on every report row of the decision settings (``--decide``: CT 10, 23, 60 views, and the MRI
-   settings run).  The table is printed either way.
+   Rule fixed before the run (the issue's): a candidate is kept if its Spearman (the mean over a
+   setting's report slices) beats the std's on every decision setting (``--decide``: CT 10, 23, 60
+   views, and the MRI settings run).  The table is printed either way.
 
 The settings are recon.py's (``--configs``: its names, e.g. ``ct-10v,ct-23v,ct-60v,mri-8x-equispaced``)
 plus ``ct-la<arc>`` for the limited-angle ones; TV weights of recon.py's settings come from its
 sweep (``recon_sweep.json`` cache), those of the limited-angle settings from a sweep of the same
-kind on the tuning rows with that operator.  Prints a table of coverage, a table of Spearman
-correlations, the decision, then one JSON line.
+kind on the tuning rows with that operator (or ``--lam-tv``).  Prints a table of coverage, a
+table of Spearman correlations, the decision, then one JSON line; ``--combine LOG...`` reports
+the JSON lines of separate runs (say, one setting per process) as one.
 
     python benchmarks/uncertainty.py --threads 1
     python benchmarks/uncertainty.py --configs ct-la90 --slices 1 --samples 2
