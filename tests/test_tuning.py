@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 import torch
@@ -86,6 +87,10 @@ def test_tune_validates_its_space(prior):
 
 def test_operator_keys():
     assert operator_key(ParallelBeamCT.sparse_view(16, 23)) == "parallel-23"
+    # a limited-angle scan is not a full scan with as many views (60 views over 90° and 120°)
+    assert operator_key(ParallelBeamCT.limited_angle(16, math.radians(90), n_full=120)) == "parallel-60-la90"
+    assert operator_key(ParallelBeamCT.limited_angle(16, math.radians(120), n_full=90)) == "parallel-60-la120"
+    assert operator_key(ParallelBeamCT.limited_angle(16, math.pi, n_full=60)) == "parallel-60"
     assert operator_key(MaskedFourier(mri_mask("equispaced", (32, 32), 8, 0.08))) == "mri-1d-8"
     m2d = torch.zeros(32, 32)
     m2d[::2, ::4] = 1

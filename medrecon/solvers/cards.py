@@ -42,13 +42,18 @@ def operator_key(A: LinearOperator) -> str:  # noqa: N803
 
     ``parallel-<views>``, ``fan-<views>``, ``mri-1d-<R>`` / ``mri-2d-<R>`` (single coil, line or 2-D
     mask, R = round(pixels / measured)), ``sense-<R>`` (multi-coil); otherwise the operator's name.
+    A limited-angle CT scan (views covering part of the period, :meth:`CTProjector.fbp_weights`)
+    adds the range it covers in whole degrees, ``parallel-60-la90``: its tuned settings, calibration
+    and benchmark are not those of a full scan with as many views.
     """
     from medrecon.operators.ct import FanBeamCT, ParallelBeamCT
     from medrecon.operators.mri import MaskedFourier, MultiCoilMRI
 
     if isinstance(A, ParallelBeamCT | FanBeamCT):
         kind = "parallel" if isinstance(A, ParallelBeamCT) else "fan"
-        return f"{kind}-{int(np.asarray(A.view_mask).sum())}"
+        key = f"{kind}-{int(np.asarray(A.view_mask).sum())}"
+        w = A.fbp_weights()
+        return f"{key}-la{round(math.degrees(w.covered_rad))}" if w.scan == "limited" else key
     if isinstance(A, MaskedFourier | MultiCoilMRI):
         m = A.mask.reshape(-1, *A.mask.shape[-2:])[0] != 0
         acc = round(m.numel() / max(1, int(m.sum())))
