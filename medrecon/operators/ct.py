@@ -39,7 +39,6 @@ the right units for full, limited-angle and fan-beam short scans (Parker weights
 from __future__ import annotations
 
 import math
-import os
 
 import numpy as np
 import scipy.sparse as sp
@@ -57,7 +56,7 @@ from medrecon.operators.raytrace import (
     ray_matrix,
     ray_plan,
 )
-from medrecon.operators.sparse import SparseMatrix, cached_matrix
+from medrecon.operators.sparse import SparseMatrix, cached_matrix, env_gib
 from medrecon.operators.torch_radon_backend import BACKENDS, use_torch_radon
 
 __all__ = [
@@ -162,25 +161,10 @@ def matrix_free_memory_bytes(image_shape: tuple[int, int], n_views: int, n_bins:
 
 
 def default_matrix_budget() -> int:
-    """The memory (bytes) a CT projector's sparse matrices may take before it runs matrix-free.
-
-    ``MEDRECON_MATRIX_BUDGET_GB`` (GiB, e.g. ``0.5``; ``0`` always runs matrix-free), else 2 GiB.
-
-    Raises
-    ------
-    SettingsError
-        The variable is not a number ≥ 0.
-    """
-    text = os.environ.get(MATRIX_BUDGET_ENV, "").strip()
-    if not text:
-        return int(_DEFAULT_MATRIX_BUDGET_GIB * 2**30)
-    try:
-        gib = float(text)
-    except ValueError:
-        gib = -1.0
-    if not (gib >= 0 and math.isfinite(gib)):
-        raise SettingsError(f"{MATRIX_BUDGET_ENV} must be a number of GiB ≥ 0 (e.g. 2 or 0.5); got {text!r}")
-    return int(gib * 2**30)
+    """The memory (bytes) a CT projector's sparse matrices may take before it runs matrix-free:
+    ``MEDRECON_MATRIX_BUDGET_GB`` (GiB, e.g. ``0.5``; ``0`` always runs matrix-free), else 2 GiB
+    (:func:`~medrecon.operators.sparse.env_gib`, which raises on a value that is not ≥ 0)."""
+    return env_gib(MATRIX_BUDGET_ENV, _DEFAULT_MATRIX_BUDGET_GIB, "2 or 0.5")
 
 
 def _check_angles(angles: np.ndarray, period: float, who: str) -> np.ndarray:

@@ -54,24 +54,30 @@ def cache_dir() -> Path | None:
     return base / "operators"
 
 
-def cache_limit_bytes() -> int:
-    """Largest total size of the operator cache: ``MEDRECON_CACHE_LIMIT_GB`` GiB, else 4 GiB.
+def env_gib(name: str, default_gib: float, example: str) -> int:
+    """Bytes from the environment variable ``name`` in GiB (``default_gib`` when unset).
 
     Raises
     ------
     SettingsError
         The variable is not a number ≥ 0.
     """
-    text = os.environ.get(CACHE_LIMIT_ENV, "").strip()
+    text = os.environ.get(name, "").strip()
     if not text:
-        return int(_DEFAULT_LIMIT_GIB * 2**30)
+        return int(default_gib * 2**30)
     try:
         gib = float(text)
     except ValueError:
         gib = -1.0
     if not (gib >= 0 and math.isfinite(gib)):
-        raise SettingsError(f"{CACHE_LIMIT_ENV} must be a number of GiB ≥ 0 (e.g. 4 or 0.5); got {text!r}")
+        raise SettingsError(f"{name} must be a number of GiB ≥ 0 (e.g. {example}); got {text!r}")
     return int(gib * 2**30)
+
+
+def cache_limit_bytes() -> int:
+    """Largest total size of the operator cache: ``MEDRECON_CACHE_LIMIT_GB`` GiB, else 4 GiB
+    (:func:`env_gib`)."""
+    return env_gib(CACHE_LIMIT_ENV, _DEFAULT_LIMIT_GIB, "4 or 0.5")
 
 
 def _nbytes(m: sp.csr_matrix) -> int:
