@@ -126,10 +126,11 @@ def metrics(x: torch.Tensor, ref: torch.Tensor, std: torch.Tensor | None = None)
     """PSNR / SSIM on (HU + 1024)/4096, the inter-slice error in those units and in HU, and the
     ±2·std coverage where a posterior std is given."""
     from medrecon.metrics import psnr, ssim
+    from medrecon.tuning import z_error
 
     xn, rn = (x - HU_LOW) / HU_WIDTH, (ref - HU_LOW) / HU_WIDTH
     e = x - ref
-    dz = float((e[1:] - e[:-1]).abs().mean()) if x.shape[0] > 1 else 0.0
+    dz = z_error(x, ref)
     out = {"psnr": psnr(xn, rn, data_range=1.0), "ssim": ssim(xn, rn, data_range=1.0),
            "z_coherence": dz / HU_WIDTH, "z_coherence_hu": dz}
     if std is not None and float(std.max()) > 0:

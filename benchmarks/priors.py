@@ -17,6 +17,7 @@ TV) and ``targets``.  PNGs go to ``--out``
 
     python benchmarks/priors.py --quick
     python benchmarks/priors.py --ct-prior ~/.cache/medrecon/export/ct-256.json --skip-mri
+    python benchmarks/priors.py --skip-ct --samples 0 --mri-val mri/nifti/IXI012-HH-1211_T1.nii.gz
 """
 
 from __future__ import annotations
@@ -155,6 +156,9 @@ def main() -> None:
     ap.add_argument("--skip-ct", action="store_true")
     ap.add_argument("--skip-mri", action="store_true")
     ap.add_argument("--val-slices", type=int, default=None)
+    ap.add_argument("--mri-val", default=None,
+                    help="MRI validation source instead of mri/val.npz: an .npz or a volume (NIfTI file, DICOM "
+                    "folder), e.g. the held-out T1 mri/nifti/IXI012-HH-1211_T1.nii.gz")
     ap.add_argument("--samples", type=int, default=None)
     ap.add_argument("--sample-steps", type=int, default=None)
     ap.add_argument("--threads", type=int, default=2)
@@ -174,7 +178,7 @@ def main() -> None:
             continue
         prior = ScorePrior.load(name)
         preset = PRESETS[f"{tag}-256"]
-        val_all = load_slices([str(data_root() / f"{tag}/val.npz")], tag)
+        val_all = load_slices([a.mri_val if tag == "mri" and a.mri_val else str(data_root() / f"{tag}/val.npz")], tag)
         val = val_all[:: max(1, len(val_all) // n_val)][:n_val]
         # the memorisation check runs over every slice a CT prior may have seen: the grown set
         train = load_slices(list(CT_GROWN_DATA if tag == "ct" else preset["data"]), tag)

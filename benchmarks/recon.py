@@ -175,8 +175,19 @@ def mri_rows(
     return report, tune
 
 
-def load_data(root: Path, quick: bool, crop: int | None) -> dict[str, dict[str, Any]]:
-    """Ground truth per modality: ``images`` (N, 1, S, S) float32 in caller units, row ids."""
+#: ``--mri-data``: report slices taken from a volume, every this many of its slices with the
+#: most foreground, at most this many
+MRI_DATA_EVERY, MRI_DATA_SLICES = 6, 6
+
+
+def load_data(root: Path, quick: bool, crop: int | None, mri_data: str | None = None) -> dict[str, dict[str, Any]]:
+    """Ground truth per modality: ``images`` (N, 1, S, S) float32 in caller units, row ids.
+
+    ``mri_data`` (a NIfTI file or DICOM series folder, e.g. the held-out T1 volume IXI012):
+    the MRI report rows become slices of that volume, resliced and normalised as the training
+    volumes are (:func:`medrecon.training.data.volume_training_slices`); the TV/L1 sweep still
+    tunes on the FLAIR tuning rows, so every method is tuned on FLAIR and reported on the volume.
+    """
     out: dict[str, dict[str, Any]] = {}
     ct_path, mri_path = root / "ct" / "val.npz", root / "mri" / "val.npz"
     if ct_path.is_file():
@@ -188,6 +199,16 @@ def load_data(root: Path, quick: bool, crop: int | None) -> dict[str, dict[str, 
         d = np.load(mri_path)
         img = d["images"].astype(np.float32) / 65535.0
         report, tune = mri_rows(d["subject_id"], d["slice_index"], quick)
+        if mri_data:
+            from medrecon.training.data import volume_training_slices
+
+            src = Path(mri_data) if Path(mri_data).exists() else root / mri_data
+            vol = volume_training_slices(src, "mri")
+            fg = (vol > 0.05).mean(axis=(1, 2))
+            best = np.sort(np.argsort(fg)[::-1][: MRI_DATA_EVERY * MRI_DATA_SLICES])  # the brain's bulk
+            picked = best[:: MRI_DATA_EVERY][: 3 if quick else MRI_DATA_SLICES]
+            report = list(range(len(img), len(img) + len(picked)))
+            img = np.concatenate([img, vol[picked]])
         out["mri"] = {"images": img, "report": report, "tune": tune}
     for v in out.values():
         if crop:
@@ -553,6 +574,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:  # noqa: D103
         "from which medrecon picks the default method per operator key (needs dds and tv or l1-wavelet)",
     )
     p.add_argument(
+        "--mri-data",
+        default=None,
+        help="report MRI on slices of this volume (NIfTI file or DICOM folder, e.g. the held-out T1 "
+        "mri/nifti/IXI012-HH-1211_T1.nii.gz) instead of the FLAIR report rows; tuning stays on FLAIR",
+    )
+    p.add_argument(
         "--iters",
         type=int,
         default=None,
@@ -611,7 +638,9 @@ def _run(args: argparse.Namespace) -> dict[str, Any]:
     if unknown:
         raise SystemExit(f"--methods: unknown {unknown}; known: {', '.join(ALL_METHODS)}")
     configs = select_configs(args.configs)
-    data = load_data(data_root(), args.quick, args.crop)
+    if args.mri_data and args.store:
+        raise SystemExit("--mri-data reports on another source: it cannot --store into the card")
+    data = load_data(data_root(), args.quick, args.crop, args.mri_data)
     if not data:
         raise SystemExit(f"no validation data under {data_root()} (set MEDRECON_DATA)")
     configs = [c for c in configs if c.modality in data]

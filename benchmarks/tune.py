@@ -41,7 +41,8 @@ import recon  # noqa: E402  (the sibling benchmark script: data, settings and no
 
 from medrecon.priors import ScorePrior  # noqa: E402
 from medrecon.solvers.presets import tuned_entry  # noqa: E402
-from medrecon.tuning import DEFAULT_SPACES, store_tuned_defaults, tune  # noqa: E402
+from medrecon import reconstruct  # noqa: E402
+from medrecon.tuning import DEFAULT_SPACES, store_tuned_defaults, tune, z_error  # noqa: E402
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:  # noqa: D103
@@ -74,6 +75,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:  # noqa: D103
     g.add_argument("--slices", type=int, default=16, help="slices per block (default %(default)s)")
     g.add_argument("--blocks", type=int, default=3, help="disjoint blocks of the volume (default %(default)s)")
     g.add_argument("--size", type=int, default=256, help="in-plane size (default %(default)s)")
+    g.add_argument("--z-cap", choices=("none", "start"), default="none",
+                   help="start: a configuration whose inter-slice error mean|D_z(x - x_true)| exceeds its 3-D TV "
+                   "start's on a block is infeasible (issue 34: z-coherence no worse than 3-D TV)")
     g.add_argument("--allow-training-volume", action="store_true",
                    help="--store even when the prior was trained on --volume (its card says so)")
     p.add_argument("--max-nfe", type=int, default=None,
@@ -118,7 +122,12 @@ def _volume_problem(args: argparse.Namespace) -> dict[str, Any]:
     if mbir3d.trained_on(prior, args.volume):
         print(f"# warning: {name} was trained on {args.volume}: hold it out of training, or pass another --volume")
     x = mbir3d.tuning_volumes(args.volume, args.size, args.slices, args.blocks)
-    return {"prior": prior, "name": name, "A": ParallelBeamCT.sparse_view(args.size, args.views), "x": x,
+    A = ParallelBeamCT.sparse_view(args.size, args.views)  # noqa: N806
+    caps = None
+    if args.z_cap == "start":  # the z-error of the 3-D TV start of each block (benchmarks/mbir3d.py's tv3d row)
+        caps = [z_error(reconstruct(A(v), A, method="tv", axes=("z", "y", "x")).mean, v) for v in x]
+        print(f"# z-error caps (3-D TV start, HU): {', '.join(f'{c:.2f}' for c in caps)}")
+    return {"prior": prior, "name": name, "A": A, "x": x, "z_cap": caps,
             "noise": None, "setting": f"{args.volume}: {args.blocks} × {args.slices} slices, {args.views} views",
             "rows": f"blocks of {args.slices}", "peak": recon.HU_WIDTH,
             "trained_on": mbir3d.trained_on(prior, args.volume)}
@@ -177,13 +186,16 @@ def _run(args: argparse.Namespace) -> dict[str, Any]:
         n_samples=args.samples,
         fixed=fixed,
         max_nfe=args.max_nfe,
+        z_error_cap=prob.get("z_cap"),
         log=lambda m: print(f"# {m}", flush=True),
     )
     wall = time.perf_counter() - t0
     keys = sorted({k for t in res["trials"] for k in t["settings"]})
+    capped = res.get("z_error_cap") is not None
     head = (
         " ".join(f"{k:>8s}" for k in keys)
         + f" {'PSNR dB':>8s} {'images':>6s} {'s/run':>7s} {'NFE':>5s}"
+        + (f" {'z-err HU':>8s} {'ok':>3s}" if capped else "")
     )
     print(
         f"tuning {args.method} on {prob['setting']} ({res['operator_key']}), rows {prob['rows']}, fixed {fixed or {}}"
@@ -197,8 +209,15 @@ def _run(args: argparse.Namespace) -> dict[str, Any]:
             else (" (defaults)" if t["settings"] == res["defaults"] else "")
         )
         vals = " ".join(f"{t['settings'].get(k, ''):>8}" for k in keys)
-        print(f"{vals} {t['psnr']:8.2f} {t['n_images']:6d} {t['seconds']:7.1f} {t['nfe']:5d}{mark}")
+        z = f" {t['z_error']:8.2f} {'yes' if t['feasible'] else 'no':>3s}" if capped else ""
+        print(f"{vals} {t['psnr']:8.2f} {t['n_images']:6d} {t['seconds']:7.1f} {t['nfe']:5d}{z}{mark}")
     gain = res["best_psnr"] - res["defaults_psnr"]
+    defaults_trial = next(t for t in res["trials"] if t["settings"] == res["defaults"])
+    # under a z-error cap, a feasible winner replaces defaults that break the cap, whatever its PSNR
+    fixes_cap = capped and res["best_feasible"] and not defaults_trial["feasible"]
+    if capped:
+        print(f"z-error caps (HU): {', '.join(f'{c:.2f}' for c in res['z_error_cap'])}; best feasible: "
+              f"{res['best_feasible']}; defaults feasible: {defaults_trial['feasible']}")
     print(
         f"best {res['best']} {res['best_psnr']:.2f} dB vs defaults {res['defaults']} {res['defaults_psnr']:.2f} dB "
         f"(+{gain:.2f} dB), {res['runs']} runs, {wall:.0f} s"
@@ -206,7 +225,7 @@ def _run(args: argparse.Namespace) -> dict[str, Any]:
     stored = None
     card_entry, stale = tuned_entry(prior.card, A, args.method)
     # store a gain, or the best measured on these weights where the card holds none for them
-    if args.store and (gain > 0 or not card_entry or stale):
+    if args.store and (gain > 0 or fixes_cap or not card_entry or stale):
         store_tuned_defaults(
             args.store, res["operator_key"], {args.method: {**(fixed or {}), **res["best"]}}
         )

@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -44,6 +44,7 @@ from medrecon.solvers.presets import PRESETS, evaluations_per_chain, reuse_start
 __all__ = [
     "DEFAULT_SPACES",
     "tune",
+    "z_error",
     "store_tuned_defaults",
     "store_benchmark",
     "calibrate",
@@ -145,6 +146,13 @@ def _psnr(x: Tensor, ref: Tensor, data_range: float) -> float:
     return float("inf") if mse == 0 else 10 * math.log10(data_range**2 / mse)
 
 
+def z_error(x: Tensor, ref: Tensor) -> float:
+    """Inter-slice error of a volume: ``mean |D_z(x − ref)|`` over ``(…, Z, C, H, W)`` (or a
+    ``(Z, C, H, W)``) volume, in its units (issue 34's z-coherence)."""
+    d = (x.abs() if x.is_complex() else x).double() - (ref.abs() if ref.is_complex() else ref).double()
+    return float((d[..., 1:, :, :, :] - d[..., :-1, :, :, :]).abs().mean()) if d.shape[-4] > 1 else 0.0
+
+
 def tune(
     prior: Any,
     operator_factory: Callable[[int], LinearOperator],
@@ -160,6 +168,7 @@ def tune(
     fixed: dict[str, Any] | None = None,
     eta: int = 3,
     max_nfe: int | None = None,
+    z_error_cap: Sequence[float] | None = None,
     log: Callable[[str], None] | None = None,
 ) -> dict[str, Any]:
     """Search diffusion settings by successive halving of random configurations; objective PSNR.
@@ -209,6 +218,12 @@ def tune(
         (:func:`~medrecon.solvers.presets.evaluations_per_chain`: per image, or per slice of a
         volume, and per sample), to tune within a time budget.  The defaults are a candidate
         whatever they cost.
+    z_error_cap : sequence of float, optional
+        Volumes only: per volume, the largest inter-slice error ``mean |D_z(x − x_true)|`` (in
+        the units of ``images``) a configuration may leave, e.g. that of its 3-D TV start.  A
+        configuration above the cap on any volume it was run on is infeasible: it ranks below
+        every feasible one (its PSNR is kept in ``trials`` with ``z_error`` and ``feasible``),
+        so the winner is the best PSNR among those as z-coherent as the cap, where one is.
     log : callable, optional
         Progress messages.
 
@@ -249,6 +264,11 @@ def tune(
     peak = (
         float(data_range) if data_range is not None else float(images.max() - images.min()) or 1.0
     )
+    if z_error_cap is not None and (images.ndim != 5 or len(z_error_cap) != n):
+        raise SettingsError(
+            f"tune: z_error_cap needs volumes (n, Z, 1, H, W) and one cap per volume; got images "
+            f"{tuple(images.shape)} and {None if z_error_cap is None else len(z_error_cap)} caps"
+        )
     ops = [operator_factory(i) for i in range(n)]
     key = operator_key(ops[0])
     card = getattr(prior, "card", None)
@@ -302,6 +322,7 @@ def tune(
             draws.append(c)
     configs = seeded + [c for c in draws if c not in seeded]  # a draw equal to a seeded one is not run twice
     scores: dict[int, dict[int, float]] = {c: {} for c in range(len(configs))}
+    z_errors: dict[int, dict[int, float]] = {c: {} for c in range(len(configs))}
     trials: dict[int, dict[str, Any]] = {}
     runs = 0
     t_all = time.perf_counter()
@@ -316,6 +337,8 @@ def tune(
                 meas[i], ops[i], method, prior=prior, n_samples=n_samples, seed=seed, **configs[c]
             )
             scores[c][i] = _psnr(rec.mean, truth[i], peak)
+            if z_error_cap is not None:
+                z_errors[c][i] = z_error(rec.mean, truth[i])
             runs += 1
             tr = trials.setdefault(
                 c, {"settings": configs[c], "seconds": 0.0, "nfe": rec.info.get("nfe", 0)}
@@ -323,7 +346,14 @@ def tune(
             tr["seconds"] += time.perf_counter() - t0
         v = float(np.mean([scores[c][i] for i in range(upto)]))
         trials[c].update({"psnr": round(v, 3), "n_images": upto})
+        if z_error_cap is not None:
+            zs = [z_errors[c][i] for i in range(upto)]
+            trials[c].update({"z_error": round(float(np.mean(zs)), 6),
+                              "feasible": all(z <= float(z_error_cap[i]) for i, z in enumerate(zs))})
         return v
+
+    def rank(c: int, v: float) -> tuple[bool, float]:  # feasible first, then PSNR
+        return (bool(trials[c].get("feasible", True)), v)
 
     alive = list(range(len(configs)))
     # the initial estimates (TV, 3-D TV) are deterministic: computed once per image for all configurations
@@ -337,11 +367,11 @@ def tune(
             if r == len(rungs) - 1:
                 break
             keep = max(1, math.ceil(len(alive) / eta))
-            alive = sorted(alive, key=lambda c: -vals[c])[:keep]
+            alive = sorted(alive, key=lambda c: rank(c, vals[c]), reverse=True)[:keep]
             alive += [c for c in range(len(seeded)) if c not in alive]  # the seeded ones reach the last rung
     final = {c: trials[c]["psnr"] for c in alive}
     # ties go to the cheaper configuration (fewer network evaluations)
-    best = max(alive, key=lambda c: (final[c], -trials[c]["nfe"]))
+    best = max(alive, key=lambda c: (*rank(c, final[c]), -trials[c]["nfe"]))
     for t in trials.values():
         t["seconds"] = round(t["seconds"] / max(1, t["n_images"]), 3)
     return {
@@ -353,7 +383,9 @@ def tune(
         "defaults_psnr": final[0],
         "fixed": dict(fixed or {}),
         "n_images": n,
-        "trials": sorted(trials.values(), key=lambda t: (-t["n_images"], -t["psnr"])),
+        "best_feasible": trials[best].get("feasible"),
+        "z_error_cap": None if z_error_cap is None else [float(v) for v in z_error_cap],
+        "trials": sorted(trials.values(), key=lambda t: (-t["n_images"], not t.get("feasible", True), -t["psnr"])),
         "runs": runs,
         "seconds": round(time.perf_counter() - t_all, 1),
     }

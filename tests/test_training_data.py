@@ -191,3 +191,108 @@ def test_single_size_sampler_keeps_the_earlier_random_stream():
     s = PatchSampler(images, 3, 8, 42)
     for want in earlier_batches(images, 3, 8, 42, 10):
         assert torch.equal(s.next_batch(), want)
+
+
+# --- volumes as training sources (issue 32 item 5) ------------------------------------------
+def _marked_head(n=40):
+    """A (S, A, R) test volume: an asymmetric 'head' whose anterior and right sides are marked,
+    indexed [superior, anterior, right] with anterior and right increasing with the index."""
+    v = np.zeros((6, n, n), np.float32)
+    v[:, 8:32, 10:30] = 100.0
+    v[:, 28:31, 25:29] = 400.0  # anterior (high A), right (high R): the marker
+    return v
+
+
+def _display(v):
+    """The expected display frame: anterior row first, the patient's right column first."""
+    return v[:, ::-1, ::-1]
+
+
+# (name, how the stored array is made from v[S, A, R], the affine's columns for the x, y, z array axes)
+LAYOUTS = [
+    ("RAS axial", lambda v: v, [(1, 0, 0), (0, 1, 0), (0, 0, 1)]),
+    ("LPS axial (DICOM-like)", lambda v: v[:, ::-1, ::-1], [(-1, 0, 0), (0, -1, 0), (0, 0, 1)]),
+    ("inferior first", lambda v: v[::-1], [(1, 0, 0), (0, 1, 0), (0, 0, -1)]),
+    # IXI: array (R, S, P), affine columns x → P (−A), y → S, z → R
+    ("sagittal R,S,P (IXI)", lambda v: np.transpose(v, (2, 0, 1))[:, :, ::-1], [(0, -1, 0), (0, 0, 1), (1, 0, 0)]),
+]
+
+
+@pytest.mark.parametrize(("name", "store", "cols"), LAYOUTS, ids=[c[0] for c in LAYOUTS])
+def test_axial_display_slices_give_one_frame_whatever_the_stored_layout(name, store, cols):
+    from medrecon.datasets.training import axial_display_slices
+
+    v = _marked_head()
+    aff = np.eye(4)
+    aff[:3, :3] = np.asarray(cols, dtype=np.float64).T * 2.0  # 2 mm voxels
+    got = axial_display_slices(store(v), aff)
+    np.testing.assert_array_equal(got, _display(v).astype(np.float32))
+    # resampled to 1 mm and centred on a 100 canvas: the marker stays anterior-right
+    big = axial_display_slices(store(v), aff, spacing_mm=1.0, size=100)
+    assert big.shape == (6, 100, 100)
+    rows, cols_ = np.nonzero(big[0] > 300)
+    assert rows.max() < 50 and cols_.max() < 50, "marker must be in the upper left quadrant"
+    assert np.abs(big[:, :10]).max() == 0 and np.abs(big[:, :, -10:]).max() == 0  # zero padding
+
+
+def test_axial_display_slices_refuse_an_ambiguous_oblique_volume():
+    from medrecon.datasets.training import axial_display_slices
+
+    aff = np.eye(4)
+    aff[:3, :3] = [[1, 1, 0], [1, 1, 0], [0, 0, 1]]  # x and y both mostly along R
+    with pytest.raises(InputError, match="R, A, S"):
+        axial_display_slices(np.zeros((2, 4, 4)), aff)
+
+
+def test_nifti_volume_trains_beside_npz_slices(tmp_path):
+    """A NIfTI file in ``data`` gives 256² axial slices in [0, 1] (its 99.5th percentile → 1),
+    near-empty slices left out, whole-slice boxes, and its own owner index."""
+    import nibabel as nib
+
+    v = np.zeros((128, 128, 10), np.float32)  # RAS axial, x = R
+    v[30:100, 20:110, 2:8] = 50.0
+    v[60:70, 60:70, 2:8] = 100.0
+    nib.save(nib.Nifti1Image(v, np.diag([2.0, 2.0, 3.0, 1.0])), tmp_path / "vol.nii.gz")
+    np.savez(tmp_path / "a.npz", images=np.full((3, 256, 256), 30000, np.uint16))
+    x, boxes, owner = load_training_data([str(tmp_path / "a.npz"), str(tmp_path / "vol.nii.gz")], "mri")
+    assert x.shape == (3 + 6, 256, 256) and x.dtype == torch.float16
+    assert owner.tolist() == [0] * 3 + [1] * 6
+    assert (boxes == torch.tensor([0, 256, 0, 256])).all()
+    vol = x[3:].float()
+    assert float(vol.min()) == 0.0 and abs(float(vol.max()) - 1.0) < 1e-3
+    # 70 (R) x 90 (A) voxels of 2 mm at 0.9375 mm pixels: about 149 columns x 192 rows of head
+    head = (vol[0] > 0.1).nonzero()
+    assert abs(int(head[:, 1].max() - head[:, 1].min()) + 1 - 149) <= 3  # R extent → columns
+    assert abs(int(head[:, 0].max() - head[:, 0].min()) + 1 - 192) <= 3  # A extent → rows
+
+
+def test_a_volume_without_foreground_is_named(tmp_path):
+    import nibabel as nib
+
+    nib.save(nib.Nifti1Image(np.zeros((8, 8, 3), np.float32), np.eye(4)), tmp_path / "empty.nii.gz")
+    with pytest.raises(InputError, match="empty.nii.gz"):
+        load_training_data([str(tmp_path / "empty.nii.gz")], "mri")
+
+
+def test_the_mri_benchmark_volume_is_reserved():
+    with pytest.raises(SettingsError, match="reserved"):
+        TrainConfig(modality="mri", data=("mri/nifti/IXI012-HH-1211_T1.nii.gz",))
+
+
+@pytest.mark.skipif(not (DATA / "mri" / "nifti").is_dir(), reason=f"MRI volumes not found under {DATA} "
+                    "(set MEDRECON_DATA)")
+def test_widened_mri_preset_reads_its_real_volumes_in_the_flair_frame():
+    """mri-256-wide: FLAIR slices plus two real T1 volumes (IXI015 sagittal-stored, VS-SEG axial
+    DICOM), every slice 256², in [0, 1], the T1 heads centred like the FLAIR ones."""
+    from medrecon.training import PRESETS
+
+    cfg = TrainConfig(**PRESETS["mri-256-wide"])
+    x, _, owner = load_training_data(cfg.data, "mri")
+    counts = torch.bincount(owner).tolist()
+    assert counts[0] == 1128 and counts[1] >= 80 and counts[2] >= 20
+    assert float(x.float().amax()) <= 1.0
+    for k in (1, 2):  # the centre of mass of each volume's middle slice sits near the canvas centre
+        s = x[owner == k][int((owner == k).sum()) // 2].float()
+        rr, cc = torch.meshgrid(torch.arange(256.0), torch.arange(256.0), indexing="ij")
+        com = (float((s * rr).sum() / s.sum()), float((s * cc).sum() / s.sum()))
+        assert 100 < com[0] < 156 and 100 < com[1] < 156, (k, com)

@@ -241,3 +241,38 @@ def test_tune_re_measures_values_tuned_on_earlier_weights(tmp_path):
     assert res["defaults"]["snr"] != 0.3  # the stale value is not the starting point
     earlier = [t for t in res["trials"] if t["settings"]["snr"] == 0.3 and t["settings"]["steps"] == 6]
     assert earlier and earlier[0]["n_images"] == 2  # re-measured on every image
+
+
+def test_z_error_cap_makes_z_incoherent_settings_lose():
+    """Volumes under a z-error cap (issue 34): every trial records its inter-slice error, those
+    above the cap are infeasible, and the winner is the best PSNR among the feasible ones; with
+    an unreachable cap nothing is feasible and the ranking is PSNR's."""
+    from medrecon.tuning import z_error
+
+    n, z = 8, 5
+    g = GaussianPrior(0.5 * torch.ones(n, n, dtype=torch.float64), periodic_rbf_covariance(n), VESDE(0.01, 5.0))
+    g.card = {}
+    base = g.sample(1, torch.Generator().manual_seed(0))
+    vol = (base + 0.2 * torch.linspace(0, 1, z, dtype=torch.float64).reshape(z, 1, 1, 1)).float()
+    hu = (vol * 4096 - 1024)[None]  # one volume (1, Z, 1, H, W)
+    A = ParallelBeamCT(n, torch.arange(3).double().numpy() * math.pi / 3)
+    space = {"lam_tv": [1e-7, 3e-5, 1e-3], "t0": [0.2, 0.5]}
+    kw = dict(budget=6, seed=0, method="dds3d", data_range=4096.0, fixed={"steps": 10})
+    free = tune(g, lambda i: A, hu, space, z_error_cap=[float("inf")], **kw)
+    zs = sorted({t["z_error"] for t in free["trials"]})
+    assert len(zs) > 1 and all(t["feasible"] for t in free["trials"])
+    cap = zs[len(zs) // 2 - 1] if len(zs) > 2 else zs[0]
+    capped = tune(g, lambda i: A, hu, space, z_error_cap=[cap], **kw)
+    feasible = [t for t in capped["trials"] if t["feasible"] and t["n_images"] == 1]
+    assert feasible and capped["best_feasible"] is True
+    assert capped["trials"][0]["settings"] == capped["best"] and capped["trials"][0]["feasible"]
+    assert all(t["z_error"] <= cap for t in feasible) and all(
+        t["z_error"] > cap for t in capped["trials"] if not t["feasible"]
+    )
+    # the recorded z-error is the one of the returned settings, measured again independently
+    rec = reconstruct(A(hu[0]), A, "dds3d", prior=g, n_samples=1, seed=0, **capped["best"])
+    assert abs(z_error(rec.mean, hu[0]) - capped["trials"][0]["z_error"]) < 1e-3
+    none = tune(g, lambda i: A, hu, space, z_error_cap=[-1.0], **kw)
+    assert none["best_feasible"] is False and none["best_psnr"] == max(t["psnr"] for t in none["trials"])
+    with pytest.raises(SettingsError, match="z_error_cap"):
+        tune(g, lambda i: A, hu[:, 0], space, z_error_cap=[1.0], **kw)

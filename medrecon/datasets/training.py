@@ -48,6 +48,7 @@ __all__ = [
     "patch_origin",
     "dihedral",
     "npz_source_info",
+    "axial_display_slices",
 ]
 
 
@@ -506,3 +507,70 @@ def npz_source_info(path: str | Path, *, name: str | None = None) -> dict[str, A
     except (OSError, ValueError) as err:
         raise InputError(path, f"cannot read training data ({err})") from err
     return info
+
+
+def axial_display_slices(
+    array: np.ndarray, affine: np.ndarray, *, spacing_mm: float | None = None, size: int | None = None
+) -> np.ndarray:
+    """Axial slices of a volume in the display frame of the training slices, at one pixel size.
+
+    The volume is resliced along its most superior–inferior array axis (an isotropic sagittal
+    acquisition gives axial slices), and each slice is turned so that row 0 is anterior and
+    column 0 the patient's right (the radiological layout of the ``.npz`` training slices and of
+    :func:`medrecon.report.orient_for_display`).  With ``spacing_mm`` the slices are resampled
+    (bilinear, antialiased) to square pixels of that size; with ``size`` they are then cropped
+    or zero-padded about their centre to ``size`` x ``size``.
+
+    Parameters
+    ----------
+    array : ndarray, shape (Z, Y, X)
+        Voxel values (:class:`~medrecon.datasets.Volume` layout).
+    affine : ndarray, shape (4, 4)
+        RAS+ voxel-to-world affine, columns for the x, y and z array axes.
+    spacing_mm : float, optional
+        In-plane pixel size of the result (default: as stored, no resampling).
+    size : int, optional
+        Side of the square result (default: as resampled).
+
+    Returns
+    -------
+    ndarray, shape (N, H, W), float32
+        Superior slices last.
+
+    Raises
+    ------
+    InputError
+        The affine has no axis along each of right, anterior and superior (an oblique volume
+        whose axes are ambiguous).
+    """
+    a = np.asarray(affine, dtype=np.float64)[:3, :3]
+    # array axis 0, 1, 2 ↔ affine column 2, 1, 0
+    dirs = [a[:, 2 - k] for k in range(3)]
+    world = [int(np.argmax(np.abs(d))) for d in dirs]
+    if sorted(world) != [0, 1, 2]:
+        raise InputError(Path("<volume>"), f"its axes do not map one-to-one onto R, A, S (affine {a.tolist()})")
+    axis_of = {w: k for k, w in enumerate(world)}  # world axis (0 R, 1 A, 2 S) → array axis
+    x = np.transpose(np.asarray(array, dtype=np.float32), (axis_of[2], axis_of[1], axis_of[0]))
+    if dirs[axis_of[2]][2] < 0:
+        x = x[::-1]
+    if dirs[axis_of[1]][1] > 0:  # row index towards anterior: put anterior first
+        x = x[:, ::-1]
+    if dirs[axis_of[0]][0] > 0:  # column index towards the patient's right: flip, right comes first
+        x = x[:, :, ::-1]
+    if spacing_mm is not None:
+        row_mm = float(np.linalg.norm(dirs[axis_of[1]]))
+        col_mm = float(np.linalg.norm(dirs[axis_of[0]]))
+        shape = (max(1, round(x.shape[1] * row_mm / spacing_mm)), max(1, round(x.shape[2] * col_mm / spacing_mm)))
+        x = _resize(np.ascontiguousarray(x), shape)
+    if size is not None:
+        out = np.zeros((x.shape[0], size, size), np.float32)
+        src, dst = [], []
+        for n in x.shape[1:]:
+            lo = max(0, (n - size) // 2)  # crop start in the slice
+            off = max(0, (size - n) // 2)  # pad start in the result
+            m = min(n, size)
+            src.append(slice(lo, lo + m))
+            dst.append(slice(off, off + m))
+        out[:, dst[0], dst[1]] = x[:, src[0], src[1]]
+        x = out
+    return np.ascontiguousarray(x, dtype=np.float32)

@@ -2,7 +2,9 @@
 
 * Data: 2-D slices from ``.npz`` files (key ``images``, shape ``(N, H, W)``), normalised with
   the modality's normaliser (CT: HU window → [0, 1]; MRI: uint16 already scaled to
-  ``[0, 1]·65535``), held in memory as float16.
+  ``[0, 1]·65535``), held in memory as float16.  A NIfTI file or DICOM series folder is read
+  as a volume and resliced into axial training slices of the same frame and scale
+  (:func:`volume_training_slices`).
   Files may carry ``valid_box`` (cropped series padded onto the canvas, ``ct/extra``): patches
   are drawn inside it (:func:`medrecon.datasets.training.valid_boxes`).
 * Batches: an epoch is a seeded permutation of the slices (or, with ``data_weights``, as many
@@ -29,7 +31,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from medrecon.datasets.training import dihedral, patch_origin, valid_boxes
+from medrecon.datasets.training import axial_display_slices, dihedral, patch_origin, valid_boxes
 from medrecon.errors import InputError, SettingsError
 from medrecon.priors.networks import image_coords
 from medrecon.priors.normalise import ct_normaliser
@@ -37,9 +39,13 @@ from medrecon.priors.normalise import ct_normaliser
 if TYPE_CHECKING:
     from medrecon.training.config import TrainConfig
 
-__all__ = ["RESERVED", "data_root", "load_slices", "load_training_data", "PatchSampler"]
+__all__ = [
+    "RESERVED", "data_root", "load_slices", "load_training_data", "PatchSampler", "is_volume_source",
+    "volume_training_slices", "VOLUME_SPACING_MM",
+]
 
-RESERVED = ("val.npz", "totalseg_example_ct")  # never train on these (benchmarks / validation)
+#: never train on these: validation, the 3-D CT report volume, the MRI benchmark and T1 check volume
+RESERVED = ("val.npz", "totalseg_example_ct", "IXI012-HH-1211")
 
 
 def data_root() -> Path:
@@ -67,6 +73,65 @@ def load_slices(paths: Sequence[str], modality: str) -> Tensor:
     return load_training_data(paths, modality)[0]
 
 
+#: pixel size (mm) and canvas of slices taken from volumes (:func:`volume_training_slices`):
+#: 240 mm over 256 pixels, a common head field of view, close to the FLAIR slices' scale
+VOLUME_SPACING_MM = 0.9375
+VOLUME_CANVAS = 256
+#: slices of a volume with less of their area above 0.05 (normalised) are left out (air above
+#: the head, the neck's edge)
+VOLUME_MIN_FOREGROUND = 0.05
+
+
+def is_volume_source(path: str | Path) -> bool:
+    """Whether a training entry is a volume (NIfTI file or DICOM series folder), not ``.npz``."""
+    p = Path(path)
+    return p.name.lower().endswith((".nii", ".nii.gz")) or p.is_dir()
+
+
+def volume_training_slices(path: str | Path, modality: str) -> np.ndarray:
+    """Training slices of a NIfTI volume or DICOM series, normalised as the ``.npz`` slices.
+
+    The volume is resliced axially in the display frame (anterior up, the patient's right on the
+    left), resampled to :data:`VOLUME_SPACING_MM` pixels and centred on a zero-padded
+    :data:`VOLUME_CANVAS` square (:func:`medrecon.datasets.training.axial_display_slices`), then
+    normalised: MRI by the 99.5th percentile of the whole volume, clipped to [0, 1] (as
+    ``mri/train.npz`` was made); CT by the HU window.  Slices with less than
+    :data:`VOLUME_MIN_FOREGROUND` of their area above 0.05 are left out.
+
+    Returns
+    -------
+    ndarray, shape (N, 256, 256), float32
+
+    Raises
+    ------
+    InputError
+        The volume is unreadable, oblique, or has no slice with enough foreground.
+    """
+    import warnings
+
+    from medrecon.datasets import load_volume
+
+    p = Path(path)
+    with warnings.catch_warnings():  # tilt / uneven spacing do not matter for 2-D training slices
+        warnings.simplefilter("ignore")
+        vol = load_volume(str(p))
+    try:
+        x = axial_display_slices(vol.array, vol.affine, spacing_mm=VOLUME_SPACING_MM, size=VOLUME_CANVAS)
+    except InputError as err:
+        raise InputError(p, err.problem) from err
+    if modality == "ct":
+        x = ct_normaliser().normalise(torch.from_numpy(x)).clamp(0, 1).numpy()
+    else:
+        top = float(np.percentile(vol.array, 99.5))
+        if not top > 0:
+            raise InputError(p, f"its 99.5th percentile is {top}: no image to normalise")
+        x = np.clip(x / top, 0.0, 1.0)
+    keep = (x > 0.05).mean(axis=(1, 2)) >= VOLUME_MIN_FOREGROUND
+    if not keep.any():
+        raise InputError(p, f"no slice has {VOLUME_MIN_FOREGROUND:.0%} of its area above 0.05 after normalising")
+    return np.ascontiguousarray(x[keep], dtype=np.float32)
+
+
 def load_training_data(paths: Sequence[str], modality: str) -> tuple[Tensor, Tensor, Tensor]:
     """Slices of ``.npz`` files, normalised, with the region of real data in each.
 
@@ -74,7 +139,8 @@ def load_training_data(paths: Sequence[str], modality: str) -> tuple[Tensor, Ten
     ----------
     paths : sequence of str
         ``.npz`` files with ``images`` ``(N, H, W)`` (relative paths are under
-        :func:`data_root`), optionally ``valid_box`` ``(N, 4)``.
+        :func:`data_root`), optionally ``valid_box`` ``(N, 4)``; or volumes, NIfTI files and
+        DICOM series folders (:func:`volume_training_slices`).
     modality : {"ct", "mri"}
 
     Returns
@@ -97,6 +163,12 @@ def load_training_data(paths: Sequence[str], modality: str) -> tuple[Tensor, Ten
     out, boxes, owner = [], [], []
     for k, p in enumerate(paths):
         f = _resolve(p)
+        if is_volume_source(f):
+            x = torch.from_numpy(volume_training_slices(f, modality)).to(torch.float16)
+            out.append(x)
+            boxes.append(torch.tensor([0, x.shape[1], 0, x.shape[2]], dtype=torch.int64).expand(len(x), 4).clone())
+            owner.append(torch.full((len(x),), k, dtype=torch.int64))
+            continue
         try:
             with np.load(f) as z:
                 if "images" not in z.files:

@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 
 from medrecon.priors.domain import histogram_distance
-from medrecon.training.data import _resolve, load_slices
+from medrecon.training.data import _resolve, is_volume_source, load_slices
 
 __all__ = ["HISTOGRAMS", "measure_domain"]
 
@@ -33,6 +33,8 @@ HISTOGRAMS = {
 def _spacings(paths: Sequence[str]) -> list[float]:
     out: list[float] = []
     for p in paths:
+        if is_volume_source(_resolve(p)):  # resliced to VOLUME_SPACING_MM: not the input's spacing
+            continue
         with np.load(_resolve(p)) as z:
             if "pixel_spacing_mm" in z.files:
                 out += [

@@ -23,7 +23,14 @@ from medrecon.priors.prior import ScorePrior, fit_high_noise
 from medrecon.priors.registry import read_card, write_card
 from medrecon.training.domain import measure_domain
 from medrecon.training.campaign import campaign_history, campaign_point
-from medrecon.training.data import _resolve, load_slices
+from medrecon.training.data import (
+    VOLUME_CANVAS,
+    VOLUME_SPACING_MM,
+    _resolve,
+    is_volume_source,
+    load_slices,
+    volume_training_slices,
+)
 from medrecon.training.loop import load_ema_net
 from medrecon.training.validation import read_val_log, validate, validation_curve
 
@@ -94,12 +101,12 @@ def export_prior(
     data_history = earlier.get("data_history", [])
     if data_history:  # files trained on in earlier stages stay on the card, with when they left
         extra["training"]["data_history"] = data_history
-    extra["training_data"] = card_training_data(cfg.data, extra.get("training_data"))
+    extra["training_data"] = card_training_data(cfg.data, extra.get("training_data"), cfg.modality)
     listed = {e.get("file") for e in extra["training_data"]}
     for stage in data_history:
         for f in stage["data"]:
             if f not in listed and f not in cfg.data:
-                info = npz_source_info(_resolve(f), name=f)
+                info = _source_info(f, cfg.modality)
                 left = max(h["until_step"] for h in data_history if f in h["data"])
                 extra["training_data"].append({**info, "licence_reviewed": False,
                                                "trained_until_step": left,
@@ -162,7 +169,7 @@ def export_prior(
 
 
 def card_training_data(
-    data: Sequence[str], curated: Sequence[dict[str, Any]] | None = None
+    data: Sequence[str], curated: Sequence[dict[str, Any]] | None = None, modality: str = "ct"
 ) -> list[dict[str, Any]]:
     """The card's list of training files with their licences.
 
@@ -176,9 +183,21 @@ def card_training_data(
     named = {e.get("file") for e in out}
     for f in data:
         if f not in named:
-            info = npz_source_info(_resolve(f), name=f)
+            info = _source_info(f, modality)
             out.append({**info, "licence_reviewed": False})
     return out
+
+
+def _source_info(f: str, modality: str) -> dict[str, Any]:
+    """What the card says about one training entry: :func:`npz_source_info` for ``.npz`` files;
+    for a volume (NIfTI file, DICOM series folder) the slices taken from it and how."""
+    path = _resolve(f)
+    if not is_volume_source(path):
+        return npz_source_info(path, name=f)
+    n = len(volume_training_slices(path, modality))
+    return {"file": f, "slices": n, "patients": 1, "volume": True,
+            "resliced": f"axial, {VOLUME_SPACING_MM} mm pixels on a {VOLUME_CANVAS}-pixel canvas "
+            "(medrecon.training.data.volume_training_slices)"}
 
 
 def licence_summary(entries: Sequence[dict[str, Any]]) -> dict[str, list[str]]:

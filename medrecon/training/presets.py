@@ -40,7 +40,10 @@ from typing import Any
 from medrecon.errors import InputError
 from medrecon.priors.registry import read_card
 
-__all__ = ["PRESETS", "CARD_INFO", "CT_GROWN_DATA", "CT_V3_DATA", "CT_V3_WEIGHTS", "CT_3D_TUNING_VOLUME", "load_card_info"]
+__all__ = [
+    "PRESETS", "CARD_INFO", "CT_GROWN_DATA", "CT_V3_DATA", "CT_V3_WEIGHTS", "CT_3D_TUNING_VOLUME", "MRI_WIDE_DATA",
+    "MRI_WIDE_WEIGHTS", "load_card_info",
+]
 
 CARDS_DIR = Path(__file__).resolve().parent / "cards"
 
@@ -189,6 +192,15 @@ PRESETS["mri-256-v2"] = dict(PRESETS["mri-256-pos"], run="mri-256-v2", init_from
 # (sigma_max 110) puts t0 of the tuned keys at σ up to 0.52 (mri-1d-8), hence σ ≤ 0.7
 PRESETS["mri-256"] = dict(PRESETS["mri-256-pos"], **_CAMPAIGN, focus_sigma=0.7, run="mri-256",
                           init_from="mri-256")
+# issue 32 item 5: the MRI set widened with the real T1 volumes of ../shared/data/mri (IXI015,
+# a healthy adult, and the contrast-enhanced T1 MPRAGE slab of VS-SEG-001), resliced axially at
+# the FLAIR slices' scale (training.data.volume_training_slices); IXI012 stays out (the MRI
+# benchmark case and the held-out T1 check, RESERVED).  A quarter of the draws go to the T1
+# volumes, so their ~150 slices are seen often without drowning the 1,128 FLAIR slices.
+MRI_WIDE_DATA = ("mri/train.npz", "mri/nifti/IXI015-HH-1258_T1.nii.gz", "mri/dicom/vs_seg_001_t1c")
+MRI_WIDE_WEIGHTS = (0.75, 0.15, 0.10)
+PRESETS["mri-256-wide"] = dict(PRESETS["mri-256"], run="mri-256-wide", data=MRI_WIDE_DATA,
+                               data_weights=MRI_WIDE_WEIGHTS)
 
 
 def load_card_info(directory: str | Path = CARDS_DIR) -> dict[str, dict[str, Any]]:
