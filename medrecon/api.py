@@ -208,8 +208,11 @@ def _normalise_measurement(y: Tensor, operator: LinearOperator, low: float, widt
 
 
 def _initial_estimate(y_n: Tensor, operator: LinearOperator) -> Tensor:
-    """The cheap estimate a diffusion result is checked against: FBP for CT, Aᴴy otherwise."""
-    x = classical.fbp(y_n, operator) if hasattr(operator, "fbp") else classical.zero_filled(y_n, operator)
+    """The cheap estimate a diffusion result is checked against: FBP for CT, Aᴴy otherwise (the
+    samplers' :func:`~medrecon.solvers.presets.initial_estimate`, reused inside ``reuse_starts``)."""
+    from medrecon.solvers.presets import initial_estimate
+
+    x = initial_estimate(y_n, operator, "fbp" if hasattr(operator, "fbp") else "zero-filled")
     return x if operator.in_complex or not x.is_complex() else x.real
 
 
