@@ -47,6 +47,7 @@ import json
 import math
 import os
 import platform
+import re
 import sys
 import time
 from collections.abc import Callable
@@ -126,6 +127,22 @@ CONFIGS = [
         ("zero-filled", "cg", "tv", "l1-wavelet", *DIFFUSION),
     ),
 ]
+#: views over the arc of a limited-angle setting ``ct-la<arc>`` (operator key ``parallel-60-la<arc>``)
+LIMITED_VIEWS = 60
+
+
+def limited_angle_config(arc_deg: float, n_views: int = LIMITED_VIEWS) -> Config:
+    """``ct-la<arc>``: ``n_views`` equally spaced parallel views over ``[0, arc)`` of the half
+    circle, noiseless.  Not in :data:`CONFIGS` (not a row of this benchmark's table); named by
+    :func:`select_configs`, so ``tune.py``, ``calibrate.py`` and ``uncertainty.py`` take it."""
+    n_full = round(n_views * 180 / arc_deg)
+
+    def build(size: int) -> ParallelBeamCT:
+        return ParallelBeamCT.limited_angle(size, math.radians(arc_deg), n_full=n_full)
+
+    return Config(f"ct-la{arc_deg:g}", "ct", f"ct-la{arc_deg:g}", build, 0.0, ("fbp", "tv", *DIFFUSION))
+
+
 # the setting each family's weights are swept on
 SWEEP_CONFIG = {
     "ct-noiseless": "ct-23v",
@@ -357,7 +374,8 @@ def tuned_weights(
     by_name = {c.name: c for c in CONFIGS}
     out: dict[str, dict[str, Any]] = {}
     for family in sorted({c.family for c in configs}):
-        cfg = by_name[SWEEP_CONFIG[family]]
+        # a family's weights are swept on its sweep setting; a limited-angle one on itself
+        cfg = by_name[SWEEP_CONFIG[family]] if family in SWEEP_CONFIG else next(c for c in configs if c.family == family)
         if cfg.modality not in data:
             continue
         d = data[cfg.modality]
@@ -608,13 +626,18 @@ def with_two_threads(run: Callable[[argparse.Namespace], Any], args: argparse.Na
 
 def select_configs(spec: str | None) -> list[Config]:
     """The settings a comma-separated ``spec`` names, in table order: an exact name selects one
-    setting, anything else is a prefix (``ct``, ``mri``); empty = all."""
+    setting, anything else is a prefix (``ct``, ``mri``); empty = all of :data:`CONFIGS`.
+    ``ct-la<arc>`` (e.g. ``ct-la90``) names a limited-angle setting (:func:`limited_angle_config`),
+    after the table's."""
     wanted = [w.strip() for w in spec.split(",") if w.strip()] if spec else []
+    limited = [w for w in wanted if re.fullmatch(r"ct-la\d+(\.\d+)?", w)]
+    wanted = [w for w in wanted if w not in limited]
     names = {c.name for c in CONFIGS}
-    return [
+    table = [
         c for c in CONFIGS
-        if not wanted or any(c.name == w or (w not in names and c.name.startswith(w)) for w in wanted)
+        if (not wanted and not limited) or any(c.name == w or (w not in names and c.name.startswith(w)) for w in wanted)
     ]
+    return table + [limited_angle_config(float(w[len("ct-la"):])) for w in limited]
 
 
 def _select(data: dict[str, Any], spec: str | None) -> list[int]:

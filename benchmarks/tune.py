@@ -48,7 +48,7 @@ from medrecon.tuning import DEFAULT_SPACES, store_tuned_defaults, tune, z_error 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:  # noqa: D103
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument(
-        "--setting", default="ct-23v", help=f"one of {', '.join(c.name for c in recon.CONFIGS)}"
+        "--setting", default="ct-23v", help=f"one of {', '.join(c.name for c in recon.CONFIGS)}, or ct-la<arc> (limited angle)"
     )
     p.add_argument("--method", default="ccdf")
     p.add_argument(
@@ -136,9 +136,10 @@ def _volume_problem(args: argparse.Namespace) -> dict[str, Any]:
 def _slice_problem(args: argparse.Namespace) -> dict[str, Any]:
     """The 2-D methods' tuning problem: the tuning rows of ``benchmarks/recon.py``."""
     by_name = {c.name: c for c in recon.CONFIGS}
-    if args.setting not in by_name:
-        raise SystemExit(f"--setting: unknown {args.setting!r}; known: {', '.join(by_name)}")
-    cfg = by_name[args.setting]
+    found = [c for c in recon.select_configs(args.setting) if c.name == args.setting]
+    if not found:
+        raise SystemExit(f"--setting: unknown {args.setting!r}; known: {', '.join(by_name)}, ct-la<arc>")
+    cfg = found[0]
     data = recon.load_data(recon.data_root(), True, args.crop)
     if cfg.modality not in data:
         raise SystemExit(f"no {cfg.modality} validation data under {recon.data_root()}")

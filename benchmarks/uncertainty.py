@@ -46,8 +46,8 @@ the JSON lines of separate runs (say, one setting per process) as one.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
-import math
 import sys
 import time
 from pathlib import Path
@@ -62,7 +62,6 @@ import recon  # noqa: E402  (the sibling benchmark: data, settings, noise, TV sw
 from medrecon import reconstruct  # noqa: E402
 from medrecon.api import METHODS, problem_scale  # noqa: E402
 from medrecon.linalg import conjugate_gradient  # noqa: E402
-from medrecon.operators import ParallelBeamCT  # noqa: E402
 from medrecon.solvers.cards import operator_key  # noqa: E402
 
 DEFAULT_CONFIGS = "ct-la90,ct-la120,ct-10v,ct-23v,ct-60v"
@@ -71,13 +70,8 @@ CANDIDATES = ("std", "|dds−tv|", "|dds−start|", "|dds−tv|*g2", "null std",
 
 
 def limited_angle_config(arc_deg: float, n_views: int) -> recon.Config:
-    """``ct-la<arc>``: ``n_views`` equally spaced parallel views over ``[0, arc)`` of the half circle."""
-    n_full = round(n_views * 180 / arc_deg)
-
-    def build(size: int) -> ParallelBeamCT:
-        return ParallelBeamCT.limited_angle(size, math.radians(arc_deg), n_full=n_full)
-
-    return recon.Config(f"ct-la{arc_deg:g}", "ct", f"ct-la{arc_deg:g}", build, 0.0, ("tv", "dds"))
+    """``ct-la<arc>`` with the TV and DDS rows this benchmark runs (:func:`recon.limited_angle_config`)."""
+    return dataclasses.replace(recon.limited_angle_config(arc_deg, n_views), methods=("tv", "dds"))
 
 
 # ------------------------------------------------------------------------------- the measures
@@ -146,25 +140,11 @@ def _run(cfg: recon.Config, A: Any, y: torch.Tensor, method: str, prior: Any, n_
 
 def tv_weight(cfg: recon.Config, data: dict[str, Any], seed: int, iters: dict[str, Any], use_cache: bool,
               log: Any, fixed: dict[str, float]) -> float:
-    """recon.py's swept TV weight for its settings; for the limited-angle ones the weight ``fixed``
-    gives, else a sweep of the same kind (tuning rows, this operator), cached beside recon.py's."""
+    """recon.py's swept TV weight (:func:`recon.tuned_weights`: a limited-angle setting is swept on its
+    own tuning rows), or the weight ``fixed`` gives a limited-angle setting."""
     if cfg.family not in recon.SWEEP_CONFIG and cfg.name in fixed:
         return fixed[cfg.name]
-    if cfg.family in recon.SWEEP_CONFIG:
-        return recon.tuned_weights([cfg], data, ["tv"], seed, use_cache, log, iters)[cfg.family]["tv"]["lam"]
-    d = data[cfg.modality]
-    path = recon.cache_dir() / "uncertainty_sweep.json"
-    cache = json.loads(path.read_text()) if use_cache and path.is_file() else {}
-    key = f"{cfg.name}|tv|{d['size']}|{','.join(map(str, d['tune']))}|seed{seed}|{iters}"
-    if key not in cache:
-        t0 = time.perf_counter()
-        cache[key] = recon.sweep_weight(cfg, cfg.build(d["size"]), recon.ground_truth(d, d["tune"]), "tv", seed, iters)
-        log(f"# swept tv on {cfg.name} (tuning rows {d['tune']}): lam={cache[key]['lam']:.3g} "
-            f"grid {cache[key]['grid']} ({time.perf_counter() - t0:.0f} s)")
-        if use_cache:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            path.write_text(json.dumps(cache, indent=1))
-    return cache[key]["lam"]
+    return recon.tuned_weights([cfg], data, ["tv"], seed, use_cache, log, iters)[cfg.family]["tv"]["lam"]
 
 
 def evaluate(cfg: recon.Config, data: dict[str, Any], rows: list[int], prior: Any, args: argparse.Namespace,
