@@ -34,7 +34,7 @@ def build_parser() -> argparse.ArgumentParser:
     for f in fields(TrainConfig):
         flag = "--" + f.name.replace("_", "-")
         if f.name == "data":
-            p.add_argument(flag, nargs="+", help="training .npz files")
+            p.add_argument(flag, nargs="+", help="training .npz files, NIfTI volumes or DICOM series folders")
         elif str(f.type).startswith("tuple"):  # e.g. --patch-sizes 64 128 256 (none: empty)
             p.add_argument(flag, nargs="*", metavar=f.name.upper())
         elif f.type in ("bool",):
