@@ -106,3 +106,21 @@ def test_calibrate_benchmark_stores_a_factor(capsys, tmp_path):
     assert res["std_scale"] > 0 and res["coverage_calibrated"] >= 0.95
     stored = json.loads(card.read_text())["calibration"]["parallel-23"]["ccdf"]
     assert stored["std_scale"] == res["std_scale"] and stored["settings"]["steps"] == 4
+
+
+@pytest.mark.parametrize(("spec", "names", "keys"), [
+    ("ct-la90", ["ct-la90"], ["parallel-60-la90"]),
+    ("ct-23v,ct-la120", ["ct-23v", "ct-la120"], ["parallel-23", "parallel-60-la120"]),
+    ("ct", ["ct-10v", "ct-23v", "ct-60v", "ct-10v-noisy", "ct-23v-noisy", "ct-60v-noisy"], None),
+    ("ct-la", [], None),  # not a prefix of the table's names, not a limited-angle name
+])
+def test_limited_angle_settings_are_named_not_prefixed(spec, names, keys):
+    """``ct-la<arc>`` names a limited-angle setting (60 views over the arc, its own operator key),
+    which the ``ct`` prefix of the table does not pull in."""
+    from medrecon.solvers.cards import operator_key
+
+    recon = _load()
+    got = recon.select_configs(spec)
+    assert [c.name for c in got] == names
+    if keys:
+        assert [operator_key(c.build(32)) for c in got] == keys
