@@ -296,3 +296,21 @@ def test_widened_mri_preset_reads_its_real_volumes_in_the_flair_frame():
         rr, cc = torch.meshgrid(torch.arange(256.0), torch.arange(256.0), indexing="ij")
         com = (float((s * rr).sum() / s.sum()), float((s * cc).sum() / s.sum()))
         assert 100 < com[0] < 156 and 100 < com[1] < 156, (k, com)
+
+
+def test_card_lists_volume_sources_with_their_slices(tmp_path):
+    """The card's training_data names every volume: a curated entry keeps its licence text and
+    gains the measured slice count; an uncurated one is listed as found, licence not reviewed."""
+    import nibabel as nib
+
+    from medrecon.training import card_training_data
+
+    v = np.zeros((64, 64, 7), np.float32)
+    v[10:50, 10:50, 1:6] = 10.0
+    for name in ("a.nii.gz", "b.nii.gz"):
+        nib.save(nib.Nifti1Image(v, np.diag([2.0, 2.0, 2.0, 1.0])), tmp_path / name)
+    a, b = str(tmp_path / "a.nii.gz"), str(tmp_path / "b.nii.gz")
+    out = card_training_data([a, b], [{"file": a, "licence": "CC BY 4.0"}], "mri")
+    assert out[0] == {"file": a, "licence": "CC BY 4.0", "slices": 5}
+    assert out[1]["file"] == b and out[1]["slices"] == 5 and out[1]["volume"] is True
+    assert out[1]["licence_reviewed"] is False and "0.9375 mm" in out[1]["resliced"]

@@ -180,6 +180,9 @@ def card_training_data(
     licence) with ``"licence_reviewed": False``, so no training file goes unlisted.
     """
     out = [dict(e) for e in (curated or [])]
+    for e in out:  # curated volumes: the slices taken from them, measured (the text cannot know)
+        if e.get("file") in data and "slices" not in e and is_volume_source(_resolve(e["file"])):
+            e["slices"] = _source_info(e["file"], modality)["slices"]
     named = {e.get("file") for e in out}
     for f in data:
         if f not in named:
