@@ -282,11 +282,11 @@ def test_the_mri_benchmark_volume_is_reserved():
 @pytest.mark.skipif(not (DATA / "mri" / "nifti").is_dir(), reason=f"MRI volumes not found under {DATA} "
                     "(set MEDRECON_DATA)")
 def test_widened_mri_preset_reads_its_real_volumes_in_the_flair_frame():
-    """mri-256-wide: FLAIR slices plus two real T1 volumes (IXI015 sagittal-stored, VS-SEG axial
+    """mri-256 (v3 stage 3): FLAIR slices plus two real T1 volumes (IXI015 sagittal-stored, VS-SEG axial
     DICOM), every slice 256², in [0, 1], the T1 heads centred like the FLAIR ones."""
     from medrecon.training import PRESETS
 
-    cfg = TrainConfig(**PRESETS["mri-256-wide"])
+    cfg = TrainConfig(**PRESETS["mri-256"])
     x, _, owner = load_training_data(cfg.data, "mri")
     counts = torch.bincount(owner).tolist()
     assert counts[0] == 1128 and counts[1] >= 80 and counts[2] >= 20
