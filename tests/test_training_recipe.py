@@ -217,3 +217,73 @@ def test_campaign_history_of_a_card_before_the_record():
     assert p["cumulative_steps"] == 19568 and p["cumulative_cpu_hours"] == 10.83
     assert p["tweedie_psnr_db"] == {"sigma0.05": 40.82} and p["precision"] == "float32"
     assert campaign_history({"training": {}}) == []
+
+
+# --- the cooldown ------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    "step, want",
+    [
+        (0, 1e-3 / 4),  # warm-up: (step + 1) / warmup_steps of lr
+        (3, 1e-3),  # warm-up over, no cooldown yet
+        (9, 1e-3),  # the step before the cooldown
+        (10, 1e-3),  # the cooldown's first step is still at lr
+        (15, 1e-5 + 0.5 * (1e-3 - 1e-5)),  # half way: the cosine's middle
+        (20, 1e-5),  # over: lr_final
+        (50, 1e-5),  # and after
+    ],
+)
+def test_learning_rate_warms_up_then_cools_on_a_half_cosine(step, want):
+    from medrecon.training import learning_rate
+
+    cfg = tiny_config(Path("/unused"), Path("/unused.npz"), warmup_steps=4, lr_decay_steps=10,
+                      lr_final=1e-5, lr_decay_from=10)
+    assert learning_rate(cfg, step) == pytest.approx(want, rel=1e-12)
+    assert learning_rate(replace_cfg(cfg, lr_decay_steps=0), step) == pytest.approx(
+        1e-3 * min(1.0, (step + 1) / 4), rel=1e-12)  # no cooldown: constant after the warm-up
+
+
+def replace_cfg(cfg, **kw):
+    from dataclasses import replace
+
+    return replace(cfg, **kw)
+
+
+def test_cooldown_starts_where_the_run_resumes_and_a_resumed_cooldown_keeps_its_curve(tmp_path, toy_npz):
+    """A cooled branch: 4 steps at constant lr, then a 6-step cooldown from step 4, interrupted
+    after 2 steps and resumed; it ends at step 10 on its own, logs the cosine, and the exported
+    card's campaign point records where the cooldown started."""
+    import csv
+
+    from medrecon.training import export_prior
+
+    train(tiny_config(tmp_path, toy_npz, max_steps=4))
+    cool = dict(lr_decay_steps=6, lr_final=1e-5)
+    part = train(tiny_config(tmp_path, toy_npz, max_steps=6, **cool))
+    assert part["step"] == 6 and part["stopped_by"] == "max_steps"
+    ck = load_checkpoint(tmp_path / "run" / "last.pt")
+    assert ck["config"]["lr_decay_from"] == 4  # resolved and kept, not re-anchored at 6
+    done = train(tiny_config(tmp_path, toy_npz, max_steps=100, **cool))  # the cooldown sets the end
+    assert done["step"] == 10 and done["stopped_by"] == "cooldown"
+    with open(tmp_path / "run" / "loss.csv") as f:
+        lrs = {int(r["step"]): float(r["lr"]) for r in csv.DictReader(f)}
+    for s in range(1, 11):  # the logged lr is the one of the step that led to it
+        want = 1e-3 if s <= 5 else 1e-5 + 0.5 * (1e-3 - 1e-5) * (1 + math.cos(math.pi * (s - 5) / 6))
+        assert lrs[s] == pytest.approx(want, rel=1e-2), s
+    card = __import__("json").loads(export_prior(tmp_path / "run" / "last.pt", tmp_path / "w", "toy-c").read_text())
+    point = card["training"]["campaign"][-1]
+    assert point["cooldown"] == {"from_run_step": 4, "steps": 6, "lr_final": 1e-5, "done_steps": 6}
+    # the run is over: invoking it again takes no step
+    assert train(tiny_config(tmp_path, toy_npz, max_steps=100, **cool))["step"] == 10
+
+
+@pytest.mark.parametrize("kw", [dict(lr_decay_steps=-1), dict(lr_decay_steps=5, lr_final=1.0), dict(lr_final=-1e-6),
+                                dict(lr_decay_from=-2)])
+def test_cooldown_settings_are_checked(tmp_path, toy_npz, kw):
+    with pytest.raises(SettingsError, match="lr_decay_steps"):
+        tiny_config(tmp_path, toy_npz, **kw)
+
+
+def test_cooldown_flags_reach_the_config():
+    cfg = config_from_args(build_parser().parse_args(
+        ["--preset", "ct-256", "--lr-decay-steps", "3500", "--lr-final", "1e-6", "--run", "ct-256-cool"]))
+    assert (cfg.lr_decay_steps, cfg.lr_final, cfg.lr_decay_from, cfg.run) == (3500, 1e-6, None, "ct-256-cool")

@@ -33,6 +33,7 @@ from medrecon.training.export import card_training_data, export_prior, licence_s
 from medrecon.training.loop import (
     CKPT_FORMAT,
     dsm_loss,
+    learning_rate,
     load_checkpoint,
     load_ema_net,
     sample_t,
@@ -59,6 +60,7 @@ __all__ = [
     "train_autocast",
     "dsm_loss",
     "load_checkpoint",
+    "learning_rate",
     "load_ema_net",
     "CKPT_FORMAT",
     "load_slices",

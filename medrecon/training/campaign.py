@@ -48,7 +48,7 @@ def campaign_point(earlier: dict[str, Any], ck: dict[str, Any]) -> dict[str, Any
     before_h = earlier.get("cpu_hours", float(earlier.get("wall_time_s", 0.0)) / 3600)
     run_h = float(ck["wall_s"]) * threads / 3600
     cfg = ck["config"]
-    return {
+    point = {
         "stage": f"{cfg.get('run')} to step {ck['step']}",
         "date": time.strftime("%Y-%m-%d"),
         "cumulative_steps": int(earlier.get("steps", 0)) + int(ck["step"]),
@@ -59,4 +59,13 @@ def campaign_point(earlier: dict[str, Any], ck: dict[str, Any]) -> dict[str, Any
         "threads": threads,
         "precision": runtime.get("precision", cfg.get("precision", "float32")),
         "t_dist": cfg.get("t_dist", "uniform"),
+        "lr": cfg.get("lr"),
     }
+    if cfg.get("lr_decay_steps"):  # a cooled branch: where its cooldown started and how far it went
+        point["cooldown"] = {
+            "from_run_step": cfg.get("lr_decay_from"),
+            "steps": int(cfg["lr_decay_steps"]),
+            "lr_final": cfg.get("lr_final"),
+            "done_steps": max(0, int(ck["step"]) - int(cfg.get("lr_decay_from") or 0)),
+        }
+    return point

@@ -74,6 +74,17 @@ class TrainConfig:
     batch_size : int
     lr, weight_decay, warmup_steps, grad_clip, ema_decay : float / int
         AdamW, linear warm-up, global-norm clipping, EMA decay.
+    lr_decay_steps : int
+        Length of a cooldown: the learning rate falls from ``lr`` to ``lr_final`` on a half cosine
+        over this many steps, and the run ends when it is over (0: constant ``lr`` after the
+        warm-up, no cooldown).  A campaign at constant ``lr`` exports from a cooled branch: copy
+        ``last.pt`` into another run's folder and continue it there with a cooldown.
+    lr_final : float
+        Learning rate at the end of the cooldown.
+    lr_decay_from : int or None
+        Run step at which the cooldown starts (None: the step this invocation starts or resumes
+        at; the resolved value is written into the checkpoint, so a resumed cooldown continues
+        the same curve).
     max_steps : int
         Stop after this many optimiser steps in total.
     max_time_s : float or None
@@ -156,6 +167,9 @@ class TrainConfig:
     warmup_steps: int = 200
     grad_clip: float = 1.0
     ema_decay: float = 0.999
+    lr_decay_steps: int = 0
+    lr_final: float = 1e-6
+    lr_decay_from: int | None = None
     max_steps: int = 1_000_000
     max_time_s: float | None = None
     checkpoint_every_s: float = 600.0
@@ -239,6 +253,13 @@ class TrainConfig:
             raise SettingsError(
                 f"TrainConfig: patience and min_delta_db must be >= 0; got {self.patience}, "
                 f"{self.min_delta_db}"
+            )
+        if self.lr_decay_steps < 0 or self.lr_final < 0 or (self.lr_decay_steps and self.lr_final > self.lr) or (
+            self.lr_decay_from is not None and self.lr_decay_from < 0
+        ):
+            raise SettingsError(
+                f"TrainConfig: lr_decay_steps and lr_decay_from must be >= 0 and lr_final in "
+                f"[0, lr={self.lr}]; got {self.lr_decay_steps}, {self.lr_decay_from}, {self.lr_final}"
             )
         if self.batch_size < 1 or self.max_steps < 0:
             raise SettingsError("TrainConfig: batch_size must be >= 1 and max_steps >= 0")

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import copy
 import csv
+import math
 import os
 import sys
 import time
@@ -50,7 +51,7 @@ from medrecon.training.validation import (
     validation_plateau,
 )
 
-__all__ = ["CKPT_FORMAT", "train", "sample_t", "train_autocast", "dsm_loss", "load_checkpoint", "load_ema_net"]
+__all__ = ["CKPT_FORMAT", "train", "learning_rate", "sample_t", "train_autocast", "dsm_loss", "load_checkpoint", "load_ema_net"]
 
 CKPT_FORMAT = "medrecon-train-ckpt-1"
 
@@ -178,8 +179,10 @@ def train(config: TrainConfig) -> dict[str, Any]:
     step, wall = 0, 0.0
     earlier = {"steps": 0, "wall_time_s": 0.0}  # training the init_from weights had already had
     ckpath = out / "last.pt"
+    resumed: dict[str, Any] = {}  # the settings of the checkpoint this run continues
     if config.resume and ckpath.exists():
         ck = load_checkpoint(ckpath)
+        resumed = ck["config"]
         old = TrainConfig(**cfg_from_dict(ck["config"]))  # fields added since: defaults
         diff = [k for k in TrainConfig.ARCH_FIELDS if getattr(old, k) != getattr(config, k)]
         if diff:
@@ -247,6 +250,14 @@ def train(config: TrainConfig) -> dict[str, Any]:
                 "until_step": earlier["steps"], "data": list(before_data),
                 "data_weights": list(before.get("config", {}).get("data_weights") or []),
             })
+    if config.lr_decay_steps and config.lr_decay_from is None:
+        # a cooldown starts where this invocation starts, unless it resumes one already under way
+        started = resumed.get("lr_decay_from") if resumed.get("lr_decay_steps") == config.lr_decay_steps else None
+        config = replace(config, lr_decay_from=int(started) if started is not None else step)
+    end_step = config.max_steps
+    if config.lr_decay_steps:
+        assert config.lr_decay_from is not None
+        end_step = min(end_step, config.lr_decay_from + config.lr_decay_steps)
     model: torch.nn.Module = net
     if world > 1:
         model = torch.nn.parallel.DistributedDataParallel(net)
@@ -294,7 +305,7 @@ def train(config: TrainConfig) -> dict[str, Any]:
         from tqdm import tqdm
 
         bar = tqdm(
-            total=config.max_steps,
+            total=end_step,
             initial=step,
             mininterval=30,
             desc=config.run,
@@ -308,12 +319,12 @@ def train(config: TrainConfig) -> dict[str, Any]:
     t_start = time.monotonic()
     t_last_ck = t_last_val = t_last_sample = t_start
     acc_loss, acc_n, gnorm = 0.0, 0, 0.0
-    stopped_by, last_loss = "max_steps", float("nan")
+    stopped_by, last_loss = "cooldown" if end_step < config.max_steps else "max_steps", float("nan")
     plateau = False  # set on rank 0 by a validation, agreed by all ranks at the next step
     try:
         with _Stop() as stop:
             t_prev = time.monotonic()
-            while step < config.max_steps:
+            while step < end_step:
                 net.train()
                 c0 = None
                 if config.coords:
@@ -321,7 +332,7 @@ def train(config: TrainConfig) -> dict[str, Any]:
                     x0, c0 = x0.to(device), c0.to(device)
                 else:
                     x0 = sampler.next_batch().to(device)
-                lr = config.lr * min(1.0, (step + 1) / max(1, config.warmup_steps))
+                lr = learning_rate(config, step)
                 for g in opt.param_groups:
                     g["lr"] = lr
                 t = sample_t(sde, x0.shape[0], noise_gen, device, config.t_dist,
@@ -346,7 +357,7 @@ def train(config: TrainConfig) -> dict[str, Any]:
                 acc_n += 1
                 if bar:
                     bar.update(1)
-                if writer and (step % config.log_every == 0 or step == config.max_steps):
+                if writer and (step % config.log_every == 0 or step == end_step):
                     writer.writerow(
                         [
                             step,
@@ -413,6 +424,18 @@ def train(config: TrainConfig) -> dict[str, Any]:
         "stopped_by": stopped_by,
         "runtime": runtime,
     }
+
+
+def learning_rate(config: TrainConfig, step: int) -> float:
+    """AdamW's learning rate at run step ``step``: a linear warm-up to ``config.lr`` over the
+    first ``warmup_steps``, then constant, or, from ``lr_decay_from`` on, a half cosine down to
+    ``lr_final`` over ``lr_decay_steps`` (a cooldown; ``lr_final`` after it)."""
+    lr = config.lr * min(1.0, (step + 1) / max(1, config.warmup_steps))
+    start = config.lr_decay_from
+    if config.lr_decay_steps and start is not None and step >= start:
+        done = min(1.0, (step - start) / config.lr_decay_steps)
+        lr = config.lr_final + 0.5 * (min(lr, config.lr) - config.lr_final) * (1.0 + math.cos(math.pi * done))
+    return lr
 
 
 def _truncate_log(path: Path, step: int) -> None:
