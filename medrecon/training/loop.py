@@ -254,9 +254,8 @@ def train(config: TrainConfig) -> dict[str, Any]:
         # a cooldown starts where this invocation starts, unless it resumes one already under way
         started = resumed.get("lr_decay_from") if resumed.get("lr_decay_steps") == config.lr_decay_steps else None
         config = replace(config, lr_decay_from=int(started) if started is not None else step)
-    end_step = config.max_steps
-    if config.lr_decay_steps:
-        assert config.lr_decay_from is not None
+    end_step = config.max_steps  # a cooldown ends the run when it is over
+    if config.lr_decay_steps and config.lr_decay_from is not None:
         end_step = min(end_step, config.lr_decay_from + config.lr_decay_steps)
     model: torch.nn.Module = net
     if world > 1:
