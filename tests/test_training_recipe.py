@@ -7,6 +7,7 @@ validation at equal wall time) is a benchmark, ``benchmarks/train_recipe.py``.
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -238,14 +239,8 @@ def test_learning_rate_warms_up_then_cools_on_a_half_cosine(step, want):
     cfg = tiny_config(Path("/unused"), Path("/unused.npz"), warmup_steps=4, lr_decay_steps=10,
                       lr_final=1e-5, lr_decay_from=10)
     assert learning_rate(cfg, step) == pytest.approx(want, rel=1e-12)
-    assert learning_rate(replace_cfg(cfg, lr_decay_steps=0), step) == pytest.approx(
+    assert learning_rate(replace(cfg, lr_decay_steps=0), step) == pytest.approx(
         1e-3 * min(1.0, (step + 1) / 4), rel=1e-12)  # no cooldown: constant after the warm-up
-
-
-def replace_cfg(cfg, **kw):
-    from dataclasses import replace
-
-    return replace(cfg, **kw)
 
 
 def test_cooldown_starts_where_the_run_resumes_and_a_resumed_cooldown_keeps_its_curve(tmp_path, toy_npz):

@@ -433,7 +433,7 @@ def learning_rate(config: TrainConfig, step: int) -> float:
     start = config.lr_decay_from
     if config.lr_decay_steps and start is not None and step >= start:
         done = min(1.0, (step - start) / config.lr_decay_steps)
-        lr = config.lr_final + 0.5 * (min(lr, config.lr) - config.lr_final) * (1.0 + math.cos(math.pi * done))
+        lr = config.lr_final + 0.5 * (lr - config.lr_final) * (1.0 + math.cos(math.pi * done))
     return lr
 
 
