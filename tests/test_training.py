@@ -30,6 +30,8 @@ from medrecon.training import (
     runtime_info,
     train,
 )
+from medrecon.training.data import load_slices
+from medrecon.training.domain import measure_domain
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
@@ -223,6 +225,10 @@ def test_export_and_init_from_shipped_weights(tmp_path, toy_npz):
                                     overwrite=True, validate_on=str(toy_npz)).read_text())
     rows = curve["validation"]["during_training"]["rows"]
     assert [r["step"] for r in rows] == [1, 2, 3] and rows[1]["sigma0.1"] == 22.0
+    # export loads the training slices once for the blend and the domain: the domain block is
+    # the one measured from the files
+    val = load_slices([str(toy_npz)], "ct").float().numpy()
+    assert curve["domain"] == json.loads(json.dumps(measure_domain(list(cfg2.data), "ct", None, val)))
 
 
 @pytest.mark.parametrize(

@@ -15,6 +15,7 @@ from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
+import torch
 
 from medrecon.priors.domain import histogram_distance
 from medrecon.training.data import _resolve, is_volume_source, load_slices
@@ -53,6 +54,8 @@ def measure_domain(
     modality: str,
     curated: dict[str, Any] | None = None,
     validation: Any = None,
+    *,
+    slices: Any = None,
 ) -> dict[str, Any]:
     """The ``domain`` block of a prior trained on ``paths`` (``.npz`` training files).
 
@@ -66,10 +69,15 @@ def measure_domain(
     validation : Tensor or ndarray, optional
         Validation slices (normalised): their distances are recorded, to show the threshold
         holds for images the prior never saw.
+    slices : Tensor or ndarray, optional
+        The training slices of ``paths`` as :func:`~medrecon.training.data.load_slices` gives
+        them, when the caller has them already (loaded from ``paths`` otherwise).
     """
     spec = HISTOGRAMS[modality]
     edges = np.linspace(spec["floor"], spec["top"], spec["bins"] + 1)
-    x = load_slices(paths, modality).float().numpy()
+    if slices is None:
+        slices = load_slices(paths, modality)
+    x = np.asarray(slices.float() if isinstance(slices, torch.Tensor) else slices, dtype=np.float32)
     hists = []
     for s in x:
         v = s[s > spec["floor"]]

@@ -136,7 +136,8 @@ def export_prior(
         card_now = read_card(path)
         # the Gaussian blend at high noise (prior.py): mean/var of the training images, the
         # crossover noise level measured on (at most 8 of) the validation images
-        high = fit_high_noise(back, load_slices(cfg.data, cfg.modality), val[:: max(1, len(val) // 8)][:8])
+        train = load_slices(cfg.data, cfg.modality)  # once, for the blend and the domain
+        high = fit_high_noise(back, train, val[:: max(1, len(val) // 8)][:8])
         card_now["high_noise"] = {
             **high,
             "how": "score = w·network + (1 − w)·Gaussian(mean, var) score, w = 1/(1 + (σ/sigma_c)^4); "
@@ -144,7 +145,9 @@ def export_prior(
             "on the validation images (medrecon.priors.prior.fit_high_noise)",
         }
         # what the prior was trained on, for the out-of-domain check at inference (priors/domain.py)
-        card_now["domain"] = measure_domain(cfg.data, cfg.modality, card_now.get("domain"), val.float().numpy())
+        card_now["domain"] = measure_domain(cfg.data, cfg.modality, card_now.get("domain"), val.float().numpy(),
+                                            slices=train)
+        del train
         card_now["validation"] = {
             **card_now.get("validation", {}),
             "data": "/".join(Path(validate_on).parts[-2:]),
