@@ -36,6 +36,7 @@ import torch
 from torch.utils.data import Dataset
 
 from medrecon.datasets._atomic import atomic_files
+from medrecon.datasets.orientation import display_orientation
 from medrecon.errors import InputError, SettingsError
 
 __all__ = [
@@ -516,10 +517,11 @@ def axial_display_slices(
 
     The volume is resliced along its most superior–inferior array axis (an isotropic sagittal
     acquisition gives axial slices), and each slice is turned so that row 0 is anterior and
-    column 0 the patient's right (the radiological layout of the ``.npz`` training slices and of
-    :func:`medrecon.report.orient_for_display`).  With ``spacing_mm`` the slices are resampled
-    (bilinear, antialiased) to square pixels of that size; with ``size`` they are then cropped
-    or zero-padded about their centre to ``size`` x ``size``.
+    column 0 the patient's right: the radiological layout of the ``.npz`` training slices, and
+    the one :func:`medrecon.datasets.orientation.display_orientation` gives the figures.  With
+    ``spacing_mm`` the slices are resampled (bilinear, antialiased) to square pixels of that
+    size; with ``size`` they are then cropped or zero-padded about their centre to ``size`` x
+    ``size``.
 
     Parameters
     ----------
@@ -544,22 +546,27 @@ def axial_display_slices(
         whose axes are ambiguous).
     """
     a = np.asarray(affine, dtype=np.float64)[:3, :3]
-    # array axis 0, 1, 2 ↔ affine column 2, 1, 0
-    dirs = [a[:, 2 - k] for k in range(3)]
-    world = [int(np.argmax(np.abs(d))) for d in dirs]
+    dirs = [a[:, 2 - k] for k in range(3)]  # array axis 0, 1, 2 ↔ affine column 2, 1, 0
+    world = [int(np.argmax(np.abs(d))) for d in dirs]  # 0 R, 1 A, 2 S
     if sorted(world) != [0, 1, 2]:
         raise InputError(Path("<volume>"), f"its axes do not map one-to-one onto R, A, S (affine {a.tolist()})")
-    axis_of = {w: k for k, w in enumerate(world)}  # world axis (0 R, 1 A, 2 S) → array axis
-    x = np.transpose(np.asarray(array, dtype=np.float32), (axis_of[2], axis_of[1], axis_of[0]))
-    if dirs[axis_of[2]][2] < 0:
+    axial = world.index(2)  # the array axis along superior
+    rows, cols = (k for k in range(3) if k != axial)
+    x = np.moveaxis(np.asarray(array, dtype=np.float32), axial, 0)
+    if dirs[axial][2] < 0:  # superior slices last
         x = x[::-1]
-    if dirs[axis_of[1]][1] > 0:  # row index towards anterior: put anterior first
+    plane = np.eye(4)
+    plane[:3, 0], plane[:3, 1], plane[:3, 2] = dirs[cols], dirs[rows], dirs[axial]
+    transpose, flip_rows, flip_cols, _ = display_orientation(plane)  # the figures' axial layout
+    if transpose:
+        x, rows, cols = x.transpose(0, 2, 1), cols, rows
+    if flip_rows:
         x = x[:, ::-1]
-    if dirs[axis_of[0]][0] > 0:  # column index towards the patient's right: flip, right comes first
+    if flip_cols:
         x = x[:, :, ::-1]
     if spacing_mm is not None:
-        row_mm = float(np.linalg.norm(dirs[axis_of[1]]))
-        col_mm = float(np.linalg.norm(dirs[axis_of[0]]))
+        row_mm = float(np.linalg.norm(dirs[rows]))
+        col_mm = float(np.linalg.norm(dirs[cols]))
         shape = (max(1, round(x.shape[1] * row_mm / spacing_mm)), max(1, round(x.shape[2] * col_mm / spacing_mm)))
         x = _resize(np.ascontiguousarray(x), shape)
     if size is not None:
