@@ -6,6 +6,9 @@ For CT (``ct/val.npz``) and MRI (``mri/val.npz``) under ``$MEDRECON_DATA``:
   the prior's one-step Tweedie denoiser at sigma in {0.02, 0.05, 0.1, 0.2}, against a Gaussian
   filter and a TV (Chambolle) denoiser, each at its best setting per sigma — tuned on the same
   validation slices, which favours the baselines;
+* with ``--train-gap``, the same Tweedie PSNR on as many training slices, spread evenly through
+  the training set: a denoiser that does much better on slices it trained on than on unseen ones
+  is limited by its data, one that does no better is limited by its steps or size;
 * a PNG grid of unconditional samples (predictor–corrector), and for each sample the RMSE to its
   nearest training slice, beside the same distance for the validation slices (a new image is
   about that far from the training set; a much smaller value would mean memorisation).
@@ -71,6 +74,14 @@ def best_classical(clean: np.ndarray, noisy: np.ndarray, kind: str) -> tuple[flo
     return best
 
 
+def tweedie_psnr(prior: ScorePrior, clean: torch.Tensor, noisy: torch.Tensor, sigma: float) -> float:
+    """Mean PSNR of the prior's one-step Tweedie denoiser on ``noisy`` (N, 1, H, W) against ``clean``."""
+    with torch.no_grad():
+        den = torch.cat([prior.denoise_sigma(noisy[i : i + 4], sigma) for i in range(0, len(noisy), 4)])
+    return float(np.mean([psnr(a, b) for a, b in zip(den[:, 0].clamp(0, 1).numpy(), clean[:, 0].numpy(),
+                                                       strict=True)]))
+
+
 def evaluate(
     prior: ScorePrior,
     val: torch.Tensor,
@@ -80,19 +91,18 @@ def evaluate(
     sample_size: int,
     out: Path,
     tag: str,
+    train_gap: bool = False,
 ) -> dict:
     """Denoising table rows, samples and nearest-training distances for one modality."""
     gen = torch.Generator().manual_seed(0)
     clean = val.unsqueeze(1).float()
+    seen = train[torch.linspace(0, len(train) - 1, len(val)).round().long()].unsqueeze(1).float() if train_gap else None
+    gen_seen = torch.Generator().manual_seed(0)  # the training slices' noise: the same draws as the validation's
     rows = []
     for s in SIGMAS:
         noisy = clean + s * torch.randn(clean.shape, generator=gen)
-        with torch.no_grad():
-            den = torch.cat(
-                [prior.denoise_sigma(noisy[i : i + 4], s) for i in range(0, len(noisy), 4)]
-            )
-        c, n, d = clean[:, 0].numpy(), noisy[:, 0].numpy(), den[:, 0].clamp(0, 1).numpy()
-        p_prior = float(np.mean([psnr(a, b) for a, b in zip(d, c, strict=True)]))
+        c, n = clean[:, 0].numpy(), noisy[:, 0].numpy()
+        p_prior = tweedie_psnr(prior, clean, noisy, s)
         p_noisy = float(np.mean([psnr(np.clip(a, 0, 1), b) for a, b in zip(n, c, strict=True)]))
         g, gs = best_classical(c, n, "gauss")
         tv, tvs = best_classical(c, n, "tv")
@@ -109,6 +119,9 @@ def evaluate(
                 "gain_vs_tv": p_prior - tv,
             }
         )
+        if seen is not None:
+            p_seen = tweedie_psnr(prior, seen, seen + s * torch.randn(seen.shape, generator=gen_seen), s)
+            rows[-1].update({"prior_train": p_seen, "train_gap": p_seen - p_prior})
     res: dict = {"rows": rows}
     if n_samples:
         t0 = time.perf_counter()
@@ -159,6 +172,9 @@ def main() -> None:
     ap.add_argument("--mri-val", default=None,
                     help="MRI validation source instead of mri/val.npz: an .npz or a volume (NIfTI file, DICOM "
                     "folder), e.g. the held-out T1 mri/nifti/IXI012-HH-1211_T1.nii.gz")
+    ap.add_argument("--train-gap", action="store_true",
+                    help="also the Tweedie PSNR on as many training slices (spread evenly): the gap says whether "
+                    "the prior is limited by its data")
     ap.add_argument("--samples", type=int, default=None)
     ap.add_argument("--sample-steps", type=int, default=None)
     ap.add_argument("--threads", type=int, default=2)
@@ -182,20 +198,24 @@ def main() -> None:
         val = val_all[:: max(1, len(val_all) // n_val)][:n_val]
         # the memorisation check runs over every slice a CT prior may have seen: the grown set
         train = load_slices(list(CT_GROWN_DATA if tag == "ct" else preset["data"]), tag)
-        res = evaluate(prior, val, train, n_samp, steps, 256, Path(a.out), tag)
+        res = evaluate(prior, val, train, n_samp, steps, 256, Path(a.out), tag, a.train_gap)
         res["prior"] = str(name)
         res["steps_trained"] = prior.card.get("training", {}).get("steps")
         results.append(res)
         for r in res["rows"]:
             summary[f"{tag}_denoise_gain_vs_tv_sigma{r['sigma']}"] = round(r["gain_vs_tv"], 3)
+            if "train_gap" in r:
+                summary[f"{tag}_train_minus_val_sigma{r['sigma']}"] = round(r["train_gap"], 3)
     print(
-        f"{'mod':4s} {'sigma':>6s} {'noisy':>7s} {'gauss':>7s} {'tv':>7s} {'prior':>7s} {'gain':>6s}  (PSNR dB)"
+        f"{'mod':4s} {'sigma':>6s} {'noisy':>7s} {'gauss':>7s} {'tv':>7s} {'prior':>7s} {'gain':>6s}"
+        + (f" {'train':>7s} {'tr-val':>6s}" if a.train_gap else "") + "  (PSNR dB)"
     )
     for res in results:
         for r in res["rows"]:
             print(
                 f"{r['modality']:4s} {r['sigma']:6.2f} {r['noisy']:7.2f} {r['gauss']:7.2f} "
                 f"{r['tv']:7.2f} {r['prior']:7.2f} {r['gain_vs_tv']:+6.2f}"
+                + (f" {r['prior_train']:7.2f} {r['train_gap']:+6.2f}" if "train_gap" in r else "")
             )
         if "sample_nn_rmse" in res:
             print(

@@ -149,3 +149,31 @@ def test_train_threads_compares_layouts(capsys, tmp_path):
     assert [r["layout"] for r in out["results"]] == ["1x1", "1x1"] and out["tcmalloc"] is None
     assert all(r["steps_per_s_total"] > 0 for r in out["results"])
     assert (tmp_path / "runs" / "glibc-1x1" / "loss.csv").is_file()
+
+
+def test_priors_train_gap_draws_the_validation_noise_for_the_training_slices(tmp_path):
+    """``--train-gap``: the training slices get the validation's noise draws, so the same slices give
+    a gap of exactly 0, and the validation rows are those of a run without it."""
+    import numpy as np
+
+    from medrecon.priors import ScorePrior
+    from medrecon.training import TrainConfig, export_prior, train
+
+    rng = np.random.default_rng(0)
+    imgs = np.full((4, 32, 32), -1000.0)
+    imgs[:, 8:24, 8:24] = 40.0 + 200.0 * rng.random((4, 16, 16))
+    data = tmp_path / "toy.npz"
+    np.savez(data, images=imgs.astype(np.int16))
+    cfg = TrainConfig(run="toy", data=(str(data),), modality="ct", size="tiny", sigma_max=20.0, patch_size=16,
+                      batch_size=2, warmup_steps=1, max_steps=2, out_dir=str(tmp_path / "r"),
+                      validate_every_s=0, sample_every_s=0, progress=False, threads=1)
+    train(cfg)
+    prior = ScorePrior.load(export_prior(tmp_path / "r" / "last.pt", tmp_path / "w", "toy", card={"modality": "ct"}))
+    bench = _load("priors")
+    x = torch.from_numpy(((imgs + 1024.0) / 4096.0).astype(np.float32))
+    same = bench.evaluate(prior, x, x, 0, 1, 32, tmp_path, "ct", train_gap=True)["rows"]
+    plain = bench.evaluate(prior, x, x, 0, 1, 32, tmp_path, "ct")["rows"]
+    assert [r["prior"] for r in same] == [r["prior"] for r in plain]
+    assert all(r["train_gap"] == 0.0 and "train_gap" not in p for r, p in zip(same, plain, strict=True))
+    other = bench.evaluate(prior, x[:2], x.flip(-1), 0, 1, 32, tmp_path, "ct", train_gap=True)["rows"]
+    assert all(np.isfinite(r["train_gap"]) for r in other)
