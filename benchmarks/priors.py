@@ -6,9 +6,11 @@ For CT (``ct/val.npz``) and MRI (``mri/val.npz``) under ``$MEDRECON_DATA``:
   the prior's one-step Tweedie denoiser at sigma in {0.02, 0.05, 0.1, 0.2}, against a Gaussian
   filter and a TV (Chambolle) denoiser, each at its best setting per sigma — tuned on the same
   validation slices, which favours the baselines;
-* with ``--train-gap``, the same Tweedie PSNR on as many training slices, spread evenly through
-  the training set: a denoiser that does much better on slices it trained on than on unseen ones
-  is limited by its data, one that does no better is limited by its steps or size;
+* with ``--train-gap``, the same Tweedie PSNR on as many training slices of the validation
+  slices' own collection (``ct/train.npz``, ``mri/train.npz``; spread evenly, the same noise
+  draws): a denoiser that does much better on slices it trained on than on unseen ones of the
+  same kind is limited by its data, one that does no better by its steps or size.  The other
+  training sources differ in content (head CTs, T1 volumes on a zero canvas) and would confound it;
 * a PNG grid of unconditional samples (predictor–corrector), and for each sample the RMSE to its
   nearest training slice, beside the same distance for the validation slices (a new image is
   about that far from the training set; a much smaller value would mean memorisation).
@@ -91,12 +93,14 @@ def evaluate(
     sample_size: int,
     out: Path,
     tag: str,
-    train_gap: bool = False,
+    train_gap: torch.Tensor | None = None,
 ) -> dict:
     """Denoising table rows, samples and nearest-training distances for one modality."""
     gen = torch.Generator().manual_seed(0)
     clean = val.unsqueeze(1).float()
-    seen = train[torch.linspace(0, len(train) - 1, len(val)).round().long()].unsqueeze(1).float() if train_gap else None
+    seen = None
+    if train_gap is not None:  # training slices of the validation's collection, spread evenly
+        seen = train_gap[torch.linspace(0, len(train_gap) - 1, len(val)).round().long()].unsqueeze(1).float()
     gen_seen = torch.Generator().manual_seed(0)  # the training slices' noise: the same draws as the validation's
     rows = []
     for s in SIGMAS:
@@ -173,13 +177,15 @@ def main() -> None:
                     help="MRI validation source instead of mri/val.npz: an .npz or a volume (NIfTI file, DICOM "
                     "folder), e.g. the held-out T1 mri/nifti/IXI012-HH-1211_T1.nii.gz")
     ap.add_argument("--train-gap", action="store_true",
-                    help="also the Tweedie PSNR on as many training slices (spread evenly): the gap says whether "
-                    "the prior is limited by its data")
+                    help="also the Tweedie PSNR on as many slices of {ct,mri}/train.npz (the validation's collection): "
+                    "the gap says whether the prior is limited by its data")
     ap.add_argument("--samples", type=int, default=None)
     ap.add_argument("--sample-steps", type=int, default=None)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--out", default=str(Path.home() / ".cache/medrecon/bench/priors"))
     a = ap.parse_args()
+    if a.train_gap and a.mri_val:
+        ap.error("--train-gap compares with the training slices of mri/val.npz's collection: not with --mri-val")
     torch.set_num_threads(a.threads)
     n_val = a.val_slices or (6 if a.quick else 10_000)
     n_samp = a.samples if a.samples is not None else (2 if a.quick else 8)
@@ -198,7 +204,8 @@ def main() -> None:
         val = val_all[:: max(1, len(val_all) // n_val)][:n_val]
         # the memorisation check runs over every slice a CT prior may have seen: the grown set
         train = load_slices(list(CT_GROWN_DATA if tag == "ct" else preset["data"]), tag)
-        res = evaluate(prior, val, train, n_samp, steps, 256, Path(a.out), tag, a.train_gap)
+        seen = load_slices([str(data_root() / f"{tag}/train.npz")], tag) if a.train_gap else None
+        res = evaluate(prior, val, train, n_samp, steps, 256, Path(a.out), tag, seen)
         res["prior"] = str(name)
         res["steps_trained"] = prior.card.get("training", {}).get("steps")
         results.append(res)

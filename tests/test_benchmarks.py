@@ -171,9 +171,9 @@ def test_priors_train_gap_draws_the_validation_noise_for_the_training_slices(tmp
     prior = ScorePrior.load(export_prior(tmp_path / "r" / "last.pt", tmp_path / "w", "toy", card={"modality": "ct"}))
     bench = _load("priors")
     x = torch.from_numpy(((imgs + 1024.0) / 4096.0).astype(np.float32))
-    same = bench.evaluate(prior, x, x, 0, 1, 32, tmp_path, "ct", train_gap=True)["rows"]
+    same = bench.evaluate(prior, x, x, 0, 1, 32, tmp_path, "ct", train_gap=x)["rows"]
     plain = bench.evaluate(prior, x, x, 0, 1, 32, tmp_path, "ct")["rows"]
     assert [r["prior"] for r in same] == [r["prior"] for r in plain]
     assert all(r["train_gap"] == 0.0 and "train_gap" not in p for r, p in zip(same, plain, strict=True))
-    other = bench.evaluate(prior, x[:2], x.flip(-1), 0, 1, 32, tmp_path, "ct", train_gap=True)["rows"]
+    other = bench.evaluate(prior, x[:2], x, 0, 1, 32, tmp_path, "ct", train_gap=x.flip(-1))["rows"]
     assert all(np.isfinite(r["train_gap"]) for r in other)
